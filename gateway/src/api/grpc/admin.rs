@@ -1,0 +1,138 @@
+//! `citygw.v1.Admin`: provisioning, dead letters and read-back for operators.
+
+use tonic::{Request, Response, Status};
+
+use crate::pipeline::now_ms;
+use crate::proto::admin_server::Admin;
+use crate::proto::*;
+use crate::registry::{NewDevice, Registry, RegistryError};
+use crate::store::{Store, StoreError};
+
+/// Page size when a request leaves `limit` at 0, and the most any page returns.
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 100_000;
+/// Devices in one import call; larger files are sent in several calls by the CLI.
+const MAX_IMPORT: usize = 50_000;
+
+pub struct AdminService {
+    pub registry: Registry,
+    pub store: Store,
+}
+
+fn limit(requested: u32) -> usize {
+    match requested as usize {
+        0 => DEFAULT_LIMIT,
+        n => n.min(MAX_LIMIT),
+    }
+}
+
+fn new_device(req: AddDeviceRequest) -> Result<NewDevice, Status> {
+    let d = req.device.ok_or_else(|| Status::invalid_argument("device is required"))?;
+    Ok(NewDevice {
+        id: d.id,
+        tenant: d.tenant,
+        kind: d.kind,
+        commune_code: d.commune_code,
+        lat: d.lat,
+        lon: d.lon,
+        name: d.name,
+        secret: Some(req.secret).filter(|s| !s.is_empty()),
+    })
+}
+
+fn status(e: RegistryError) -> Status {
+    match e {
+        RegistryError::Exists(_) => Status::already_exists(e.to_string()),
+        RegistryError::NotFound(_) => Status::not_found(e.to_string()),
+        RegistryError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        RegistryError::Store(e) => store_status(e),
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store error in admin api");
+    Status::unavailable(format!("store: {e}"))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn add_device(&self, req: Request<AddDeviceRequest>) -> Result<Response<AddDeviceResponse>, Status> {
+        let new = new_device(req.into_inner())?;
+        let (device, secret) = self.registry.add(new, now_ms()).await.map_err(status)?;
+        tracing::info!(device = %device.id, tenant = %device.tenant, kind = %device.kind, "device added");
+        Ok(Response::new(AddDeviceResponse { device: Some(device), secret }))
+    }
+
+    async fn import_devices(
+        &self,
+        req: Request<ImportDevicesRequest>,
+    ) -> Result<Response<ImportDevicesResponse>, Status> {
+        let rows = req.into_inner().devices;
+        if rows.len() > MAX_IMPORT {
+            return Err(Status::invalid_argument(format!("at most {MAX_IMPORT} devices per call")));
+        }
+        let ids: Vec<String> = rows.iter().map(|r| r.device.as_ref().map(|d| d.id.clone()).unwrap_or_default()).collect();
+        let news = rows.into_iter().map(new_device).collect::<Result<Vec<_>, _>>()?;
+        let results = self.registry.import(news, now_ms()).await.map_err(status)?;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        tracing::info!(ok, failed = results.len() - ok, "devices imported");
+        let results = ids
+            .into_iter()
+            .zip(results)
+            .map(|(device_id, r)| match r {
+                Ok((_, secret)) => ImportResult { device_id, ok: true, error: String::new(), secret },
+                Err(e) => ImportResult { device_id, ok: false, error: e.to_string(), secret: String::new() },
+            })
+            .collect();
+        Ok(Response::new(ImportDevicesResponse { results }))
+    }
+
+    async fn list_devices(&self, req: Request<ListDevicesRequest>) -> Result<Response<ListDevicesResponse>, Status> {
+        let r = req.into_inner();
+        let devices = self.registry.list(&r.tenant, &r.kind, &r.after_id, limit(r.limit));
+        Ok(Response::new(ListDevicesResponse { devices }))
+    }
+
+    async fn get_device(&self, req: Request<GetDeviceRequest>) -> Result<Response<Device>, Status> {
+        let id = req.into_inner().id;
+        let device = self.registry.get(&id).ok_or_else(|| Status::not_found(format!("device {id:?} not found")))?;
+        Ok(Response::new(device.to_proto()))
+    }
+
+    async fn set_device_enabled(&self, req: Request<SetDeviceEnabledRequest>) -> Result<Response<Device>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.registry.set_enabled(&r.id, r.enabled).await.map_err(status)?))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let r = req.into_inner();
+        let device = Some(r.device_id).filter(|d| !d.is_empty());
+        let store = self.store.clone();
+        let dead_letters = tokio::task::spawn_blocking(move || store.dead_letters(device.as_deref(), r.after_id, limit(r.limit)))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        Ok(Response::new(ListDeadLettersResponse { dead_letters }))
+    }
+
+    async fn query_readings(
+        &self,
+        req: Request<QueryReadingsRequest>,
+    ) -> Result<Response<QueryReadingsResponse>, Status> {
+        let r = req.into_inner();
+        if r.device_id.is_empty() {
+            return Err(Status::invalid_argument("device_id is required"));
+        }
+        let from = if r.from_ms == 0 { i64::MIN } else { r.from_ms };
+        let to = if r.to_ms == 0 { i64::MAX } else { r.to_ms };
+        let store = self.store.clone();
+        let readings = tokio::task::spawn_blocking(move || store.device_readings(&r.device_id, from, to, limit(r.limit)))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        Ok(Response::new(QueryReadingsResponse { readings }))
+    }
+}

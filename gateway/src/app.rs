@@ -1,0 +1,126 @@
+//! `citygw run`: opens the store, starts every listener, serves until SIGTERM, shuts down cleanly.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{grpc::GrpcServer, http};
+use crate::config::Config;
+use crate::pipeline::{now_ms, Pipeline};
+use crate::registry::Registry;
+use crate::sources::{mqtt::MqttSource, Source};
+use crate::store::{Store, StoreOptions};
+
+/// How often last-seen times are written back, and retention runs.
+const LAST_SEEN_EVERY: Duration = Duration::from_secs(10);
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Longest a listener may take to drain at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let metrics = crate::observability::install_metrics()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| anyhow::anyhow!("data_dir {}: {e}", cfg.data_dir.display()))?;
+    let store = Store::open(
+        &cfg.data_dir.join("store"),
+        StoreOptions {
+            commit_window: cfg.store.commit_window(),
+            max_batch: cfg.store.max_batch,
+            retention: cfg.store.retention(),
+        },
+    )?;
+    let registry = Registry::load(store.clone())?;
+    let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
+    let admin_token = cfg.admin_token()?;
+
+    let shutdown = CancellationToken::new();
+    let ready = http::Readiness::default();
+    let mut servers: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = vec![
+        ("http", http::start(cfg.http.listen, metrics.clone(), ready.clone(), shutdown.clone()).await?),
+        (
+            "grpc",
+            GrpcServer { listen: cfg.grpc.listen, admin_token, registry: registry.clone(), pipeline: pipeline.clone() }
+                .start(shutdown.clone())
+                .await?,
+        ),
+    ];
+    let sources: Vec<Box<dyn Source>> =
+        vec![Box::new(MqttSource { config: cfg.mqtt.clone(), registry: registry.clone(), pipeline: pipeline.clone() })];
+    for source in sources {
+        let name = source.name();
+        servers.push((name, source.start(shutdown.clone())?));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, server) in servers {
+        tasks.spawn(async move { (name, server.await) });
+    }
+    let housekeeping = tokio::spawn(housekeeping(registry.clone(), store.clone(), metrics));
+    ready.set(true);
+    tracing::info!(data_dir = %cfg.data_dir.display(), devices = registry.len(), "citygw ready");
+
+    let failure = tokio::select! {
+        _ = shutdown_signal() => None,
+        Some(done) = tasks.join_next() => Some(match done {
+            Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
+            Ok((name, Err(e))) => e.context(format!("{name} failed")),
+            Err(e) => anyhow::anyhow!("server task panicked: {e}"),
+        }),
+    };
+    tracing::info!("shutting down: refusing new work, flushing the store");
+    ready.set(false);
+    shutdown.cancel();
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    housekeeping.abort();
+    if let Err(e) = registry.persist_last_seen().await {
+        tracing::warn!(error = %e, "last-seen times not saved");
+    }
+    store.close().await;
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn housekeeping(registry: Registry, store: Store, metrics: metrics_exporter_prometheus::PrometheusHandle) {
+    let mut last_seen = tokio::time::interval(LAST_SEEN_EVERY);
+    let mut retention = tokio::time::interval(RETENTION_EVERY);
+    loop {
+        tokio::select! {
+            _ = last_seen.tick() => {
+                metrics.run_upkeep();
+                metrics::gauge!("citygw_registered_devices").set(registry.len() as f64);
+                if let Err(e) = registry.persist_last_seen().await {
+                    tracing::warn!(error = %e, "last-seen times not saved");
+                }
+            }
+            _ = retention.tick() => {
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.enforce_retention(now_ms())).await {
+                    Ok(Ok(report)) => tracing::debug!(?report, "retention done"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+                    Err(e) => tracing::warn!(error = %e, "retention task failed"),
+                }
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

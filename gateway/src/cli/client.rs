@@ -1,0 +1,198 @@
+//! The admin API client behind the CLI's commands.
+
+use std::path::Path;
+
+use anyhow::Context;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use super::AddArgs;
+use crate::config::Config;
+use crate::proto::admin_client::AdminClient;
+use crate::proto::*;
+
+/// Rows per ImportDevices call: bounded messages, visible progress on large files.
+const IMPORT_CHUNK: usize = 5000;
+/// Page size when listing everything.
+const LIST_PAGE: u32 = 5000;
+
+type Authed = InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>;
+
+pub struct Client {
+    inner: AdminClient<Authed>,
+}
+
+/// gRPC errors say "status: Unauthenticated, message: ..."; operators want the code and message.
+fn rpc(e: Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message()).context(match e.code() {
+        tonic::Code::Unauthenticated => "unauthenticated: check --token / CITYGW_ADMIN_TOKEN",
+        tonic::Code::Unavailable => "gateway unavailable",
+        _ => "request refused",
+    })
+}
+
+impl Client {
+    pub async fn connect(cfg: &Config, server: Option<String>, token: Option<String>) -> anyhow::Result<Client> {
+        let server = server.unwrap_or_else(|| {
+            let listen = cfg.grpc.listen;
+            if listen.ip().is_unspecified() {
+                format!("http://localhost:{}", listen.port())
+            } else {
+                format!("http://{listen}")
+            }
+        });
+        let token = match token {
+            Some(t) => t,
+            None => admin_token(cfg)?,
+        };
+        let channel = Channel::from_shared(server.clone())
+            .with_context(|| format!("server address {server:?}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the gateway at {server}"))?;
+        let header: MetadataValue<_> = format!("Bearer {token}").parse().context("token is not a valid header value")?;
+        let auth: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> = Box::new(move |mut req| {
+            req.metadata_mut().insert("authorization", header.clone());
+            Ok(req)
+        });
+        Ok(Client { inner: AdminClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20) })
+    }
+
+    pub async fn add_device(&mut self, a: AddArgs) -> anyhow::Result<(Device, String)> {
+        let req = AddDeviceRequest {
+            device: Some(Device {
+                id: a.id,
+                tenant: a.tenant,
+                kind: a.kind,
+                commune_code: a.commune,
+                lat: a.lat,
+                lon: a.lon,
+                name: a.name,
+                ..Default::default()
+            }),
+            secret: a.secret.unwrap_or_default(),
+        };
+        let resp = self.inner.add_device(req).await.map_err(rpc)?.into_inner();
+        Ok((resp.device.unwrap_or_default(), resp.secret))
+    }
+
+    pub async fn list_devices(&mut self, tenant: &str, kind: &str, limit: usize) -> anyhow::Result<Vec<Device>> {
+        let mut all = Vec::new();
+        let mut after_id = String::new();
+        loop {
+            let want = if limit == 0 { LIST_PAGE } else { (limit - all.len()).min(LIST_PAGE as usize) as u32 };
+            let req = ListDevicesRequest { tenant: tenant.into(), kind: kind.into(), after_id, limit: want };
+            let page = self.inner.list_devices(req).await.map_err(rpc)?.into_inner().devices;
+            let done = (page.len() as u32) < want;
+            after_id = page.last().map(|d| d.id.clone()).unwrap_or_default();
+            all.extend(page);
+            if done || (limit != 0 && all.len() >= limit) {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub async fn get_device(&mut self, id: &str) -> anyhow::Result<Device> {
+        Ok(self.inner.get_device(GetDeviceRequest { id: id.into() }).await.map_err(rpc)?.into_inner())
+    }
+
+    pub async fn set_enabled(&mut self, id: &str, enabled: bool) -> anyhow::Result<Device> {
+        let req = SetDeviceEnabledRequest { id: id.into(), enabled };
+        Ok(self.inner.set_device_enabled(req).await.map_err(rpc)?.into_inner())
+    }
+
+    pub async fn import(&mut self, file: &Path) -> anyhow::Result<Vec<ImportResult>> {
+        let rows = read_devices_csv(file)?;
+        let total = rows.len();
+        let mut results = Vec::with_capacity(total);
+        for chunk in rows.chunks(IMPORT_CHUNK) {
+            let req = ImportDevicesRequest { devices: chunk.to_vec() };
+            results.extend(self.inner.import_devices(req).await.map_err(rpc)?.into_inner().results);
+            if total > IMPORT_CHUNK {
+                eprintln!("imported {}/{total}", results.len());
+            }
+        }
+        Ok(results)
+    }
+
+    pub async fn readings(&mut self, device: &str, from_ms: i64, to_ms: i64, limit: u32) -> anyhow::Result<Vec<Reading>> {
+        let req = QueryReadingsRequest { device_id: device.into(), from_ms, to_ms, limit };
+        Ok(self.inner.query_readings(req).await.map_err(rpc)?.into_inner().readings)
+    }
+
+    pub async fn dead_letters(&mut self, device: &str, limit: u32) -> anyhow::Result<Vec<DeadLetter>> {
+        // Newest last: page through from the start and keep the tail.
+        let mut kept: std::collections::VecDeque<DeadLetter> = Default::default();
+        let mut after_id = 0;
+        loop {
+            let req = ListDeadLettersRequest { device_id: device.into(), after_id, limit: LIST_PAGE };
+            let page = self.inner.list_dead_letters(req).await.map_err(rpc)?.into_inner().dead_letters;
+            let done = (page.len() as u32) < LIST_PAGE;
+            after_id = page.last().map_or(after_id, |d| d.id);
+            kept.extend(page);
+            while kept.len() > limit as usize {
+                kept.pop_front();
+            }
+            if done {
+                return Ok(kept.into());
+            }
+        }
+    }
+}
+
+fn admin_token(cfg: &Config) -> anyhow::Result<String> {
+    if !cfg.admin.token.is_empty() || cfg.admin.token_file.is_some() {
+        return cfg.admin_token();
+    }
+    let path = cfg.generated_token_path();
+    std::fs::read_to_string(&path)
+        .map(|t| t.trim().to_string())
+        .with_context(|| format!("no admin token: pass --token, set CITYGW_ADMIN_TOKEN, or run where {} is readable", path.display()))
+}
+
+/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret (optional, any order).
+fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        id: String,
+        tenant: String,
+        kind: String,
+        #[serde(default)]
+        commune_code: String,
+        #[serde(default)]
+        lat: Option<f64>,
+        #[serde(default)]
+        lon: Option<f64>,
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        secret: String,
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    reader
+        .deserialize::<Row>()
+        .enumerate()
+        .map(|(i, row)| {
+            // Header is line 1.
+            let r = row.with_context(|| format!("{}: line {}", file.display(), i + 2))?;
+            Ok(AddDeviceRequest {
+                device: Some(Device {
+                    id: r.id,
+                    tenant: r.tenant,
+                    kind: r.kind,
+                    commune_code: r.commune_code,
+                    lat: r.lat,
+                    lon: r.lon,
+                    name: r.name,
+                    ..Default::default()
+                }),
+                secret: r.secret,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,227 @@
+//! The `citygw` command line: `run` serves; every other command is a client of the running
+//! gateway's admin API, so provisioning works the same against a local or a remote node.
+
+mod client;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use client::Client;
+use output::Output;
+
+#[derive(Parser)]
+#[command(name = "citygw", version, about = "City IoT telemetry ingestion gateway")]
+struct Cli {
+    /// Config file (TOML). Without one, every key has its default; CITYGW_* variables override.
+    #[arg(long, short, global = true, env = "CITYGW_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How client commands reach the gateway.
+#[derive(Args)]
+struct ConnArgs {
+    /// Admin API address. Default: the configured gRPC port on this host.
+    #[arg(long, global = true, env = "CITYGW_SERVER")]
+    server: Option<String>,
+    /// Admin token. Default: admin.token from the config, or the one generated under data_dir.
+    #[arg(long, global = true, env = "CITYGW_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// table for people, json for scripts.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (MQTT, gRPC, HTTP) until SIGTERM.
+    Run,
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Provision and inspect devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Stored readings of one device, oldest first.
+    Readings(ReadingsArgs),
+    /// Refused payloads and why.
+    #[command(subcommand)]
+    Deadletter(DeadletterCommand),
+    /// The quantity table used for normalisation.
+    Quantities,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults, file, environment) as TOML.
+    Print,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device; prints its secret once.
+    Add(AddArgs),
+    /// List devices.
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        kind: String,
+        /// 0 = all.
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// Show one device.
+    Show { id: String },
+    /// Disable a device: its live sessions are closed and it is refused from now on.
+    Disable { id: String },
+    /// Enable a device again.
+    Enable { id: String },
+    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret].
+    Import {
+        file: PathBuf,
+        /// Write id,secret of every registered device here (mode 0600).
+        #[arg(long)]
+        secrets_out: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+pub struct AddArgs {
+    pub id: String,
+    #[arg(long)]
+    pub tenant: String,
+    #[arg(long)]
+    pub kind: String,
+    /// Five-digit commune code (2025 units).
+    #[arg(long, default_value = "")]
+    pub commune: String,
+    #[arg(long, requires = "lon", allow_hyphen_values = true)]
+    pub lat: Option<f64>,
+    #[arg(long, requires = "lat", allow_hyphen_values = true)]
+    pub lon: Option<f64>,
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Choose the secret instead of letting the gateway generate one (hashed with Argon2id).
+    #[arg(long)]
+    pub secret: Option<String>,
+}
+
+#[derive(Args)]
+struct ReadingsArgs {
+    device: String,
+    /// Unix milliseconds or RFC 3339.
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    to: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    limit: u32,
+}
+
+#[derive(Subcommand)]
+enum DeadletterCommand {
+    /// Newest last.
+    List {
+        #[arg(long, default_value = "")]
+        device: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("citygw: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Run => {
+            crate::observability::init_logging(&cfg.log);
+            runtime().and_then(|rt| rt.block_on(crate::app::run(cfg)))
+        }
+        Command::Config(ConfigCommand::Print) => {
+            print!("{}", cfg.to_toml());
+            Ok(())
+        }
+        Command::Quantities => {
+            Output::new(cli.conn.output).quantities();
+            Ok(())
+        }
+        command => runtime().and_then(|rt| rt.block_on(client_command(&cfg, cli.conn, command))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("citygw: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyhow::Result<()> {
+    let out = Output::new(conn.output);
+    let mut client = Client::connect(cfg, conn.server, conn.token).await?;
+    match command {
+        Command::Device(DeviceCommand::Add(args)) => {
+            let (device, secret) = client.add_device(args).await?;
+            out.added(&device, &secret);
+        }
+        Command::Device(DeviceCommand::List { tenant, kind, limit }) => {
+            out.devices(&client.list_devices(&tenant, &kind, limit).await?);
+        }
+        Command::Device(DeviceCommand::Show { id }) => out.device(&client.get_device(&id).await?),
+        Command::Device(DeviceCommand::Disable { id }) => out.device(&client.set_enabled(&id, false).await?),
+        Command::Device(DeviceCommand::Enable { id }) => out.device(&client.set_enabled(&id, true).await?),
+        Command::Device(DeviceCommand::Import { file, secrets_out }) => {
+            let results = client.import(&file).await?;
+            if let Some(path) = secrets_out {
+                output::write_secrets(&path, &results)?;
+            }
+            let failed = results.iter().filter(|r| !r.ok).count();
+            out.import_results(&results);
+            anyhow::ensure!(failed == 0, "{failed} of {} devices were not imported", results.len());
+        }
+        Command::Readings(args) => {
+            let from = args.from.as_deref().map(parse_time).transpose()?.unwrap_or(0);
+            let to = args.to.as_deref().map(parse_time).transpose()?.unwrap_or(0);
+            out.readings(&client.readings(&args.device, from, to, args.limit).await?);
+        }
+        Command::Deadletter(DeadletterCommand::List { device, limit }) => {
+            out.dead_letters(&client.dead_letters(&device, limit).await?);
+        }
+        Command::Run | Command::Config(_) | Command::Quantities => unreachable!("handled without a client"),
+    }
+    Ok(())
+}
+
+/// Unix milliseconds or RFC 3339.
+fn parse_time(s: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| anyhow::anyhow!("time {s:?}: Unix milliseconds or RFC 3339 ({e})"))
+}

@@ -1,0 +1,228 @@
+//! CLI output: aligned tables for people, JSON for scripts (field names as in the .proto files).
+
+use std::path::Path;
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::Format;
+use crate::pipeline::protocol_label;
+use crate::proto::{reading, DeadLetter, Device, ImportResult, Protocol, Reading};
+
+pub struct Output {
+    format: Format,
+}
+
+fn device_json(d: &Device) -> Value {
+    json!({
+        "id": d.id, "tenant": d.tenant, "kind": d.kind, "commune_code": d.commune_code,
+        "lat": d.lat, "lon": d.lon, "enabled": d.enabled, "created_time_ms": d.created_time_ms,
+        "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online,
+    })
+}
+
+fn value_json(v: &Option<reading::Value>) -> Value {
+    match v {
+        Some(reading::Value::Number(n)) => json!(n),
+        Some(reading::Value::Boolean(b)) => json!(b),
+        Some(reading::Value::Text(s)) => json!(s),
+        None => Value::Null,
+    }
+}
+
+fn protocol(p: i32) -> &'static str {
+    protocol_label(Protocol::try_from(p).unwrap_or(Protocol::Unspecified))
+}
+
+fn reading_json(r: &Reading) -> Value {
+    json!({
+        "id": r.id, "device_id": r.device_id, "tenant": r.tenant, "quantity": r.quantity,
+        "value": value_json(&r.value), "unit": r.unit, "device_time_ms": r.device_time_ms,
+        "received_time_ms": r.received_time_ms, "protocol": protocol(r.protocol),
+        "commune_code": r.commune_code, "kind": r.kind, "device_seq": r.device_seq,
+        "location": r.location.as_ref().map(|l| json!({"lat": l.lat, "lon": l.lon, "alt_m": l.alt_m})),
+    })
+}
+
+fn dead_letter_json(d: &DeadLetter) -> Value {
+    json!({
+        "id": d.id, "received_time_ms": d.received_time_ms, "device_id": d.device_id,
+        "protocol": protocol(d.protocol), "reason": d.reason, "detail": d.detail, "address": d.address,
+        "payload_size": d.payload_size,
+        "payload_head_base64": base64::engine::general_purpose::STANDARD.encode(&d.payload_head),
+    })
+}
+
+fn time(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(|| ms.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+}
+
+/// Prints rows with columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+impl Output {
+    pub fn new(format: Format) -> Self {
+        Self { format }
+    }
+
+    fn json(&self, v: Value) {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json serialises"));
+    }
+
+    pub fn added(&self, d: &Device, secret: &str) {
+        match self.format {
+            Format::Json => self.json(json!({"device": device_json(d), "secret": secret})),
+            Format::Table => {
+                self.device(d);
+                println!("\nsecret: {secret}\n(shown once; the gateway keeps only a salted hash)");
+            }
+        }
+    }
+
+    pub fn device(&self, d: &Device) {
+        match self.format {
+            Format::Json => self.json(device_json(d)),
+            Format::Table => self.devices(std::slice::from_ref(d)),
+        }
+    }
+
+    pub fn devices(&self, devices: &[Device]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(devices.iter().map(device_json).collect())),
+            Format::Table => table(
+                &["id", "tenant", "kind", "commune", "enabled", "online", "last seen"],
+                devices
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.id.clone(),
+                            d.tenant.clone(),
+                            d.kind.clone(),
+                            d.commune_code.clone(),
+                            d.enabled.to_string(),
+                            d.online.to_string(),
+                            time(d.last_seen_time_ms),
+                        ]
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn import_results(&self, results: &[ImportResult]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(
+                results
+                    .iter()
+                    .map(|r| json!({"device_id": r.device_id, "ok": r.ok, "error": r.error, "secret": r.secret}))
+                    .collect(),
+            )),
+            Format::Table => {
+                let ok = results.iter().filter(|r| r.ok).count();
+                for r in results.iter().filter(|r| !r.ok) {
+                    println!("{}: {}", r.device_id, r.error);
+                }
+                println!("{ok} imported, {} failed", results.len() - ok);
+            }
+        }
+    }
+
+    pub fn readings(&self, readings: &[Reading]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(readings.iter().map(reading_json).collect())),
+            Format::Table => table(
+                &["id", "device time", "quantity", "value", "unit", "protocol"],
+                readings
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.to_string(),
+                            time(r.device_time_ms),
+                            r.quantity.clone(),
+                            value_json(&r.value).to_string(),
+                            r.unit.clone(),
+                            protocol(r.protocol).to_string(),
+                        ]
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn dead_letters(&self, dls: &[DeadLetter]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(dls.iter().map(dead_letter_json).collect())),
+            Format::Table => table(
+                &["id", "received", "device", "protocol", "reason", "address", "bytes", "detail"],
+                dls.iter()
+                    .map(|d| {
+                        vec![
+                            d.id.to_string(),
+                            time(d.received_time_ms),
+                            d.device_id.clone(),
+                            protocol(d.protocol).to_string(),
+                            d.reason.clone(),
+                            d.address.clone(),
+                            d.payload_size.to_string(),
+                            d.detail.chars().take(80).collect(),
+                        ]
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn quantities(&self) {
+        let known = crate::pipeline::normalise::KNOWN_QUANTITIES;
+        match self.format {
+            Format::Json => self.json(Value::Array(
+                known
+                    .iter()
+                    .map(|q| json!({"name": q.name, "unit": q.unit, "aliases": q.aliases, "description": q.description}))
+                    .collect(),
+            )),
+            Format::Table => table(
+                &["quantity", "unit", "aliases", "description"],
+                known
+                    .iter()
+                    .map(|q| vec![q.name.into(), q.unit.into(), q.aliases.join(", "), q.description.into()])
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// id,secret for every imported device, readable by the owner only.
+pub fn write_secrets(path: &Path, results: &[ImportResult]) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut w = csv::Writer::from_writer(options.open(path)?);
+    w.write_record(["id", "secret"])?;
+    for r in results.iter().filter(|r| r.ok) {
+        w.write_record([&r.device_id, &r.secret])?;
+    }
+    w.flush()?;
+    Ok(w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?.sync_all()?)
+}

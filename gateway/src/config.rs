@@ -1,0 +1,277 @@
+//! Configuration: TOML with every key defaulted, `CITYGW_*` environment overrides.
+//!
+//! `citygw run` with no file at all must give a working gateway (data under ./data), so every
+//! field has a default here and the file only states differences. Environment variables override
+//! the file: `CITYGW_DATA_DIR`, and `CITYGW_<SECTION>__<KEY>` for nested keys, e.g.
+//! `CITYGW_MQTT__LISTEN=[::]:1884`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the store, the generated admin token and other state live.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub mqtt: MqttConfig,
+    pub grpc: GrpcConfig,
+    pub http: HttpConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. "info" or "citygw=debug,rmqtt=warn".
+    pub level: String,
+    /// "text" for people, "json" for log shippers.
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+    /// Payloads above this are dead-lettered as `payload_too_large`.
+    pub max_payload_bytes: usize,
+    /// Packets above this are refused by the protocol layer itself (the connection is closed),
+    /// so it is kept well above `max_payload_bytes` to let oversize payloads reach the
+    /// dead-letter record where an operator can see them.
+    pub max_packet_bytes: u32,
+    pub max_connections: usize,
+    /// Concurrent CONNECT handshakes; beyond it new connections wait (connection storms).
+    pub max_handshaking: usize,
+    /// Seconds a new TCP connection has to complete CONNECT.
+    pub handshake_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The operator's bearer token for the admin API. Empty: a random token is generated on first
+    /// start and kept in `<data_dir>/admin.token` (mode 0600), where the CLI finds it.
+    pub token: String,
+    /// Read the token from this file instead (e.g. a mounted secret).
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// How long the group commit waits for more writes before one fsync covers them all.
+    pub commit_window_ms: u64,
+    /// Upper bound of readings in one commit.
+    pub max_batch: usize,
+    /// Readings and dead letters older than this are deleted.
+    pub retention_days: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            log: LogConfig::default(),
+            mqtt: MqttConfig::default(),
+            grpc: GrpcConfig::default(),
+            http: HttpConfig::default(),
+            admin: AdminConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: "text".into() }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: "[::]:1883".parse().expect("static address"),
+            max_payload_bytes: 256 * 1024,
+            max_packet_bytes: 16 * 1024 * 1024,
+            max_connections: 1_000_000,
+            max_handshaking: 1_000,
+            handshake_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self { listen: "[::]:50051".parse().expect("static address") }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: "[::]:8080".parse().expect("static address") }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { commit_window_ms: 1, max_batch: 8192, retention_days: 30 }
+    }
+}
+
+impl StoreConfig {
+    pub fn commit_window(&self) -> Duration {
+        Duration::from_millis(self.commit_window_ms)
+    }
+
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_days * 86_400)
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `CITYGW_*` variables.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut builder = config::Config::builder()
+            .add_source(config::Config::try_from(&Config::default())?);
+        if let Some(file) = file {
+            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let merged = builder
+            .add_source(
+                config::Environment::with_prefix("CITYGW")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(config_env())),
+            )
+            .build()?;
+        let cfg: Config = merged
+            .try_deserialize()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            matches!(self.log.format.as_str(), "text" | "json"),
+            "log.format must be \"text\" or \"json\", not {:?}",
+            self.log.format
+        );
+        anyhow::ensure!(self.store.max_batch > 0, "store.max_batch must be positive");
+        anyhow::ensure!(self.store.retention_days > 0, "store.retention_days must be positive");
+        anyhow::ensure!(
+            self.mqtt.max_payload_bytes as u64 <= self.mqtt.max_packet_bytes as u64,
+            "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
+        );
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// The admin token: configured, from a file, or generated once and kept under data_dir.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        if !self.admin.token.is_empty() {
+            return Ok(self.admin.token.clone());
+        }
+        if let Some(file) = &self.admin.token_file {
+            let token = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("admin.token_file {}: {e}", file.display()))?;
+            return Ok(token.trim().to_string());
+        }
+        let path = self.generated_token_path();
+        if let Ok(token) = std::fs::read_to_string(&path) {
+            return Ok(token.trim().to_string());
+        }
+        std::fs::create_dir_all(&self.data_dir)?;
+        let token = crate::registry::secret::generate();
+        write_private(&path, &token)?;
+        tracing::info!(path = %path.display(), "generated an admin token");
+        Ok(token)
+    }
+
+    pub fn generated_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+}
+
+/// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN
+/// for the CLI, CITYGW_CONFIG) are not configuration and must not trip `deny_unknown_fields`.
+fn config_env() -> config::Map<String, String> {
+    const SECTIONS: &[&str] = &["log", "mqtt", "grpc", "http", "admin", "store"];
+    std::env::vars()
+        .filter(|(k, _)| {
+            let Some(key) = k.strip_prefix("CITYGW_") else { return false };
+            let key = key.to_ascii_lowercase();
+            key == "data_dir" || SECTIONS.iter().any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with("__")))
+        })
+        .collect()
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = Config::default().to_toml();
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed.mqtt.listen, Config::default().mqtt.listen);
+        assert_eq!(parsed.store.retention_days, 30);
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("citygw.toml");
+        std::fs::write(&file, "[store]\nretention_days = 7\n[mqtt]\nmax_payload_bytes = 1000\n").unwrap();
+        // Only this test sets this variable, so parallel tests are unaffected.
+        std::env::set_var("CITYGW_GRPC__LISTEN", "127.0.0.1:6000");
+        let cfg = Config::load(Some(&file)).unwrap();
+        std::env::remove_var("CITYGW_GRPC__LISTEN");
+        assert_eq!(cfg.store.retention_days, 7);
+        assert_eq!(cfg.mqtt.max_payload_bytes, 1000);
+        assert_eq!(cfg.grpc.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(cfg.http.listen, HttpConfig::default().listen);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("citygw.toml");
+        std::fs::write(&file, "[mqtt]\nlisten_port = 1\n").unwrap();
+        assert!(Config::load(Some(&file)).is_err());
+    }
+}

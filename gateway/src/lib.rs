@@ -1,0 +1,18 @@
+//! citygw: the IoT telemetry ingestion gateway of a city platform.
+//!
+//! Data flows left to right through the modules: [`sources`] take bytes in, [`codec`] decodes them,
+//! [`pipeline`] checks identity, normalises and makes readings durable in [`store`], and [`api`]
+//! serves them out. [`registry`] holds devices and credentials; [`app`] wires it all for
+//! `citygw run`; [`cli`] is the operator's command line.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod observability;
+pub mod pipeline;
+pub mod proto;
+pub mod registry;
+pub mod sources;
+pub mod store;

@@ -1,0 +1,496 @@
+//! Devices, their credentials and their live state.
+//!
+//! The whole registry is held in memory (a city's devices fit: ~300 bytes each) and written
+//! through to the store on every change, so authentication and the per-reading identity lookup
+//! never touch the disk. Last-seen times change on every reading and are persisted in the
+//! background instead (see [`Registry::persist_last_seen`]).
+
+pub mod secret;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::proto::Device;
+use crate::store::{Store, StoreError};
+
+/// Device kinds the platform knows; KPI and agency scopes are expressed in them.
+pub const KINDS: &[&str] = &[
+    "air_quality",
+    "noise",
+    "water_level",
+    "flood",
+    "rain",
+    "weather",
+    "traffic",
+    "parking",
+    "street_light",
+    "energy_meter",
+    "water_meter",
+    "fire_alarm",
+    "waste_bin",
+    "soil_moisture",
+    "generic",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("device {0:?} already exists")]
+    Exists(String),
+    #[error("device {0:?} not found")]
+    NotFound(String),
+    #[error("invalid device: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an operator supplies to register a device.
+#[derive(Debug, Clone, Default)]
+pub struct NewDevice {
+    pub id: String,
+    pub tenant: String,
+    pub kind: String,
+    pub commune_code: String,
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+    pub name: String,
+    /// None: the gateway generates one.
+    pub secret: Option<String>,
+}
+
+/// The persisted form of a device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    tenant: String,
+    kind: String,
+    #[serde(default)]
+    commune_code: String,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    enabled: bool,
+    created_time_ms: i64,
+    #[serde(default)]
+    last_seen_time_ms: i64,
+    #[serde(default)]
+    name: String,
+    secret_hash: String,
+}
+
+/// One device as the hot path sees it: immutable identity plus atomically updated live state.
+#[derive(Debug)]
+pub struct DeviceEntry {
+    record: Record,
+    enabled: AtomicBool,
+    last_seen_ms: AtomicI64,
+    last_seen_dirty: AtomicBool,
+    sessions: AtomicU32,
+    verified: Mutex<Option<[u8; 32]>>,
+}
+
+impl DeviceEntry {
+    fn new(record: Record) -> Self {
+        Self {
+            enabled: AtomicBool::new(record.enabled),
+            last_seen_ms: AtomicI64::new(record.last_seen_time_ms),
+            last_seen_dirty: AtomicBool::new(false),
+            sessions: AtomicU32::new(0),
+            verified: Mutex::new(None),
+            record,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+    pub fn tenant(&self) -> &str {
+        &self.record.tenant
+    }
+    pub fn kind(&self) -> &str {
+        &self.record.kind
+    }
+    pub fn commune_code(&self) -> &str {
+        &self.record.commune_code
+    }
+    pub fn location(&self) -> Option<crate::proto::Location> {
+        Some(crate::proto::Location { lat: self.record.lat?, lon: self.record.lon?, alt_m: None })
+    }
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Records that the device delivered an accepted reading.
+    pub fn touch(&self, now_ms: i64) {
+        if self.last_seen_ms.fetch_max(now_ms, Ordering::Relaxed) < now_ms {
+            self.last_seen_dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn session_opened(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn session_closed(&self) {
+        // Saturating: a close without an open (gateway restart races) must not wrap.
+        let _ = self.sessions.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub fn to_proto(&self) -> Device {
+        let r = &self.record;
+        Device {
+            id: r.id.clone(),
+            tenant: r.tenant.clone(),
+            kind: r.kind.clone(),
+            commune_code: r.commune_code.clone(),
+            lat: r.lat,
+            lon: r.lon,
+            enabled: self.enabled(),
+            created_time_ms: r.created_time_ms,
+            last_seen_time_ms: self.last_seen_ms.load(Ordering::Relaxed),
+            name: r.name.clone(),
+            online: self.sessions.load(Ordering::Relaxed) > 0,
+        }
+    }
+
+    fn snapshot(&self) -> Record {
+        let mut r = self.record.clone();
+        r.enabled = self.enabled();
+        r.last_seen_time_ms = self.last_seen_ms.load(Ordering::Relaxed);
+        r
+    }
+}
+
+/// Why a CONNECT (or any credentialed request) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    Anonymous,
+    UnknownDevice,
+    DisabledDevice,
+    BadCredentials,
+}
+
+impl AuthError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::Anonymous => "anonymous",
+            AuthError::UnknownDevice => "unknown_device",
+            AuthError::DisabledDevice => "disabled_device",
+            AuthError::BadCredentials => "bad_credentials",
+        }
+    }
+}
+
+/// Changes that live sessions must react to.
+#[derive(Debug, Clone)]
+pub enum RegistryEvent {
+    Disabled(String),
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    devices: RwLock<BTreeMap<String, Arc<DeviceEntry>>>,
+    events: broadcast::Sender<RegistryEvent>,
+}
+
+impl Registry {
+    /// Loads every device from the store.
+    pub fn load(store: Store) -> anyhow::Result<Registry> {
+        let mut devices = BTreeMap::new();
+        for (id, bytes) in store.load_devices()? {
+            let record: Record = serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("device record {id:?} is corrupt: {e}"))?;
+            devices.insert(id, Arc::new(DeviceEntry::new(record)));
+        }
+        tracing::info!(devices = devices.len(), "registry loaded");
+        let (events, _) = broadcast::channel(1024);
+        Ok(Registry { inner: Arc::new(Inner { store, devices: RwLock::new(devices), events }) })
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<DeviceEntry>> {
+        self.inner.devices.read().expect("registry lock").get(id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.devices.read().expect("registry lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A page of devices in id order, filtered by tenant and kind (empty = any).
+    pub fn list(&self, tenant: &str, kind: &str, after_id: &str, limit: usize) -> Vec<Device> {
+        use std::ops::Bound;
+        let devices = self.inner.devices.read().expect("registry lock");
+        let start = if after_id.is_empty() { Bound::Unbounded } else { Bound::Excluded(after_id) };
+        devices
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(_, e)| e)
+            .filter(|e| (tenant.is_empty() || e.tenant() == tenant) && (kind.is_empty() || e.kind() == kind))
+            .take(limit)
+            .map(|e| e.to_proto())
+            .collect()
+    }
+
+    /// Registers one device; returns it with its secret (shown once, stored hashed).
+    pub async fn add(&self, new: NewDevice, now_ms: i64) -> Result<(Device, String), RegistryError> {
+        let mut results = self.import(vec![new], now_ms).await?;
+        results.pop().expect("one result per device")
+    }
+
+    /// Registers many devices with one durable commit; each succeeds or fails on its own.
+    pub async fn import(
+        &self,
+        news: Vec<NewDevice>,
+        now_ms: i64,
+    ) -> Result<Vec<Result<(Device, String), RegistryError>>, RegistryError> {
+        // Hashing (Argon2 for chosen secrets) is CPU work: keep it off the async threads.
+        let prepared = tokio::task::spawn_blocking(move || {
+            news.into_iter()
+                .map(|new| {
+                    validate(&new)?;
+                    let (secret, generated) = match new.secret {
+                        Some(s) => (s, false),
+                        None => (secret::generate(), true),
+                    };
+                    let record = Record {
+                        secret_hash: secret::hash(&secret, generated),
+                        id: new.id,
+                        tenant: new.tenant,
+                        kind: new.kind,
+                        commune_code: new.commune_code,
+                        lat: new.lat,
+                        lon: new.lon,
+                        enabled: true,
+                        created_time_ms: now_ms,
+                        last_seen_time_ms: 0,
+                        name: new.name,
+                    };
+                    Ok((record, secret))
+                })
+                .collect::<Vec<Result<(Record, String), RegistryError>>>()
+        })
+        .await
+        .map_err(|e| RegistryError::Invalid(format!("hashing task failed: {e}")))?;
+
+        let mut results = Vec::with_capacity(prepared.len());
+        let mut accepted = Vec::new();
+        {
+            let devices = self.inner.devices.read().expect("registry lock");
+            let mut seen = std::collections::HashSet::new();
+            for item in prepared {
+                results.push(match item {
+                    Ok((record, _)) if devices.contains_key(&record.id) || !seen.insert(record.id.clone()) => {
+                        Err(RegistryError::Exists(record.id))
+                    }
+                    Ok((record, secret)) => {
+                        accepted.push(record.clone());
+                        Ok((record, secret))
+                    }
+                    Err(e) => Err(e),
+                });
+            }
+        }
+        let rows = accepted
+            .iter()
+            .map(|r| (r.id.clone(), serde_json::to_vec(r).expect("record serialises")))
+            .collect::<Vec<_>>();
+        if !rows.is_empty() {
+            self.inner.store.put_devices(rows).await?;
+        }
+        let mut devices = self.inner.devices.write().expect("registry lock");
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.map(|(record, secret)| {
+                    let entry = Arc::new(DeviceEntry::new(record));
+                    let proto = entry.to_proto();
+                    devices.insert(proto.id.clone(), entry);
+                    (proto, secret)
+                })
+            })
+            .collect())
+    }
+
+    /// Enables or disables a device; disabling tells every source to drop its live sessions.
+    pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<Device, RegistryError> {
+        let entry = self.get(id).ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        entry.enabled.store(enabled, Ordering::Release);
+        let record = entry.snapshot();
+        self.inner.store.put_device(id, serde_json::to_vec(&record).expect("record serialises")).await?;
+        if !enabled {
+            let _ = self.inner.events.send(RegistryEvent::Disabled(id.to_string()));
+            tracing::info!(device = id, "device disabled");
+        }
+        Ok(entry.to_proto())
+    }
+
+    /// Checks a device's credentials. Argon2-hashed secrets are verified on a blocking thread
+    /// once, then by fingerprint, so reconnect storms cost a SHA-256 each.
+    pub async fn authenticate(&self, id: &str, secret: Option<&[u8]>) -> Result<Arc<DeviceEntry>, AuthError> {
+        let Some(entry) = self.get(id) else { return Err(AuthError::UnknownDevice) };
+        if !entry.enabled() {
+            return Err(AuthError::DisabledDevice);
+        }
+        let Some(secret) = secret.and_then(|s| std::str::from_utf8(s).ok()) else {
+            return Err(AuthError::BadCredentials);
+        };
+        let stored = &entry.record.secret_hash;
+        if !secret::is_slow(stored) {
+            return if secret::verify(stored, secret) { Ok(entry) } else { Err(AuthError::BadCredentials) };
+        }
+        let fingerprint = secret::fingerprint(stored, secret);
+        if entry.verified.lock().expect("verified lock").is_some_and(|f| secret::constant_time_eq(&f, &fingerprint)) {
+            return Ok(entry);
+        }
+        let (stored_owned, secret_owned) = (stored.clone(), secret.to_string());
+        let ok = tokio::task::spawn_blocking(move || secret::verify(&stored_owned, &secret_owned))
+            .await
+            .unwrap_or(false);
+        if ok {
+            *entry.verified.lock().expect("verified lock") = Some(fingerprint);
+            Ok(entry)
+        } else {
+            Err(AuthError::BadCredentials)
+        }
+    }
+
+    /// Writes last-seen times that changed since the previous call; returns how many.
+    pub async fn persist_last_seen(&self) -> Result<usize, RegistryError> {
+        let rows: Vec<(String, Vec<u8>)> = {
+            let devices = self.inner.devices.read().expect("registry lock");
+            devices
+                .values()
+                .filter(|e| e.last_seen_dirty.swap(false, Ordering::Relaxed))
+                .map(|e| (e.id().to_string(), serde_json::to_vec(&e.snapshot()).expect("record serialises")))
+                .collect()
+        };
+        let n = rows.len();
+        if n > 0 {
+            self.inner.store.put_devices(rows).await?;
+        }
+        Ok(n)
+    }
+}
+
+fn validate(d: &NewDevice) -> Result<(), RegistryError> {
+    let invalid = |m: String| Err(RegistryError::Invalid(m));
+    // The id is an MQTT topic level and a CoAP path segment, so it must not contain separators
+    // or wildcards.
+    if d.id.is_empty()
+        || d.id.len() > 128
+        || !d.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return invalid(format!("id {:?}: 1-128 characters of A-Z a-z 0-9 - _ . :", d.id));
+    }
+    if d.tenant.is_empty()
+        || d.tenant.len() > 64
+        || !d.tenant.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+    {
+        return invalid(format!("tenant {:?}: 1-64 characters of a-z 0-9 - _", d.tenant));
+    }
+    if !KINDS.contains(&d.kind.as_str()) {
+        return invalid(format!("kind {:?}: one of {}", d.kind, KINDS.join(", ")));
+    }
+    if !d.commune_code.is_empty() && !(d.commune_code.len() == 5 && d.commune_code.bytes().all(|b| b.is_ascii_digit())) {
+        return invalid(format!("commune code {:?}: five digits (2025 national statistics code)", d.commune_code));
+    }
+    match (d.lat, d.lon) {
+        (None, None) => {}
+        (Some(lat), Some(lon)) if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
+        _ => return invalid("lat and lon must be given together, within -90..90 and -180..180".into()),
+    }
+    if let Some(s) = &d.secret {
+        if s.len() < 8 || s.len() > 256 {
+            return invalid("secret: 8 to 256 characters".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(id: &str) -> NewDevice {
+        NewDevice { id: id.into(), tenant: "hanoi".into(), kind: "air_quality".into(), ..Default::default() }
+    }
+
+    async fn registry(dir: &std::path::Path) -> Registry {
+        let opts = crate::store::StoreOptions {
+            commit_window: std::time::Duration::ZERO,
+            max_batch: 1024,
+            retention: std::time::Duration::from_secs(86_400),
+        };
+        let store = Store::open(dir, opts).unwrap();
+        Registry::load(store).unwrap()
+    }
+
+    #[tokio::test]
+    async fn add_authenticate_disable_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let (dev, secret) = reg.add(new("aq-1"), 1000).await.unwrap();
+        assert_eq!(dev.id, "aq-1");
+        assert!(reg.authenticate("aq-1", Some(secret.as_bytes())).await.is_ok());
+        assert_eq!(reg.authenticate("aq-1", Some(b"nope")).await.unwrap_err(), AuthError::BadCredentials);
+        assert_eq!(reg.authenticate("aq-1", None).await.unwrap_err(), AuthError::BadCredentials);
+        assert_eq!(reg.authenticate("zz", Some(b"x")).await.unwrap_err(), AuthError::UnknownDevice);
+        assert!(matches!(reg.add(new("aq-1"), 1).await, Err(RegistryError::Exists(_))));
+
+        let mut events = reg.events();
+        reg.set_enabled("aq-1", false).await.unwrap();
+        assert!(matches!(events.recv().await.unwrap(), RegistryEvent::Disabled(id) if id == "aq-1"));
+        assert_eq!(reg.authenticate("aq-1", Some(secret.as_bytes())).await.unwrap_err(), AuthError::DisabledDevice);
+
+        reg.get("aq-1").unwrap().touch(5000);
+        assert_eq!(reg.persist_last_seen().await.unwrap(), 1);
+        assert_eq!(reg.persist_last_seen().await.unwrap(), 0);
+        drop(reg);
+        let reg = registry(dir.path()).await;
+        let dev = reg.get("aq-1").unwrap().to_proto();
+        assert!(!dev.enabled);
+        assert_eq!(dev.last_seen_time_ms, 5000);
+    }
+
+    #[tokio::test]
+    async fn chosen_secret_and_import_results_are_per_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut chosen = new("wl-1");
+        chosen.secret = Some("correct horse".into());
+        let mut bad_kind = new("x-1");
+        bad_kind.kind = "teapot".into();
+        let results = reg.import(vec![chosen, bad_kind, new("wl-1")], 0).await.unwrap();
+        assert!(results[0].is_ok());
+        assert!(matches!(results[1], Err(RegistryError::Invalid(_))));
+        assert!(matches!(results[2], Err(RegistryError::Exists(_))));
+        assert!(reg.authenticate("wl-1", Some(b"correct horse")).await.is_ok());
+        // Second time through the fingerprint cache.
+        assert!(reg.authenticate("wl-1", Some(b"correct horse")).await.is_ok());
+        assert!(reg.authenticate("wl-1", Some(b"correct horsf")).await.is_err());
+        assert_eq!(reg.list("", "", "", 10).len(), 1);
+        assert_eq!(reg.list("other", "", "", 10).len(), 0);
+    }
+
+    #[test]
+    fn ids_must_be_safe_topic_levels() {
+        for bad in ["", "a/b", "a+b", "a#", "a b", "ä"] {
+            assert!(validate(&new(bad)).is_err(), "{bad:?}");
+        }
+        assert!(validate(&new("HN-aq_01.x:1")).is_ok());
+    }
+}

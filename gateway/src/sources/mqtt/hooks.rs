@@ -1,0 +1,149 @@
+//! rmqtt hook handlers: where the broker asks citygw who may connect and what may be published.
+//!
+//! The durable write happens inside `MessagePublishCheckAcl`: rmqtt sends the PUBACK only after
+//! this hook's future completes, and it is the first hook that can refuse a message
+//! (`MessagePublish` runs earlier but cannot). So a PUBACK always means "on disk".
+
+use async_trait::async_trait;
+use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
+use rmqtt::session::Session;
+use rmqtt::types::{AuthResult, ConnectInfo, Publish, PublishAclResult, PublishResult, QoS, SubscribeReturn};
+
+use super::topic::{self, Topic};
+use crate::codec::Format;
+use crate::pipeline::{Delivery, Inbound, IngestError, Pipeline, Rejection};
+use crate::proto::Protocol;
+use crate::registry::{AuthError, Registry};
+
+const PROTOCOL: &str = "mqtt";
+
+#[derive(Clone)]
+pub struct Hooks {
+    pub registry: Registry,
+    pub pipeline: Pipeline,
+}
+
+#[async_trait]
+impl Handler for Hooks {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        match param {
+            Parameter::ClientAuthenticate(ci) => {
+                (false, Some(HookResult::AuthResult(self.authenticate(ci).await)))
+            }
+            Parameter::ClientConnected(s) => {
+                if let Some(device) = self.registry.get(&s.id.client_id) {
+                    device.session_opened();
+                }
+                metrics::gauge!("citygw_connected_devices", "protocol" => PROTOCOL).increment(1.0);
+                (true, acc)
+            }
+            Parameter::ClientDisconnected(s, reason) => {
+                if let Some(device) = self.registry.get(&s.id.client_id) {
+                    device.session_closed();
+                }
+                metrics::gauge!("citygw_connected_devices", "protocol" => PROTOCOL).decrement(1.0);
+                tracing::debug!(device = %s.id.client_id, %reason, "mqtt device disconnected");
+                (true, acc)
+            }
+            Parameter::ClientSubscribeCheckAcl(s, sub) => {
+                let allowed = topic::may_subscribe(&s.id.client_id, &sub.topic_filter);
+                let result = if allowed {
+                    SubscribeReturn::new_success(sub.opts.qos(), None)
+                } else {
+                    metrics::counter!("citygw_subscribe_denied_total", "protocol" => PROTOCOL).increment(1);
+                    tracing::warn!(device = %s.id.client_id, filter = %sub.topic_filter, "subscription denied");
+                    SubscribeReturn::new_failure(SubscribeAckReason::NotAuthorized)
+                };
+                (false, Some(HookResult::SubscribeAclResult(result)))
+            }
+            Parameter::MessagePublishCheckAcl(s, p) => {
+                (false, Some(HookResult::PublishAclResult(self.publish(s, p).await)))
+            }
+            _ => (true, acc),
+        }
+    }
+}
+
+impl Hooks {
+    /// rmqtt turns the result into the CONNACK code: `BadUsernameOrPassword` is 0x04 (3.1.1) or
+    /// 0x86 (5), `NotAuthorized` 0x05 or 0x87.
+    async fn authenticate(&self, ci: &ConnectInfo) -> AuthResult {
+        let client_id = ci.client_id();
+        let result = match ci.username() {
+            None => Err(AuthError::Anonymous),
+            // One identity per connection: a device may not log in as itself and publish as
+            // another client id.
+            Some(user) if user != client_id => Err(AuthError::BadCredentials),
+            Some(user) => self.registry.authenticate(user, ci.password().map(|p| p.as_ref())).await.map(|_| ()),
+        };
+        match result {
+            Ok(()) => AuthResult::Allow(false, None),
+            Err(e) => {
+                metrics::counter!("citygw_auth_failures_total", "protocol" => PROTOCOL, "reason" => e.reason())
+                    .increment(1);
+                tracing::warn!(client_id = %client_id, remote = ?ci.id().remote_addr, reason = e.reason(), "mqtt connect refused");
+                match e {
+                    AuthError::BadCredentials => AuthResult::BadUsernameOrPassword,
+                    AuthError::Anonymous | AuthError::UnknownDevice | AuthError::DisabledDevice => {
+                        AuthResult::NotAuthorized
+                    }
+                }
+            }
+        }
+    }
+
+    async fn publish(&self, s: &Session, p: &Publish) -> PublishAclResult {
+        let v5 = p.properties.is_some();
+        let device_id: &str = &s.id.client_id;
+        let Some(device) = self.registry.get(device_id).filter(|d| d.enabled()) else {
+            // Disabled (or removed) while connected: the kick is on its way; refuse meanwhile.
+            return refuse(PublishAckReason::NotAuthorized, "device disabled", true);
+        };
+        let format = match topic::parse(&p.topic) {
+            Topic::Telemetry { device_id: claimed, .. } if claimed != device_id => {
+                let rejection = Rejection::new("spoofed_topic", format!("device {device_id} published for {claimed}"));
+                // Nothing of a spoofed message is kept, only the fact that it was tried.
+                self.pipeline.refuse(device_id, Protocol::Mqtt, &p.topic, None, p.payload.len(), &rejection).await;
+                // MQTT 3.1.1 cannot refuse a PUBLISH in its PUBACK, so the connection goes.
+                return refuse(PublishAckReason::NotAuthorized, &rejection.to_string(), !v5);
+            }
+            Topic::Telemetry { format: Some(name), .. } => Format::from_name(name).ok_or(name),
+            Topic::Telemetry { format: None, .. } => Ok(content_type_format(p).unwrap_or(Format::Json)),
+            Topic::Other => {
+                let rejection = Rejection::new("bad_topic", "devices publish to devices/{id}/telemetry[/{format}]");
+                self.pipeline.refuse(device_id, Protocol::Mqtt, &p.topic, Some(&p.payload), p.payload.len(), &rejection).await;
+                return refuse(PublishAckReason::TopicNameInvalid, &rejection.to_string(), false);
+            }
+        };
+        let delivery = if p.qos == QoS::AtMostOnce { Delivery::BestEffort } else { Delivery::Durable };
+        let inbound = Inbound {
+            device: &device,
+            protocol: Protocol::Mqtt,
+            format,
+            address: &p.topic,
+            payload: &p.payload,
+            delivery,
+        };
+        match self.pipeline.ingest(inbound).await {
+            Ok(_) => PublishAclResult::allow(),
+            // The refusal is durably dead-lettered, so for 3.1.1 a plain PUBACK is honest; MQTT 5
+            // carries the reason.
+            Err(IngestError::Rejected(r)) => refuse(PublishAckReason::PayloadFormatInvalid, &r.to_string(), false),
+            Err(IngestError::Store(e)) => {
+                tracing::error!(device = device_id, error = %e, "reading not stored");
+                // Never acknowledge what is not on disk: 3.1.1 clients learn it by the disconnect
+                // and resend; MQTT 5 clients get an error PUBACK.
+                refuse(PublishAckReason::UnspecifiedError, "gateway store unavailable", !v5)
+            }
+        }
+    }
+}
+
+fn content_type_format(p: &Publish) -> Option<Format> {
+    p.properties.as_ref()?.content_type.as_deref().and_then(Format::from_content_type)
+}
+
+fn refuse(code: PublishAckReason, reason: &str, disconnect: bool) -> PublishAclResult {
+    PublishAclResult(PublishResult::reason_code(code, Some(reason.into()), disconnect))
+}

@@ -1,0 +1,103 @@
+//! MQTT 3.1.1 and 5 on the embedded rmqtt broker.
+//!
+//! rmqtt runs inside our tokio runtime; citygw plugs in through its hooks (see [`hooks`]):
+//! authentication with proper CONNACK codes, identity from the authenticated session, the durable
+//! write before the PUBACK. Why rmqtt and not rumqttd is measured in ../shared/DESIGN.md.
+
+mod hooks;
+pub mod topic;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::Type;
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::types::Id;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttConfig;
+use crate::pipeline::Pipeline;
+use crate::registry::{Registry, RegistryEvent};
+
+pub struct MqttSource {
+    pub config: MqttConfig,
+    pub registry: Registry,
+    pub pipeline: Pipeline,
+}
+
+impl super::Source for MqttSource {
+    fn name(&self) -> &'static str {
+        "mqtt"
+    }
+
+    fn start(self: Box<Self>, shutdown: CancellationToken) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
+        let cfg = &self.config;
+        let listener = Builder::new()
+            .name("mqtt")
+            .laddr(cfg.listen)
+            .allow_anonymous(false)
+            .max_packet_size(cfg.max_packet_bytes)
+            .max_connections(cfg.max_connections)
+            .max_handshaking_limit(cfg.max_handshaking)
+            .handshake_timeout(std::time::Duration::from_secs(cfg.handshake_timeout_secs))
+            .nodelay(true)
+            .reuseaddr(Some(true))
+            .bind()
+            .map_err(|e| anyhow::anyhow!("mqtt listener {}: {e}", cfg.listen))?
+            .tcp()
+            .map_err(|e| anyhow::anyhow!("mqtt listener {}: {e}", cfg.listen))?;
+        tracing::info!(listen = %cfg.listen, "mqtt listening");
+        Ok(async move {
+            // rmqtt's busy check refuses CONNECTs when the host's load average is high; on a
+            // shared 2-core host that would turn noise into refused devices. Handshake
+            // concurrency is bounded by `max_handshaking` instead.
+            let scx = ServerContext::new().busy_check_enable(false).build().await;
+            let hooks = hooks::Hooks { registry: self.registry.clone(), pipeline: self.pipeline };
+            let register = scx.extends.hook_mgr().register();
+            for typ in [
+                Type::ClientAuthenticate,
+                Type::ClientConnected,
+                Type::ClientDisconnected,
+                Type::ClientSubscribeCheckAcl,
+                Type::MessagePublishCheckAcl,
+            ] {
+                register.add(typ, Box::new(hooks.clone())).await;
+            }
+            register.start().await;
+            let kicker = tokio::spawn(kick_disabled(scx.clone(), self.registry));
+            let server = MqttServer::new(scx).listener(listener).build();
+            let result = tokio::select! {
+                r = server.run() => r.map_err(|e| anyhow::anyhow!("mqtt server: {e}")),
+                _ = shutdown.cancelled() => Ok(()),
+            };
+            kicker.abort();
+            result
+        }
+        .boxed())
+    }
+}
+
+/// Disconnects the live session of every device the registry disables.
+async fn kick_disabled(scx: ServerContext, registry: Registry) {
+    let mut events = registry.events();
+    loop {
+        match events.recv().await {
+            Ok(RegistryEvent::Disabled(device_id)) => {
+                let id = Id::from(scx.node.id(), device_id.as_str().into());
+                let mut entry = scx.extends.shared().await.entry(id);
+                if entry.session().is_some() {
+                    match entry.kick(true, true, true).await {
+                        Ok(_) => tracing::info!(device = %device_id, "disabled device disconnected"),
+                        Err(e) => tracing::warn!(device = %device_id, error = %e, "could not disconnect disabled device"),
+                    }
+                }
+            }
+            // Missed events only delay a kick: the publish hook refuses disabled devices anyway.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "registry events lagged");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The embedded durable store: readings, the per-device time index, dead letters and registry
+//! records, on fjall (an LSM with a write-ahead journal; see docs/decisions/0001-embedded-store.md).
+//!
+//! Durability is the gateway's promise to devices: an acknowledgement (QoS1 PUBACK, CoAP ACK, bridge
+//! ack) is sent only once the reading is fsync'd. Fsync is the expensive part, so one writer thread
+//! ([`writer`]) owns every write and commits whatever is queued as one batch with one fsync (group
+//! commit): throughput grows with load instead of being capped at one fsync per reading.
+//!
+//! Reads never go through the writer; they read fjall snapshots directly from the caller's thread.
+
+mod dead_letters;
+mod devices;
+mod keys;
+mod readings;
+mod retention;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use tokio::sync::Semaphore;
+
+pub use retention::RetentionReport;
+
+use writer::{Queued, Request, Writer};
+
+/// How many requests may wait for the writer before senders have to wait for room. This is the
+/// gateway's backpressure to the network: a full queue slows acknowledgements, it never drops
+/// acknowledged data.
+const QUEUE_CAPACITY: usize = 65_536;
+
+/// Tuning of the store; the defaults suit a small gateway.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How long the writer keeps collecting after the first request of a batch. Zero still
+    /// batches whatever queued up during the previous fsync, which is usually enough; a small
+    /// window trades latency for fewer fsyncs when requests trickle in.
+    pub commit_window: Duration,
+    /// Upper bound on readings (plus dead letters and device records) per commit, to bound the
+    /// latency of the requests at the front of a batch.
+    pub max_batch: usize,
+    /// How long readings and dead letters are kept, by receive time (see
+    /// [`Store::enforce_retention`]).
+    pub retention: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            commit_window: Duration::ZERO,
+            max_batch: 4096,
+            retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Why a store call failed. `Clone` because one failed group commit fails every request in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store was closed (or is shutting down); nothing from this call was written.
+    #[error("store is closed")]
+    Closed,
+    /// The storage engine failed (I/O, full disk, poisoned journal). After a failed fsync the
+    /// engine refuses further writes; the gateway should restart and recover from the journal.
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// Stored bytes did not decode; points at a bug or disk corruption.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+impl From<fjall::Error> for StoreError {
+    fn from(e: fjall::Error) -> Self {
+        StoreError::Engine(e.to_string())
+    }
+}
+
+/// The keyspaces, cloned into the writer thread (handles are cheap `Arc`s).
+#[derive(Clone)]
+pub(crate) struct Keyspaces {
+    pub(crate) log: Keyspace,
+    pub(crate) by_device: Keyspace,
+    pub(crate) dead_letters: Keyspace,
+    pub(crate) devices: Keyspace,
+    pub(crate) meta: Keyspace,
+}
+
+impl Keyspaces {
+    fn open(db: &Database) -> fjall::Result<Self> {
+        let ks = |name| db.keyspace(name, KeyspaceCreateOptions::default);
+        Ok(Keyspaces {
+            log: ks(keys::LOG)?,
+            by_device: ks(keys::BY_DEVICE)?,
+            dead_letters: ks(keys::DEAD_LETTERS)?,
+            devices: ks(keys::DEVICES)?,
+            meta: ks(keys::META)?,
+        })
+    }
+}
+
+/// Handle to the store; clone it freely (it is an `Arc`). The last handle dropped without
+/// [`Store::close`] still commits what is queued and joins the writer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    ks: Keyspaces,
+    opts: StoreOptions,
+    /// `None` only while dropping, so the writer sees the channel close.
+    tx: Option<std::sync::mpsc::Sender<Queued>>,
+    /// One permit per queued request: the bound of the queue.
+    permits: Arc<Semaphore>,
+    closed: AtomicBool,
+    /// Highest reading id whose commit succeeded; updated by the writer.
+    last_reading_id: Arc<AtomicU64>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`, replays the journal, and starts the writer.
+    pub fn open(dir: &Path, opts: StoreOptions) -> anyhow::Result<Store> {
+        let db = Database::builder(dir)
+            .open()
+            .with_context(|| format!("opening store at {}", dir.display()))?;
+        let ks = Keyspaces::open(&db).context("opening store keyspaces")?;
+
+        let next_reading_id = next_id(&ks.log, &ks.meta, keys::META_NEXT_READING_ID)?;
+        let next_dead_letter_id =
+            next_id(&ks.dead_letters, &ks.meta, keys::META_NEXT_DEAD_LETTER_ID)?;
+        let last_reading_id = Arc::new(AtomicU64::new(last_id(&ks.log)?.unwrap_or(0)));
+        let permits = Arc::new(Semaphore::new(QUEUE_CAPACITY));
+        let (tx, rx) = std::sync::mpsc::channel();
+
+        let writer = Writer {
+            db: db.clone(),
+            ks: ks.clone(),
+            rx,
+            commit_window: opts.commit_window,
+            max_batch: opts.max_batch.max(1),
+            permits: permits.clone(),
+            next_reading_id,
+            next_dead_letter_id,
+            last_reading_id: last_reading_id.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("citygw-store-writer".into())
+            .spawn(move || writer.run())
+            .context("spawning the store writer thread")?;
+
+        tracing::info!(
+            dir = %dir.display(),
+            next_reading_id,
+            next_dead_letter_id,
+            "store opened"
+        );
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                ks,
+                opts,
+                tx: Some(tx),
+                permits,
+                closed: AtomicBool::new(false),
+                last_reading_id,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// Id of the newest committed reading (0 when there is none): where a live stream that must
+    /// not miss anything starts before paging with [`Store::readings_after`].
+    pub fn last_reading_id(&self) -> u64 {
+        self.inner.last_reading_id.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting, commits and fsyncs what is queued, joins the writer thread. Calls made
+    /// after (or racing with) close fail with [`StoreError::Closed`] rather than hang. Reads keep
+    /// working; the directory is unlocked once the last handle is dropped.
+    pub async fn close(&self) {
+        let inner = &self.inner;
+        if !inner.closed.swap(true, Ordering::AcqRel) {
+            let (done, finished) = tokio::sync::oneshot::channel();
+            if let Some(tx) = &inner.tx {
+                // Bypasses the permits: shutdown must not wait behind a full queue.
+                let _ = tx.send(Queued::unbounded(Request::Shutdown { done }));
+            }
+            inner.permits.close();
+            let _ = finished.await;
+        }
+        let handle = inner.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::warn!("store writer thread panicked");
+            }
+        }
+    }
+
+    /// Queues a request for the writer, waiting for room in the queue (backpressure).
+    async fn submit(&self, req: Request) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        let permit = inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let tx = inner.tx.as_ref().ok_or(StoreError::Closed)?;
+        tx.send(Queued::new(req, permit))
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Queues a request if there is room right now; `false` when full or closed.
+    fn try_submit(&self, req: Request) -> bool {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(permit) = inner.permits.clone().try_acquire_owned() else {
+            return false;
+        };
+        inner
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(Queued::new(req, permit)).is_ok())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel makes the writer commit what is queued and exit; joining it
+        // releases its database handle, so the directory can be reopened right away.
+        drop(self.tx.take());
+        let handle = self.writer.get_mut().ok().and_then(|h| h.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Last id key of an id-keyed keyspace.
+fn last_id(ks: &Keyspace) -> anyhow::Result<Option<u64>> {
+    match ks.last_key_value() {
+        None => Ok(None),
+        Some(guard) => {
+            let key = guard.key().context("reading the last id")?;
+            Ok(Some(keys::parse_id(&key).context("malformed id key")?))
+        }
+    }
+}
+
+/// The first id never handed out: past both the newest key and the recorded high-water mark
+/// (retention may have deleted the newest keys). Ids start at 1 so 0 can mean "from the start".
+fn next_id(ks: &Keyspace, meta: &Keyspace, meta_key: &[u8]) -> anyhow::Result<u64> {
+    let from_keys = last_id(ks)?.map_or(1, |id| id + 1);
+    let from_meta = match meta.get(meta_key).context("reading store meta")? {
+        Some(v) => keys::parse_id(&v).context("malformed id in store meta")?,
+        None => 1,
+    };
+    Ok(from_keys.max(from_meta))
+}

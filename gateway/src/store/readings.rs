@@ -1,0 +1,130 @@
+//! Appending readings and reading them back: by device and time, or by global id.
+
+use std::ops::Range;
+
+use fjall::{Readable as _, Slice};
+use prost::Message as _;
+use tokio::sync::oneshot;
+
+use super::writer::{EncodedReading, Request};
+use super::{keys, Store, StoreError};
+use crate::proto::Reading;
+
+/// Encodes on the caller's task so the writer thread only builds keys.
+fn encode(readings: Vec<Reading>) -> Vec<EncodedReading> {
+    readings
+        .into_iter()
+        .map(|mut r| {
+            r.id = 0; // the id lives in the key
+            EncodedReading {
+                index_prefix: keys::index_prefix(&r.device_id, r.device_time_ms),
+                value: Slice::from(r.encode_to_vec()),
+            }
+        })
+        .collect()
+}
+
+/// Decodes a `log` value and puts back the id kept in its key.
+pub(super) fn decode(key: &[u8], value: &[u8]) -> Result<Reading, StoreError> {
+    let id = keys::parse_id(key).ok_or_else(|| StoreError::Corrupt("log key".into()))?;
+    let mut reading =
+        Reading::decode(value).map_err(|e| StoreError::Corrupt(format!("reading {id}: {e}")))?;
+    reading.id = id;
+    Ok(reading)
+}
+
+impl Store {
+    /// Makes readings durable and returns their ids. Resolves only after the group commit that
+    /// holds them is fsync'd, so the caller may acknowledge the device. Ids are assigned in commit
+    /// order, strictly increasing and never reused, even across crashes.
+    pub async fn append(&self, readings: Vec<Reading>) -> Result<Range<u64>, StoreError> {
+        if readings.is_empty() {
+            let next = self.last_reading_id() + 1;
+            return Ok(next..next);
+        }
+        let (done, reply) = oneshot::channel();
+        self.submit(Request::Readings {
+            items: encode(readings),
+            done: Some(done),
+        })
+        .await?;
+        reply.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// For MQTT QoS 0: rides along in the next group commit, nobody waits. When the queue is full
+    /// the readings are dropped (at-most-once is what QoS 0 promises) and counted in
+    /// `citygw_store_best_effort_dropped_total`, so an overloaded gateway sheds QoS 0 first.
+    pub fn append_best_effort(&self, readings: Vec<Reading>) {
+        if readings.is_empty() {
+            return;
+        }
+        let n = readings.len() as u64;
+        let queued = self.try_submit(Request::Readings {
+            items: encode(readings),
+            done: None,
+        });
+        if !queued {
+            metrics::counter!("citygw_store_best_effort_dropped_total").increment(n);
+        }
+    }
+
+    /// One device's readings with device time in `[from_ms, to_ms]` (use `i64::MIN`/`i64::MAX`
+    /// for unbounded), ordered by device time then id, at most `limit`. Served from the
+    /// `by_device` index, so the cost follows the result size, not the store size.
+    pub fn device_readings(
+        &self,
+        device_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError> {
+        let mut out = Vec::new();
+        if limit == 0 || from_ms > to_ms {
+            return Ok(out);
+        }
+        let inner = &self.inner;
+        // One snapshot for index and log: retention deletes both in one batch.
+        let snap = inner.db.snapshot();
+        let key_len = keys::index_key_len(device_id.len());
+        for guard in snap.range(
+            &inner.ks.by_device,
+            keys::index_range(device_id, from_ms, to_ms),
+        ) {
+            let key = guard.key()?;
+            if key.len() != key_len {
+                continue; // another device whose id extends this one past a NUL byte
+            }
+            let id = keys::parse_id(&key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
+            let log_key = keys::id_key(id);
+            let Some(value) = snap.get(&inner.ks.log, log_key)? else {
+                continue;
+            };
+            out.push(decode(&log_key, &value)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The global log after `after_id`, in id order, at most `limit`: the resume point of
+    /// forwarders and streams. Only committed (fsync'd) readings are visible, and they become
+    /// visible in id order, so paging by the last seen id never skips one.
+    pub fn readings_after(&self, after_id: u64, limit: usize) -> Result<Vec<Reading>, StoreError> {
+        let mut out = Vec::new();
+        let Some(start) = after_id.checked_add(1) else {
+            return Ok(out);
+        };
+        if limit == 0 {
+            return Ok(out);
+        }
+        for guard in self.inner.ks.log.range(keys::id_key(start)..) {
+            let (key, value) = guard.into_inner()?;
+            out.push(decode(&key, &value)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,117 @@
+//! Retention: deletes readings and dead letters older than `StoreOptions::retention`.
+
+use fjall::{Keyspace, PersistMode};
+use prost::Message as _;
+
+use super::{keys, Store, StoreError};
+use crate::proto::{DeadLetter, Reading};
+
+/// Deletes per write batch: small enough that the group-commit writer, which shares the journal
+/// lock, waits at most one small batch.
+const CHUNK: usize = 1024;
+
+/// Readings at or past the cutoff to scan past before stopping. Receive time and id both grow at
+/// ingest, so expired records sit at the start of the log; the slack tolerates receive times
+/// that are slightly out of id order without scanning the whole store every time.
+const SLACK: usize = 10_000;
+
+/// What one retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Readings deleted (log entry and index entry).
+    pub readings: u64,
+    /// Dead letters deleted.
+    pub dead_letters: u64,
+}
+
+impl Store {
+    /// Deletes readings (log and index) and dead letters whose `received_time_ms` is older than
+    /// `now_ms - retention`, in chunks so ingestion keeps flowing. Call it periodically from a
+    /// blocking task; `now_ms` is a parameter so the caller owns the clock.
+    pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError> {
+        let inner = &self.inner;
+        let retention_ms = i64::try_from(inner.opts.retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = now_ms.saturating_sub(retention_ms);
+
+        let readings = self.expire(&inner.ks.log, cutoff, |value| {
+            let r = Reading::decode(value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((r.received_time_ms, Some((r.device_id, r.device_time_ms))))
+        })?;
+        let dead_letters = self.expire(&inner.ks.dead_letters, cutoff, |value| {
+            let dl = DeadLetter::decode(value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((dl.received_time_ms, None))
+        })?;
+
+        metrics::counter!("citygw_retention_deleted_total", "kind" => "reading")
+            .increment(readings);
+        metrics::counter!("citygw_retention_deleted_total", "kind" => "dead_letter")
+            .increment(dead_letters);
+        tracing::info!(
+            cutoff_ms = cutoff,
+            readings,
+            dead_letters,
+            "retention pass done"
+        );
+        Ok(RetentionReport {
+            readings,
+            dead_letters,
+        })
+    }
+
+    /// Deletes the expired records of an id-keyed keyspace from its start; `inspect` returns a
+    /// record's receive time and, for readings, the (device, device time) of its index entry.
+    fn expire(
+        &self,
+        ks: &Keyspace,
+        cutoff: i64,
+        inspect: impl Fn(&[u8]) -> Result<(i64, Option<(String, i64)>), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let mut start = 0u64;
+        let mut deleted = 0u64;
+        let mut fresh = 0usize;
+        loop {
+            // Deletes need no fsync of their own: a lost delete is redone by the next pass, and
+            // the writer's next commit fsyncs the journal anyway.
+            let mut wb = inner.db.batch().durability(Some(PersistMode::Buffer));
+            let mut scanned = 0usize;
+            let mut last = None;
+            for guard in ks.range(keys::id_key(start)..) {
+                let (key, value) = guard.into_inner()?;
+                let id =
+                    keys::parse_id(&key).ok_or_else(|| StoreError::Corrupt("id key".into()))?;
+                last = Some(id);
+                scanned += 1;
+                let (received, index) = inspect(&value)?;
+                if received < cutoff {
+                    wb.remove(ks, key);
+                    if let Some((device, device_time)) = index {
+                        wb.remove(
+                            &inner.ks.by_device,
+                            keys::index_key(&device, device_time, id),
+                        );
+                    }
+                    deleted += 1;
+                } else {
+                    fresh += 1;
+                }
+                if scanned >= CHUNK || fresh >= SLACK {
+                    break;
+                }
+            }
+            if !wb.is_empty() {
+                wb.commit()?;
+            }
+            match last {
+                Some(id) if scanned >= CHUNK && fresh < SLACK && id < u64::MAX => start = id + 1,
+                _ => break,
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+pub(super) fn tests_chunk() -> usize {
+    CHUNK
+}

@@ -1,0 +1,270 @@
+//! The group-commit writer: the one thread that writes.
+//!
+//! It takes the first queued request, drains whatever else is queued (up to `max_batch` items),
+//! keeps collecting until `commit_window` has passed since the first one, then writes all of it as
+//! one fjall batch with one fsync and completes every waiter. Ids are assigned here, in commit
+//! order, so a reader paging by id never sees id N+1 committed before id N.
+//!
+//! Callers encode values on their own tasks (see [`super::keys`]); this thread only builds keys,
+//! so it stays lean: it is the serial part of ingestion.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fjall::{Database, PersistMode, Slice};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::{keys, Keyspaces, StoreError, QUEUE_CAPACITY};
+
+/// A reading encoded by the caller, waiting for its id.
+pub(super) struct EncodedReading {
+    /// prost-encoded `Reading` with `id = 0`.
+    pub(super) value: Slice,
+    /// `by_device` key without the trailing id, with capacity for it.
+    pub(super) index_prefix: Vec<u8>,
+}
+
+/// Reply channel of a durable request.
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(super) enum Request {
+    Readings {
+        items: Vec<EncodedReading>,
+        /// `None` for best effort: nobody waits.
+        done: Option<Reply<Range<u64>>>,
+    },
+    DeadLetter {
+        /// prost-encoded `DeadLetter` with `id = 0`.
+        value: Slice,
+        done: Reply<u64>,
+    },
+    Devices {
+        records: Vec<(String, Vec<u8>)>,
+        done: Reply<()>,
+    },
+    /// Commit what is queued, then exit.
+    Shutdown { done: oneshot::Sender<()> },
+}
+
+impl Request {
+    /// Items this request adds to a commit, for `max_batch`.
+    fn weight(&self) -> usize {
+        match self {
+            Request::Readings { items, .. } => items.len(),
+            Request::DeadLetter { .. } => 1,
+            Request::Devices { records, .. } => records.len(),
+            Request::Shutdown { .. } => 0,
+        }
+    }
+}
+
+/// A request in the queue, holding its queue slot until the writer takes it.
+pub(super) struct Queued {
+    req: Request,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Queued {
+    pub(super) fn new(req: Request, permit: OwnedSemaphorePermit) -> Self {
+        Queued {
+            req,
+            _permit: Some(permit),
+        }
+    }
+
+    pub(super) fn unbounded(req: Request) -> Self {
+        Queued { req, _permit: None }
+    }
+}
+
+/// Completion owed once the batch's commit is known.
+enum Done {
+    Readings(Option<Reply<Range<u64>>>, Range<u64>),
+    DeadLetter(Reply<u64>, u64),
+    Devices(Reply<()>),
+}
+
+pub(super) struct Writer {
+    pub(super) db: Database,
+    pub(super) ks: Keyspaces,
+    pub(super) rx: Receiver<Queued>,
+    pub(super) commit_window: Duration,
+    pub(super) max_batch: usize,
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) next_reading_id: u64,
+    pub(super) next_dead_letter_id: u64,
+    pub(super) last_reading_id: Arc<AtomicU64>,
+}
+
+/// One group commit being assembled.
+struct Batch {
+    wb: fjall::OwnedWriteBatch,
+    done: Vec<Done>,
+    weight: usize,
+    readings: u64,
+    dead_letters: u64,
+}
+
+impl Writer {
+    pub(super) fn run(mut self) {
+        let mut carry: Option<Request> = None;
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            let first = match carry.take() {
+                Some(req) => req,
+                None if shutdown.is_some() => match self.rx.try_recv() {
+                    Ok(q) => q.req,
+                    Err(_) => break,
+                },
+                None => match self.rx.recv() {
+                    Ok(q) => q.req,
+                    Err(_) => break, // every handle dropped
+                },
+            };
+            let deadline = Instant::now() + self.commit_window;
+            let mut batch = self.new_batch();
+            self.add(&mut batch, first, &mut shutdown);
+            while batch.weight < self.max_batch {
+                let next = match self.rx.try_recv() {
+                    Ok(q) => q.req,
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        let now = Instant::now();
+                        if shutdown.is_some() || now >= deadline {
+                            break;
+                        }
+                        match self.rx.recv_timeout(deadline - now) {
+                            Ok(q) => q.req,
+                            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                                break
+                            }
+                        }
+                    }
+                };
+                if batch.weight > 0 && batch.weight + next.weight() > self.max_batch {
+                    carry = Some(next);
+                    break;
+                }
+                self.add(&mut batch, next, &mut shutdown);
+            }
+            metrics::gauge!("citygw_store_queue_depth")
+                .set((QUEUE_CAPACITY - self.permits.available_permits()) as f64);
+            self.commit(batch);
+        }
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
+    }
+
+    fn new_batch(&self) -> Batch {
+        Batch {
+            wb: self.db.batch().durability(Some(PersistMode::SyncAll)),
+            done: Vec::new(),
+            weight: 0,
+            readings: 0,
+            dead_letters: 0,
+        }
+    }
+
+    /// Assigns ids and stages the request's writes.
+    fn add(&mut self, batch: &mut Batch, req: Request, shutdown: &mut Option<oneshot::Sender<()>>) {
+        batch.weight += req.weight();
+        match req {
+            Request::Readings { items, done } => {
+                let first = self.next_reading_id;
+                for (id, item) in (first..).zip(items) {
+                    let mut index_key = item.index_prefix;
+                    index_key.extend_from_slice(&id.to_be_bytes());
+                    batch.wb.insert(&self.ks.log, keys::id_key(id), item.value);
+                    batch
+                        .wb
+                        .insert(&self.ks.by_device, index_key, Slice::empty());
+                    self.next_reading_id = id + 1;
+                }
+                batch.readings += self.next_reading_id - first;
+                batch
+                    .done
+                    .push(Done::Readings(done, first..self.next_reading_id));
+            }
+            Request::DeadLetter { value, done } => {
+                let id = self.next_dead_letter_id;
+                self.next_dead_letter_id += 1;
+                batch
+                    .wb
+                    .insert(&self.ks.dead_letters, keys::id_key(id), value);
+                batch.dead_letters += 1;
+                batch.done.push(Done::DeadLetter(done, id));
+            }
+            Request::Devices { records, done } => {
+                for (id, record) in records {
+                    batch.wb.insert(&self.ks.devices, id, record);
+                }
+                batch.done.push(Done::Devices(done));
+            }
+            Request::Shutdown { done } => *shutdown = Some(done),
+        }
+    }
+
+    /// Writes and fsyncs the batch, then answers every waiter in it.
+    fn commit(&mut self, mut batch: Batch) {
+        if batch.done.is_empty() {
+            return;
+        }
+        if batch.readings > 0 {
+            batch.wb.insert(
+                &self.ks.meta,
+                keys::META_NEXT_READING_ID,
+                keys::id_key(self.next_reading_id),
+            );
+        }
+        if batch.dead_letters > 0 {
+            batch.wb.insert(
+                &self.ks.meta,
+                keys::META_NEXT_DEAD_LETTER_ID,
+                keys::id_key(self.next_dead_letter_id),
+            );
+        }
+        let requests = batch.done.len();
+        let started = Instant::now();
+        // Durability SyncAll: the journal is fsync'd before the batch becomes visible to
+        // readers, so nothing is served (or forwarded) that a crash could take back.
+        let result = batch.wb.commit();
+        metrics::histogram!("citygw_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("citygw_store_commit_batch_size").record(requests as f64);
+
+        let error = match result {
+            Ok(()) => {
+                self.last_reading_id
+                    .store(self.next_reading_id - 1, Ordering::Release);
+                metrics::counter!("citygw_readings_stored_total").increment(batch.readings);
+                metrics::counter!("citygw_dead_letters_stored_total").increment(batch.dead_letters);
+                None
+            }
+            Err(e) => {
+                // Ids of the failed batch are not handed out again: a partly written journal
+                // entry must never be mistaken for a later reading.
+                metrics::counter!("citygw_store_commit_errors_total").increment(1);
+                tracing::warn!(error = %e, requests, "store commit failed");
+                Some(StoreError::from(e))
+            }
+        };
+        for done in batch.done {
+            match done {
+                Done::Readings(reply, ids) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(error.clone().map_or(Ok(ids), Err));
+                    }
+                }
+                Done::DeadLetter(reply, id) => {
+                    let _ = reply.send(error.clone().map_or(Ok(id), Err));
+                }
+                Done::Devices(reply) => {
+                    let _ = reply.send(error.clone().map_or(Ok(()), Err));
+                }
+            }
+        }
+    }
+}
