@@ -1,1 +1,91 @@
-fn main() {}
+//! device-sim: the city device simulator and citygw's benchmark client.
+//!
+//! Today it carries the MQTT benchmarks of issue 2 (`bench mqtt`, `bench idle`); scenarios,
+//! provisioning and end-to-end verification (issue 8) grow beside them as further subcommands.
+
+mod bench;
+mod credentials;
+mod idle;
+mod mqtt;
+mod payload;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "device-sim", version, about = "City device simulator and benchmark client for citygw")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks: throughput and latency, idle connection capacity.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Publish as fast as acknowledgements allow (or at a fixed rate); report acked msgs/s and
+    /// publish-to-PUBACK latency percentiles.
+    Mqtt(bench::MqttBenchArgs),
+    /// Open many idle connections, hold them, report how many were connected at once.
+    Idle(idle::IdleArgs),
+}
+
+/// Where the broker is and who the connections log in as; shared by the MQTT benchmarks.
+#[derive(Args, Clone, Debug)]
+pub struct TargetArgs {
+    /// Broker host(s). A comma-separated list spreads connection i over host i % n, e.g.
+    /// `127.0.0.1,127.0.0.2,...` against a broker bound to 0.0.0.0 / [::], to go past the
+    /// ~28k ephemeral ports one destination address allows.
+    #[arg(long, default_value = "127.0.0.1", value_delimiter = ',')]
+    pub host: Vec<String>,
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// Number of MQTT connections.
+    #[arg(long, default_value_t = 100)]
+    pub connections: usize,
+    /// CSV with columns `id,secret` (as written by `citygw device import --secrets-out`);
+    /// connection i logs in as row i. Without it connections are `bench-{i}` with an empty
+    /// password (for a bare broker).
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+    /// Concurrent connection attempts while connecting.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+    /// Seconds to wait for each CONNACK.
+    #[arg(long, default_value_t = 30)]
+    pub connect_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("device-sim: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Bench(BenchCommand::Mqtt(args)) => bench::run(args).await,
+            Command::Bench(BenchCommand::Idle(args)) => idle::run(args).await,
+        }
+    });
+    // Connection tasks may still be parked on sockets; do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("device-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -67,3 +67,25 @@ def pytest_runtest_makereport(item, call):
             state = "running" if g.running else f"exited {g.proc.returncode if g.proc else '-'}"
             rep.sections.append((f"citygw log tail: {g.name} ({state}, {g.log_path})",
                                  g.log_tail(80)))
+
+
+@pytest.fixture(scope="session")
+def citygw_pb(tmp_path_factory):
+    """Python classes for proto/citygw/v1/*.proto, generated with grpcio-tools (the schema as
+    shipped, so a device-side encoder is built from the same file as the gateway)."""
+    import importlib
+
+    from grpc_tools import protoc
+
+    from support import ROOT
+
+    out = tmp_path_factory.mktemp("pb")
+    proto_dir = ROOT / "proto"
+    files = sorted(str(p.relative_to(proto_dir)) for p in (proto_dir / "citygw" / "v1").glob("*.proto"))
+    rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", *files])
+    assert rc == 0, f"protoc failed on {files}"
+    sys.path.insert(0, str(out))
+    try:
+        return importlib.import_module("citygw.v1.reading_pb2")
+    finally:
+        sys.path.remove(str(out))

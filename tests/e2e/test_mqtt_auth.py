@@ -13,7 +13,8 @@ import subprocess
 
 import pytest
 
-from support import Gateway, connack_of, mosquitto_pub, now_ms, unique_id
+from support import (SENML_JSON, Gateway, connack_of, mosquitto_pub, now_ms, unique_id,
+                     wait_until)
 
 V311_BAD_CREDENTIALS, V311_NOT_AUTHORIZED = 0x04, 0x05
 V5_BAD_CREDENTIALS, V5_NOT_AUTHORIZED = 0x86, 0x87
@@ -136,7 +137,7 @@ def test_spoofing_v5_gets_puback_0x87_and_stores_nothing(gw: Gateway):
     before = spoofed(gw)
     with gw.connected_client(a, version=5) as c:
         assert c.publish(b.topic, json.dumps({"temperature": 99.0})) == 0x87
-        assert c.publish(b.topic + "/senml+json",
+        assert c.publish(b.topic + SENML_JSON,
                          json.dumps([{"n": "temperature", "v": 98.0}])) == 0x87
         gw.wait_metric("citygw_messages_rejected_total", before + 2, protocol="mqtt",
                        reason="spoofed_topic")
@@ -146,3 +147,40 @@ def test_spoofing_v5_gets_puback_0x87_and_stores_nothing(gw: Gateway):
         assert not c.disconnected.is_set()
     assert [(r["device_id"], r["value"]) for r in gw.readings(a.id)] == [(a.id, 21.0)]
     assert gw.readings(b.id) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# beyond publishing: a device's credentials give it its own identity and nothing else
+
+
+@VERSIONS
+def test_device_cannot_subscribe_to_other_devices_telemetry(gw: Gateway, version):
+    a, b = gw.add_device(), gw.add_device()
+    got: list = []
+    subacks: list = []
+    c = gw.mqtt_client(a, version=version)
+    c.client.on_message = lambda cl, u, m: got.append((m.topic, m.payload))
+    c.client.on_subscribe = lambda cl, u, mid, rcs, p: subacks.append([r.value for r in rcs])
+    try:
+        assert c.connect() == 0
+        c.client.subscribe([("devices/#", 1), (b.topic, 1)])
+        (codes,) = wait_until(lambda: subacks, 10, desc="SUBACK")
+        assert all(code >= 0x80 for code in codes), f"SUBACK {codes}: subscriptions granted"
+        with gw.connected_client(b, version=311) as cb:
+            assert cb.publish(b.topic, json.dumps({"temperature": 1.0})) == 0
+        assert got == []
+    finally:
+        c.close()
+
+
+def test_client_id_must_be_the_authenticated_device(gw: Gateway):
+    """A's credentials with B's client id do not let anyone act as B."""
+    a, b = gw.add_device(), gw.add_device()
+    c = gw.mqtt_client(a, version=311, client_id=b.id)
+    try:
+        rc = c.connect()
+        if rc == 0:   # accepted as A: then B's topic is still A spoofing B
+            assert c.publish(b.topic, json.dumps({"temperature": 5.0})) is None
+    finally:
+        c.close()
+    assert gw.readings(b.id) == [] and gw.readings(a.id) == []

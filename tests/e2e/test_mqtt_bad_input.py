@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from support import Device, Gateway, b64_head, now_ms, senml_cbor
+from support import SENML_CBOR, SENML_JSON, Device, Gateway, b64_head, now_ms, senml_cbor
 
 VERSIONS = pytest.mark.parametrize("version", [311, 5], ids=["mqttv311", "mqttv5"])
 
@@ -22,8 +22,8 @@ TEN_MB = 10 * 1024 * 1024
 BAD_PAYLOADS = [
     ("malformed_json", "", b'{"temperature": 21.5', 0x99),
     ("malformed_json", "/json", b"temperature=21.5", 0x99),
-    ("malformed_senml", "/senml+json", b'[{"n": "temperature", "v": "warm"}]', 0x99),
-    ("malformed_cbor", "/senml+cbor", _cbor_full[:-5], 0x99),
+    ("malformed_senml", SENML_JSON, b'[{"n": "temperature", "v": "warm"}]', 0x99),
+    ("malformed_cbor", SENML_CBOR, _cbor_full[:-5], 0x99),
     ("non_finite_value", "", b'{"temperature": NaN}', 0x99),
     ("unknown_format", "/xml", b"<temperature>21.5</temperature>", None),
     ("payload_too_large", "", b'{"blob": "' + b"x" * (TEN_MB - 12) + b'"}', None),

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from support import (Gateway, by_quantity, has_ipv6_loopback, mosquitto_pub, now_ms,
+from support import (SENML_CBOR, SENML_JSON, Gateway, by_quantity, has_ipv6_loopback, mosquitto_pub, now_ms,
                      rfc3339_ms, senml_cbor, wait_until)
 
 TENANT = "hanoi"
@@ -85,7 +85,7 @@ def test_mosquitto_pub_senml_json_round_trip(gw: Gateway, device, version):
         {"n": "status", "vs": "ok"},
     ]
     t0 = now_ms()
-    p = mosquitto_pub(gw, device, device.topic + "/senml+json", message=json.dumps(records),
+    p = mosquitto_pub(gw, device, device.topic + SENML_JSON, message=json.dumps(records),
                       version=version)
     t1 = now_ms()
     assert p.returncode == 0, f"mosquitto_pub failed: {p.stderr}"
@@ -114,7 +114,7 @@ def test_mosquitto_pub_senml_cbor_file(gw: Gateway, device, tmp_path, version):
                           {"n": "pm2_5", "u": "ug/m3", "v": 17.25}])
     f = tmp_path / "payload.cbor"
     f.write_bytes(payload)
-    p = mosquitto_pub(gw, device, device.topic + "/senml+cbor", file=f, version=version)
+    p = mosquitto_pub(gw, device, device.topic + SENML_CBOR, file=f, version=version)
     assert p.returncode == 0, f"mosquitto_pub failed: {p.stderr}"
     rs = gw.readings(device.id)
     assert len(rs) == 2, rs
@@ -196,7 +196,7 @@ def test_paho_senml_cbor_topic_and_content_type(gw: Gateway, device):
                          {"n": "smoke_alarm", "vb": False, "t": 0.25}])
     cbor_b = senml_cbor([{"n": "humidity", "u": "%RH", "v": 71.0, "t": base_ms / 1000 + 2}])
     with gw.connected_client(device, version=5) as c:
-        assert c.publish(device.topic + "/senml+cbor", cbor_a) == 0
+        assert c.publish(device.topic + SENML_CBOR, cbor_a) == 0
         assert c.publish(device.topic, cbor_b, content_type="application/senml+cbor") == 0
     rs = gw.readings(device.id)
     assert len(rs) == 3, rs
@@ -211,7 +211,7 @@ def test_paho_senml_cbor_topic_and_content_type(gw: Gateway, device):
 def test_paho_v311_senml_json(gw: Gateway, device):
     base_ms = now_ms() - 5_000
     with gw.connected_client(device, version=311) as c:
-        assert c.publish(device.topic + "/senml+json",
+        assert c.publish(device.topic + SENML_JSON,
                          json.dumps([{"bt": base_ms / 1000,
                                       "n": "energy", "u": "kWh", "v": 1234.5}])) == 0
     r = single(gw.readings(device.id), "energy")
@@ -262,14 +262,46 @@ def test_ipv6_loopback_publish(gateway_factory, tmp_path):
     ts = now_ms() - 2_000
     p = mosquitto_pub(gw6, d, d.topic, message=json.dumps({"ts": ts, "temp": 23.5}), version=311)
     assert p.returncode == 0, p.stderr
-    p = mosquitto_pub(gw6, d, d.topic + "/senml+json", version=5,
+    p = mosquitto_pub(gw6, d, d.topic + SENML_JSON, version=5,
                       message=json.dumps([{"bt": (ts + 1) / 1000, "n": "humidity", "u": "%RH",
                                            "v": 55.0}]))
     assert p.returncode == 0, p.stderr
     cbor = senml_cbor([{"bt": (ts + 2) / 1000, "n": "pm10", "u": "ug/m3", "v": 40.0}])
     with gw6.connected_client(d, version=5) as c:
-        assert c.publish(d.topic + "/senml+cbor", cbor) == 0
+        assert c.publish(d.topic + SENML_CBOR, cbor) == 0
     rs = gw6.readings(d.id)
     assert [(r["quantity"], r["value"], r["unit"], r["device_time_ms"]) for r in rs] == [
         ("temperature", 23.5, "Cel", ts), ("humidity", 55.0, "%RH", ts + 1),
         ("pm10", 40.0, "ug/m3", ts + 2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# protobuf ReadingBatch
+
+
+def test_paho_proto_reading_batch(gw: Gateway, device, citygw_pb):
+    """A ReadingBatch on /proto (and via content type): identity comes from the session, never
+    from what the device wrote into the message."""
+    pb = citygw_pb
+    ts = now_ms() - 45_000
+    batch = pb.ReadingBatch(readings=[
+        pb.Reading(id=999_999, device_id="someone-else", tenant="evil", quantity="temp",
+                   number=24.5, device_time_ms=ts, device_seq=11, commune_code="99999"),
+        pb.Reading(quantity="lamp_on", boolean=True, device_time_ms=ts + 1),
+        pb.Reading(quantity="firmware", text="2.0.1", device_time_ms=ts + 2, unit=""),
+    ])
+    with gw.connected_client(device, version=5) as c:
+        assert c.publish(device.topic + "/proto", batch.SerializeToString()) == 0
+        assert c.publish(device.topic, pb.ReadingBatch(readings=[
+            pb.Reading(quantity="humidity", number=66.0, device_time_ms=ts + 3)
+        ]).SerializeToString(), content_type="application/x-protobuf") == 0
+    rs = gw.readings(device.id)
+    assert [(r["quantity"], r["value"], r["device_time_ms"]) for r in rs] == [
+        ("temperature", 24.5, ts), ("lamp_on", True, ts + 1), ("firmware", "2.0.1", ts + 2),
+        ("humidity", 66.0, ts + 3)]
+    t = rs[0]
+    assert (t["unit"], t["device_seq"]) == ("Cel", 11)
+    assert t["id"] != 999_999
+    for r in rs:
+        assert (r["device_id"], r["tenant"], r["commune_code"]) == (device.id, TENANT, COMMUNE)
+    assert not gw.readings("someone-else")

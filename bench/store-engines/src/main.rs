@@ -92,8 +92,10 @@ impl Sqlite {
             .expect("wal");
         conn.pragma_update(None, "synchronous", "FULL")
             .expect("sync full");
-        conn.execute_batch("CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
-            .expect("create");
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, v BLOB NOT NULL)",
+        )
+        .expect("create");
         Sqlite { conn }
     }
 }
@@ -143,7 +145,10 @@ fn run(engine: &mut dyn Engine, batch: usize, secs: f64) -> Cell {
 fn main() {
     let mut args = std::env::args().skip(1);
     let root = PathBuf::from(args.next().unwrap_or_else(|| "store-engines-data".into()));
-    let secs: f64 = args.next().map(|s| s.parse().expect("seconds")).unwrap_or(2.0);
+    let secs: f64 = args
+        .next()
+        .map(|s| s.parse().expect("seconds"))
+        .unwrap_or(2.0);
     let _ = std::fs::remove_dir_all(&root);
 
     type Opener = fn(&Path) -> Box<dyn Engine>;

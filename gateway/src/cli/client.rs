@@ -18,7 +18,8 @@ const IMPORT_CHUNK: usize = 5000;
 /// Page size when listing everything.
 const LIST_PAGE: u32 = 5000;
 
-type Authed = InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>;
+type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Authed = InterceptedService<Channel, AddToken>;
 
 pub struct Client {
     inner: AdminClient<Authed>,
@@ -53,7 +54,7 @@ impl Client {
             .await
             .with_context(|| format!("cannot reach the gateway at {server}"))?;
         let header: MetadataValue<_> = format!("Bearer {token}").parse().context("token is not a valid header value")?;
-        let auth: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> = Box::new(move |mut req| {
+        let auth: AddToken = Box::new(move |mut req| {
             req.metadata_mut().insert("authorization", header.clone());
             Ok(req)
         });

@@ -170,7 +170,8 @@ mod tests {
             ProtoDecoder.decode(&bytes, 0).unwrap_err().reason,
             reason::MALFORMED_PROTOBUF
         );
-        assert_eq!(r(vec![]), reason::NO_READINGS);
+        // An empty batch encodes to zero bytes.
+        assert_eq!(r(vec![]), reason::EMPTY_PAYLOAD);
         // Unknown fields only: valid, but empty.
         assert_eq!(
             ProtoDecoder.decode(&[0x10, 0x01], 0).unwrap_err().reason,

@@ -1,7 +1,7 @@
 //! SenML (RFC 8428) in JSON and in CBOR: the standard format of LwM2M and many NB-IoT and
 //! LoRaWAN devices, so the gateway accepts it without a custom per-vendor decoder.
 //!
-//! Both encodings are read into the same record model and resolved by one [`Resolver`], so the
+//! Both encodings are read into the same record model and resolved by one `Resolver`, so the
 //! RFC's base-value rules are implemented once.
 //!
 //! # Fields

@@ -405,7 +405,9 @@ fn validate(d: &NewDevice) -> Result<(), RegistryError> {
     if !KINDS.contains(&d.kind.as_str()) {
         return invalid(format!("kind {:?}: one of {}", d.kind, KINDS.join(", ")));
     }
-    if !d.commune_code.is_empty() && !(d.commune_code.len() == 5 && d.commune_code.bytes().all(|b| b.is_ascii_digit())) {
+    let commune_ok = d.commune_code.is_empty()
+        || (d.commune_code.len() == 5 && d.commune_code.bytes().all(|b| b.is_ascii_digit()));
+    if !commune_ok {
         return invalid(format!("commune code {:?}: five digits (2025 national statistics code)", d.commune_code));
     }
     match (d.lat, d.lon) {

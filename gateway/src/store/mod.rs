@@ -3,7 +3,7 @@
 //!
 //! Durability is the gateway's promise to devices: an acknowledgement (QoS1 PUBACK, CoAP ACK, bridge
 //! ack) is sent only once the reading is fsync'd. Fsync is the expensive part, so one writer thread
-//! ([`writer`]) owns every write and commits whatever is queued as one batch with one fsync (group
+//! (`writer.rs`) owns every write and commits whatever is queued as one batch with one fsync (group
 //! commit): throughput grows with load instead of being capped at one fsync per reading.
 //!
 //! Reads never go through the writer; they read fjall snapshots directly from the caller's thread.

@@ -601,6 +601,14 @@ def mosquitto_pub(gw: Gateway, device: Device, topic: str, *, message: str | Non
 # --------------------------------------------------------------------------------------------
 # SenML (RFC 8428)
 
+# Topic suffixes naming the SenML formats. The media-type spellings "senml+json"/"senml+cbor"
+# cannot be used by a conforming client: '+' is a wildcard character and MQTT (3.1.1 and 5,
+# section 4.7.1) forbids it anywhere in a PUBLISH topic name; paho-mqtt raises "Publish topic
+# cannot contain wildcards" and mosquitto_pub says "Invalid publish topic". Real devices use the
+# '-' spellings, which the gateway accepts.
+SENML_JSON = "/senml-json"
+SENML_CBOR = "/senml-cbor"
+
 # CBOR labels, RFC 8428 section 6
 SENML_CBOR_LABELS = {"bn": -2, "bt": -3, "bu": -4, "bv": -5, "bver": -1, "n": 0, "u": 1,
                      "v": 2, "vs": 3, "vb": 4, "s": 5, "t": 6, "ut": 7, "vd": 8}
