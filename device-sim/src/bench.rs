@@ -74,6 +74,8 @@ struct Live {
     acked: AtomicU64,
     sent: AtomicU64,
     disconnects: AtomicU64,
+    /// Acked (QoS0: written) per second since the start, warmup included.
+    timeline: std::sync::Mutex<Vec<u64>>,
 }
 
 #[derive(Serialize)]
@@ -99,10 +101,17 @@ pub struct MqttBenchReport {
     pub unmatched_acks: u64,
     pub error_samples: Vec<String>,
     pub client_rss_kib: Option<u64>,
+    /// Acked (QoS0: written) messages in each second from the start, warmup included: shows
+    /// stalls and drift that the totals hide.
+    pub per_second: Vec<u64>,
 }
 
 pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
-    let qos = if args.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+    let qos = if args.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
     let n = args.target.connections;
     anyhow::ensure!(n > 0, "--connections must be positive");
     anyhow::ensure!(args.duration > 0, "--duration must be positive");
@@ -126,9 +135,13 @@ pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
     };
     let handles = {
         let (live, progress) = (live.clone(), progress.clone());
-        mqtt::spawn_connections(&args.target, creds, session, progress.clone(), move |conn| {
-            drive(conn, start_rx.clone(), load, live.clone(), progress.clone())
-        })
+        mqtt::spawn_connections(
+            &args.target,
+            creds,
+            session,
+            progress.clone(),
+            move |conn| drive(conn, start_rx.clone(), load, live.clone(), progress.clone()),
+        )
     };
 
     let connect_started = Instant::now();
@@ -194,6 +207,7 @@ pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
         unmatched_acks: unmatched,
         error_samples: errors,
         client_rss_kib: report::own_rss_kib(),
+        per_second: live.timeline.lock().unwrap().clone(),
     };
     print_report(&report);
     if let Some(path) = &args.json {
@@ -231,9 +245,19 @@ async fn drive(
     live: Arc<Live>,
     progress: Arc<ConnectProgress>,
 ) -> ConnStats {
-    let Connected { index, device_id, client, mut eventloop } = conn;
-    let mut stats =
-        ConnStats { hist: report::latency_histogram(), counted: 0, disconnects: 0, unmatched_acks: 0, errors: vec![] };
+    let Connected {
+        index,
+        device_id,
+        client,
+        mut eventloop,
+    } = conn;
+    let mut stats = ConnStats {
+        hist: report::latency_histogram(),
+        counted: 0,
+        disconnects: 0,
+        unmatched_acks: 0,
+        errors: vec![],
+    };
     // Keep the connection served (pings) while the others connect.
     let window = loop {
         if let Some(w) = *start_rx.borrow_and_update() {
@@ -249,63 +273,127 @@ async fn drive(
         }
     };
 
-    let producer = tokio::spawn(produce(client.clone(), mqtt::telemetry_topic(&device_id), index, load, window));
-    // Send instants by packet id (rumqttc uses ids 1..=inflight, but any u16 is accepted).
-    let mut sent_at: Vec<Option<Instant>> = vec![None; usize::from(u16::MAX) + 1];
-    let deadline = window.end;
+    let queued = Arc::new(AtomicU64::new(0));
+    let producer = tokio::spawn(produce(
+        client.clone(),
+        mqtt::telemetry_topic(&device_id),
+        index,
+        load,
+        window,
+        queued.clone(),
+    ));
+    let mut tracker = Tracker::new(load.qos, window, live);
     loop {
-        let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+        match tokio::time::timeout_at(window.end, eventloop.poll()).await {
             Err(_) => break,
-            Ok(ev) => ev,
-        };
-        match ev {
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let now = Instant::now();
-                live.sent.fetch_add(1, Ordering::Relaxed);
-                if load.qos == QoS::AtMostOnce {
-                    if window.measuring(now) {
-                        stats.counted += 1;
-                    }
-                } else {
-                    sent_at[usize::from(pkid)] = Some(now);
-                }
-            }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let now = Instant::now();
-                live.acked.fetch_add(1, Ordering::Relaxed);
-                match sent_at[usize::from(ack.pkid)].take() {
-                    Some(t0) if window.measuring(now) => {
-                        let us = (now - t0).as_micros().max(1) as u64;
-                        let _ = stats.hist.record(us.min(stats.hist.high()));
-                        stats.counted += 1;
-                    }
-                    Some(_) => {}
-                    None => stats.unmatched_acks += 1,
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
+            Ok(Ok(ev)) => tracker.on_event(ev, &mut stats),
+            Ok(Err(e)) => {
                 // rumqttc reconnects on the next poll; the unacked messages of this session
                 // are lost to the count (clean session), never counted twice.
-                stats.disconnects += 1;
-                live.disconnects.fetch_add(1, Ordering::Relaxed);
-                if stats.errors.len() < 3 {
-                    stats.errors.push(e.to_string());
-                }
-                sent_at.iter_mut().for_each(|s| *s = None);
+                tracker.on_error(e, &mut stats);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
     producer.abort();
     let _ = producer.await;
+    // Drain: let what is queued or in flight be written and acknowledged (not counted) before
+    // DISCONNECT, so the broker is not left writing PUBACKs to a closed socket.
+    let drain_until = Instant::now() + Duration::from_secs(5);
+    while !tracker.drained(queued.load(Ordering::Relaxed)) {
+        match tokio::time::timeout_at(drain_until, eventloop.poll()).await {
+            Ok(Ok(ev)) => tracker.on_event(ev, &mut stats),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
     mqtt::disconnect(&client, &mut eventloop).await;
     progress.closed();
     stats
 }
 
+/// Matches PUBACKs to the instants their PUBLISH was written, for one connection.
+struct Tracker {
+    qos: QoS,
+    window: Window,
+    live: Arc<Live>,
+    /// Send instants by packet id (rumqttc uses ids 1..=inflight, but any u16 is accepted).
+    sent_at: Vec<Option<Instant>>,
+    /// PUBLISH packets written (each request the producer queued is written once per session).
+    written: u64,
+    /// QoS1 publishes written and not yet acknowledged.
+    outstanding: u64,
+}
+
+impl Tracker {
+    fn new(qos: QoS, window: Window, live: Arc<Live>) -> Self {
+        Self {
+            qos,
+            window,
+            live,
+            sent_at: vec![None; usize::from(u16::MAX) + 1],
+            written: 0,
+            outstanding: 0,
+        }
+    }
+
+    fn on_event(&mut self, ev: Event, stats: &mut ConnStats) {
+        match ev {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let now = Instant::now();
+                self.written += 1;
+                self.live.sent.fetch_add(1, Ordering::Relaxed);
+                if self.qos == QoS::AtMostOnce {
+                    if self.window.measuring(now) {
+                        stats.counted += 1;
+                    }
+                } else if self.sent_at[usize::from(pkid)].replace(now).is_none() {
+                    self.outstanding += 1;
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                let now = Instant::now();
+                self.live.acked.fetch_add(1, Ordering::Relaxed);
+                match self.sent_at[usize::from(ack.pkid)].take() {
+                    Some(t0) => {
+                        self.outstanding -= 1;
+                        if self.window.measuring(now) {
+                            let us = (now - t0).as_micros().max(1) as u64;
+                            let _ = stats.hist.record(us.min(stats.hist.high()));
+                            stats.counted += 1;
+                        }
+                    }
+                    None => stats.unmatched_acks += 1,
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_error(&mut self, e: rumqttc::ConnectionError, stats: &mut ConnStats) {
+        stats.disconnects += 1;
+        self.live.disconnects.fetch_add(1, Ordering::Relaxed);
+        if stats.errors.len() < 3 {
+            stats.errors.push(e.to_string());
+        }
+        self.sent_at.iter_mut().for_each(|s| *s = None);
+        self.outstanding = 0;
+    }
+
+    /// Everything the producer queued has been written and acknowledged.
+    fn drained(&self, queued: u64) -> bool {
+        self.outstanding == 0 && self.written >= queued
+    }
+}
+
 /// Publishes telemetry on one connection until the window ends.
-async fn produce(client: AsyncClient, topic: String, index: usize, load: Load, window: Window) {
+async fn produce(
+    client: AsyncClient,
+    topic: String,
+    index: usize,
+    load: Load,
+    window: Window,
+    queued: Arc<AtomicU64>,
+) {
     let mut ticker = load.per_conn_interval.map(|period| {
         // Stagger the connections across one period so a fixed rate is smooth.
         let offset = period.mul_f64(index as f64 / load.connections as f64);
@@ -317,30 +405,53 @@ async fn produce(client: AsyncClient, topic: String, index: usize, load: Load, w
         if let Some(t) = ticker.as_mut() {
             t.tick().await;
         }
-        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         payload::reading(&mut buf, seq, ts, load.payload_bytes);
         seq += 1;
-        if client.publish(topic.as_str(), load.qos, false, buf.as_bytes().to_vec()).await.is_err() {
+        if client
+            .publish(topic.as_str(), load.qos, false, buf.as_bytes().to_vec())
+            .await
+            .is_err()
+        {
             return;
         }
+        queued.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 async fn progress_line(live: Arc<Live>, window: Window, qos: QoS) {
     let mut last = 0;
-    let mut tick = tokio::time::interval_at(window.start + Duration::from_secs(1), Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(
+        window.start + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     loop {
         let t = tick.tick().await;
-        let done =
-            if qos == QoS::AtMostOnce { live.sent.load(Ordering::Relaxed) } else { live.acked.load(Ordering::Relaxed) };
-        let phase = if t < window.measure_from { "warmup" } else { "measure" };
+        let done = if qos == QoS::AtMostOnce {
+            live.sent.load(Ordering::Relaxed)
+        } else {
+            live.acked.load(Ordering::Relaxed)
+        };
+        let phase = if t < window.measure_from {
+            "warmup"
+        } else {
+            "measure"
+        };
         eprintln!(
             "[{phase} {:>3}s] {} {done} ({}/s), disconnects {}",
             (t - window.start).as_secs(),
-            if qos == QoS::AtMostOnce { "sent" } else { "acked" },
+            if qos == QoS::AtMostOnce {
+                "sent"
+            } else {
+                "acked"
+            },
             done - last,
             live.disconnects.load(Ordering::Relaxed)
         );
+        live.timeline.lock().unwrap().push(done - last);
         last = done;
     }
 }
@@ -348,10 +459,32 @@ async fn progress_line(live: Arc<Live>, window: Window, qos: QoS) {
 fn print_report(r: &MqttBenchReport) {
     let mut rows = vec![
         ("target", r.target.clone()),
-        ("qos / inflight / payload", format!("{} / {} / {} B", r.qos, r.inflight_per_connection, r.payload_bytes)),
-        ("connections", format!("{} of {} established", r.connections_established, r.connections_requested)),
-        ("window", format!("{:.1} s after {} s warmup", r.measured_secs, r.warmup_secs)),
-        (if r.qos == 0 { "messages written" } else { "messages acked" }, r.messages.to_string()),
+        (
+            "qos / inflight / payload",
+            format!(
+                "{} / {} / {} B",
+                r.qos, r.inflight_per_connection, r.payload_bytes
+            ),
+        ),
+        (
+            "connections",
+            format!(
+                "{} of {} established",
+                r.connections_established, r.connections_requested
+            ),
+        ),
+        (
+            "window",
+            format!("{:.1} s after {} s warmup", r.measured_secs, r.warmup_secs),
+        ),
+        (
+            if r.qos == 0 {
+                "messages written"
+            } else {
+                "messages acked"
+            },
+            r.messages.to_string(),
+        ),
         ("throughput", format!("{:.0} msgs/s", r.msgs_per_sec)),
     ];
     if let Some(l) = &r.latency {
@@ -359,14 +492,23 @@ fn print_report(r: &MqttBenchReport) {
             "latency ms p50/p90/p99",
             format!("{:.3} / {:.3} / {:.3}", l.p50_ms, l.p90_ms, l.p99_ms),
         ));
-        rows.push(("latency ms p99.9/max", format!("{:.3} / {:.3}", l.p99_9_ms, l.max_ms)));
+        rows.push((
+            "latency ms p99.9/max",
+            format!("{:.3} / {:.3}", l.p99_9_ms, l.max_ms),
+        ));
     }
     rows.push(("connect failures", format!("{:?}", r.connect_failures)));
     rows.push(("disconnects", r.disconnects.to_string()));
     if r.unmatched_acks > 0 {
         rows.push(("unmatched PUBACKs", r.unmatched_acks.to_string()));
     }
-    let title = format!("device-sim bench mqtt{}", r.label.as_deref().map(|l| format!(" — {l}")).unwrap_or_default());
+    let title = format!(
+        "device-sim bench mqtt{}",
+        r.label
+            .as_deref()
+            .map(|l| format!(" — {l}"))
+            .unwrap_or_default()
+    );
     report::print_table(&title, &rows);
     for e in &r.error_samples {
         println!("  error: {e}");

@@ -13,15 +13,21 @@ pub struct Credential {
 /// Reads a CSV with a header naming at least `id` and `secret` columns (extra columns are
 /// ignored), as `citygw device import --secrets-out` writes it.
 pub fn load(path: &Path) -> anyhow::Result<Vec<Credential>> {
-    let file = std::fs::File::open(path).with_context(|| format!("credentials {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("credentials {}", path.display()))?;
     parse(file).with_context(|| format!("credentials {}", path.display()))
 }
 
 fn parse(reader: impl std::io::Read) -> anyhow::Result<Vec<Credential>> {
-    let mut csv = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(reader);
+    let mut csv = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(reader);
     let headers = csv.headers()?.clone();
     let column = |name: &str| {
-        headers.iter().position(|h| h == name).with_context(|| format!("no `{name}` column in the header"))
+        headers
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("no `{name}` column in the header"))
     };
     let (id_col, secret_col) = (column("id")?, column("secret")?);
     let mut out = Vec::new();
@@ -50,7 +56,12 @@ pub fn for_connections(file: Option<&Path>, n: usize) -> anyhow::Result<Vec<Cred
             creds.truncate(n);
             Ok(creds)
         }
-        None => Ok((0..n).map(|i| Credential { id: format!("bench-{i}"), secret: String::new() }).collect()),
+        None => Ok((0..n)
+            .map(|i| Credential {
+                id: format!("bench-{i}"),
+                secret: String::new(),
+            })
+            .collect()),
     }
 }
 
@@ -61,14 +72,26 @@ mod tests {
     #[test]
     fn reads_secrets_out_format() {
         let creds = parse("id,secret\ndev-1,abc\n dev-2 , xyz \n".as_bytes()).unwrap();
-        assert_eq!(creds[1], Credential { id: "dev-2".into(), secret: "xyz".into() });
+        assert_eq!(
+            creds[1],
+            Credential {
+                id: "dev-2".into(),
+                secret: "xyz".into()
+            }
+        );
         assert_eq!(creds.len(), 2);
     }
 
     #[test]
     fn extra_columns_and_order_do_not_matter() {
         let creds = parse("tenant,secret,id\nt,s1,d1\n".as_bytes()).unwrap();
-        assert_eq!(creds, vec![Credential { id: "d1".into(), secret: "s1".into() }]);
+        assert_eq!(
+            creds,
+            vec![Credential {
+                id: "d1".into(),
+                secret: "s1".into()
+            }]
+        );
     }
 
     #[test]

@@ -75,9 +75,13 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
     let progress = Arc::new(ConnectProgress::default());
     let handles = {
         let progress = progress.clone();
-        mqtt::spawn_connections(&args.target, creds, session, progress.clone(), move |conn| {
-            hold(conn, stop_rx.clone(), progress.clone())
-        })
+        mqtt::spawn_connections(
+            &args.target,
+            creds,
+            session,
+            progress.clone(),
+            move |conn| hold(conn, stop_rx.clone(), progress.clone()),
+        )
     };
 
     let started = Instant::now();
@@ -139,11 +143,29 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         "device-sim bench idle",
         &[
             ("target", report.target.clone()),
-            ("connected", format!("{} of {} ({} failed: {:?})", connected, n, failed, report.failures)),
-            ("connect time", format!("{connect_secs:.1} s ({:.0} conn/s)", report.connects_per_sec)),
+            (
+                "connected",
+                format!(
+                    "{} of {} ({} failed: {:?})",
+                    connected, n, failed, report.failures
+                ),
+            ),
+            (
+                "connect time",
+                format!(
+                    "{connect_secs:.1} s ({:.0} conn/s)",
+                    report.connects_per_sec
+                ),
+            ),
             ("peak open at once", report.peak_open.to_string()),
-            ("open at end of hold", format!("{open_at_end} (held {} s)", args.hold)),
-            ("client RSS", format!("{} KiB", report.client_rss_kib.unwrap_or(0))),
+            (
+                "open at end of hold",
+                format!("{open_at_end} (held {} s)", args.hold),
+            ),
+            (
+                "client RSS",
+                format!("{} KiB", report.client_rss_kib.unwrap_or(0)),
+            ),
         ],
     );
     if let Some(path) = &args.json {
@@ -160,7 +182,11 @@ async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) {
 
 /// Serves one idle connection (pings) until told to stop or the broker drops it.
 async fn hold(conn: Connected, mut stop: watch::Receiver<bool>, progress: Arc<ConnectProgress>) {
-    let Connected { client, mut eventloop, .. } = conn;
+    let Connected {
+        client,
+        mut eventloop,
+        ..
+    } = conn;
     loop {
         tokio::select! {
             changed = stop.changed() => {

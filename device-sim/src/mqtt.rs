@@ -42,7 +42,10 @@ pub fn options(target: &TargetArgs, i: usize, cred: &Credential, session: &Sessi
 }
 
 /// Opens the connection and waits for a successful CONNACK.
-pub async fn connect(opts: MqttOptions, session: &Session) -> Result<(AsyncClient, EventLoop), ConnectError> {
+pub async fn connect(
+    opts: MqttOptions,
+    session: &Session,
+) -> Result<(AsyncClient, EventLoop), ConnectError> {
     let (client, mut eventloop) = AsyncClient::new(opts, session.request_capacity);
     let mut net = eventloop.network_options();
     net.set_connection_timeout(session.connect_timeout.as_secs().max(1));
@@ -52,7 +55,9 @@ pub async fn connect(opts: MqttOptions, session: &Session) -> Result<(AsyncClien
         Err(_) => Err(ConnectError::Timeout),
         Ok(Err(e)) => Err(ConnectError::from(e)),
         Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => Ok((client, eventloop)),
-        Ok(Ok(other)) => Err(ConnectError::Protocol(format!("expected CONNACK, got {other:?}"))),
+        Ok(Ok(other)) => Err(ConnectError::Protocol(format!(
+            "expected CONNACK, got {other:?}"
+        ))),
     }
 }
 
@@ -102,7 +107,6 @@ impl std::fmt::Display for ConnectError {
 pub fn telemetry_topic(device_id: &str) -> String {
     format!("devices/{device_id}/telemetry")
 }
-
 
 /// One established connection, handed to the per-connection work.
 pub struct Connected {
@@ -181,13 +185,21 @@ where
             let opts = options(target, index, &cred, &session);
             let (permits, progress, work) = (permits.clone(), progress.clone(), work.clone());
             tokio::spawn(async move {
-                let permit = permits.acquire_owned().await.expect("semaphore never closed");
+                let permit = permits
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed");
                 let result = connect(opts, &session).await;
                 drop(permit);
                 match result {
                     Ok((client, eventloop)) => {
                         progress.opened();
-                        let conn = Connected { index, device_id: cred.id, client, eventloop };
+                        let conn = Connected {
+                            index,
+                            device_id: cred.id,
+                            client,
+                            eventloop,
+                        };
                         Some(work(conn).await)
                     }
                     Err(e) => {

@@ -23,10 +23,14 @@ struct EmptyHook;
 impl Handler for EmptyHook {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
-            Parameter::ClientAuthenticate(_) => (false, Some(HookResult::AuthResult(AuthResult::Allow(false, None)))),
-            Parameter::MessagePublishCheckAcl(_, _) => {
-                (false, Some(HookResult::PublishAclResult(PublishAclResult::allow())))
-            }
+            Parameter::ClientAuthenticate(_) => (
+                false,
+                Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
+            ),
+            Parameter::MessagePublishCheckAcl(_, _) => (
+                false,
+                Some(HookResult::PublishAclResult(PublishAclResult::allow())),
+            ),
             _ => (true, acc),
         }
     }
@@ -37,9 +41,15 @@ fn listen_arg() -> anyhow::Result<std::net::SocketAddr> {
     let mut listen = "127.0.0.1:1883".to_string();
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--listen" => listen = args.next().ok_or_else(|| anyhow::anyhow!("--listen needs ADDR"))?,
+            "--listen" => {
+                listen = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--listen needs ADDR"))?
+            }
             "-h" | "--help" => {
-                println!("bare_broker [--listen ADDR]   rmqtt with an empty hook (benchmark baseline)");
+                println!(
+                    "bare_broker [--listen ADDR]   rmqtt with an empty hook (benchmark baseline)"
+                );
                 std::process::exit(0);
             }
             other => anyhow::bail!("unknown argument {other}; usage: bare_broker [--listen ADDR]"),

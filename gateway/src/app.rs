@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
 use crate::pipeline::{now_ms, Pipeline};
+use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
 use crate::sources::{mqtt::MqttSource, Source};
 use crate::store::{Store, StoreOptions};
@@ -31,22 +32,42 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
     )?;
     let registry = Registry::load(store.clone())?;
+    let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
     let admin_token = cfg.admin_token()?;
 
     let shutdown = CancellationToken::new();
     let ready = http::Readiness::default();
     let mut servers: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = vec![
-        ("http", http::start(cfg.http.listen, metrics.clone(), ready.clone(), shutdown.clone()).await?),
+        (
+            "http",
+            http::start(
+                cfg.http.listen,
+                metrics.clone(),
+                ready.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
         (
             "grpc",
-            GrpcServer { listen: cfg.grpc.listen, admin_token, registry: registry.clone(), pipeline: pipeline.clone() }
-                .start(shutdown.clone())
-                .await?,
+            GrpcServer {
+                listen: cfg.grpc.listen,
+                admin_token,
+                subscription_buffer: cfg.grpc.subscription_buffer,
+                registry: registry.clone(),
+                agencies,
+                pipeline: pipeline.clone(),
+            }
+            .start(shutdown.clone())
+            .await?,
         ),
     ];
-    let sources: Vec<Box<dyn Source>> =
-        vec![Box::new(MqttSource { config: cfg.mqtt.clone(), registry: registry.clone(), pipeline: pipeline.clone() })];
+    let sources: Vec<Box<dyn Source>> = vec![Box::new(MqttSource {
+        config: cfg.mqtt.clone(),
+        registry: registry.clone(),
+        pipeline: pipeline.clone(),
+    })];
     for source in sources {
         let name = source.name();
         servers.push((name, source.start(shutdown.clone())?));
@@ -70,7 +91,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: refusing new work, flushing the store");
     ready.set(false);
     shutdown.cancel();
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     tasks.abort_all();
     housekeeping.abort();
     if let Err(e) = registry.persist_last_seen().await {
@@ -86,7 +110,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 }
 
-async fn housekeeping(registry: Registry, store: Store, metrics: metrics_exporter_prometheus::PrometheusHandle) {
+async fn housekeeping(
+    registry: Registry,
+    store: Store,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) {
     let mut last_seen = tokio::time::interval(LAST_SEEN_EVERY);
     let mut retention = tokio::time::interval(RETENTION_EVERY);
     loop {

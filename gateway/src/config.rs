@@ -22,6 +22,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub admin: AdminConfig,
     pub store: StoreConfig,
+    /// Agencies fixed in the file; more can be added through the admin API.
+    pub agencies: Vec<crate::registry::agencies::AgencyConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +56,9 @@ pub struct MqttConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcConfig {
     pub listen: SocketAddr,
+    /// Readings a live subscription may have queued for a slow client before it is ended with
+    /// RESOURCE_EXHAUSTED and a resume point.
+    pub subscription_buffer: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,13 +98,17 @@ impl Default for Config {
             http: HttpConfig::default(),
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
+            agencies: Vec::new(),
         }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: "text".into() }
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
     }
 }
 
@@ -118,19 +127,28 @@ impl Default for MqttConfig {
 
 impl Default for GrpcConfig {
     fn default() -> Self {
-        Self { listen: "[::]:50051".parse().expect("static address") }
+        Self {
+            listen: "[::]:50051".parse().expect("static address"),
+            subscription_buffer: 10_000,
+        }
     }
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: "[::]:8080".parse().expect("static address") }
+        Self {
+            listen: "[::]:8080".parse().expect("static address"),
+        }
     }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { commit_window_ms: 1, max_batch: 8192, retention_days: 30 }
+        Self {
+            commit_window_ms: 0,
+            max_batch: 8192,
+            retention_days: 30,
+        }
     }
 }
 
@@ -147,10 +165,14 @@ impl StoreConfig {
 impl Config {
     /// Defaults, then the file (if any), then `CITYGW_*` variables.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
-        let mut builder = config::Config::builder()
-            .add_source(config::Config::try_from(&Config::default())?);
+        let mut builder =
+            config::Config::builder().add_source(config::Config::try_from(&Config::default())?);
         if let Some(file) = file {
-            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
         let merged = builder
@@ -176,7 +198,14 @@ impl Config {
             self.log.format
         );
         anyhow::ensure!(self.store.max_batch > 0, "store.max_batch must be positive");
-        anyhow::ensure!(self.store.retention_days > 0, "store.retention_days must be positive");
+        anyhow::ensure!(
+            self.grpc.subscription_buffer > 0,
+            "grpc.subscription_buffer must be positive"
+        );
+        anyhow::ensure!(
+            self.store.retention_days > 0,
+            "store.retention_days must be positive"
+        );
         anyhow::ensure!(
             self.mqtt.max_payload_bytes as u64 <= self.mqtt.max_packet_bytes as u64,
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
@@ -220,9 +249,14 @@ fn config_env() -> config::Map<String, String> {
     const SECTIONS: &[&str] = &["log", "mqtt", "grpc", "http", "admin", "store"];
     std::env::vars()
         .filter(|(k, _)| {
-            let Some(key) = k.strip_prefix("CITYGW_") else { return false };
+            let Some(key) = k.strip_prefix("CITYGW_") else {
+                return false;
+            };
             let key = key.to_ascii_lowercase();
-            key == "data_dir" || SECTIONS.iter().any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with("__")))
+            key == "data_dir"
+                || SECTIONS
+                    .iter()
+                    .any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with("__")))
         })
         .collect()
 }
@@ -256,7 +290,11 @@ mod tests {
     fn file_then_env_override() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("citygw.toml");
-        std::fs::write(&file, "[store]\nretention_days = 7\n[mqtt]\nmax_payload_bytes = 1000\n").unwrap();
+        std::fs::write(
+            &file,
+            "[store]\nretention_days = 7\n[mqtt]\nmax_payload_bytes = 1000\n",
+        )
+        .unwrap();
         // Only this test sets this variable, so parallel tests are unaffected.
         std::env::set_var("CITYGW_GRPC__LISTEN", "127.0.0.1:6000");
         let cfg = Config::load(Some(&file)).unwrap();

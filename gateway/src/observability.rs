@@ -8,14 +8,24 @@ use crate::config::LogConfig;
 /// Logs go to stderr: text for people, JSON for log shippers. `RUST_LOG` overrides the level.
 pub fn init_logging(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if cfg.format == "json" { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cfg.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Latency buckets from 100 µs (a group commit on a fast disk) to 10 s.
-const SECONDS_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
 
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
@@ -28,20 +38,65 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("citygw_messages_received_total", "Messages received from devices, by protocol");
-    describe_counter!("citygw_bytes_received_total", Unit::Bytes, "Payload bytes received, by protocol");
-    describe_counter!("citygw_messages_rejected_total", "Messages refused, by protocol and reason");
-    describe_counter!("citygw_auth_failures_total", "Refused device authentications, by protocol and reason");
-    describe_counter!("citygw_subscribe_denied_total", "Refused MQTT subscriptions");
-    describe_counter!("citygw_api_auth_failures_total", "Refused API calls with a wrong token");
-    describe_gauge!("citygw_connected_devices", "Devices with a live connection, by protocol");
-    describe_histogram!("citygw_ingest_seconds", Unit::Seconds, "Decode to durable, per message");
-    describe_histogram!("citygw_store_commit_seconds", Unit::Seconds, "Write and fsync of one group commit");
-    describe_histogram!("citygw_store_commit_batch_size", "Requests covered by one group commit");
-    describe_counter!("citygw_readings_stored_total", "Readings written to the store");
-    describe_counter!("citygw_dead_letters_stored_total", "Dead-letter records written");
-    describe_gauge!("citygw_store_queue_depth", "Write requests waiting for the group commit");
+    describe_counter!(
+        "citygw_messages_received_total",
+        "Messages received from devices, by protocol"
+    );
+    describe_counter!(
+        "citygw_bytes_received_total",
+        Unit::Bytes,
+        "Payload bytes received, by protocol"
+    );
+    describe_counter!(
+        "citygw_messages_rejected_total",
+        "Messages refused, by protocol and reason"
+    );
+    describe_counter!(
+        "citygw_auth_failures_total",
+        "Refused device authentications, by protocol and reason"
+    );
+    describe_counter!(
+        "citygw_subscribe_denied_total",
+        "Refused MQTT subscriptions"
+    );
+    describe_counter!(
+        "citygw_api_auth_failures_total",
+        "Refused API calls with a wrong token"
+    );
+    describe_gauge!(
+        "citygw_connected_devices",
+        "Devices with a live connection, by protocol"
+    );
+    describe_histogram!(
+        "citygw_ingest_seconds",
+        Unit::Seconds,
+        "Decode to durable, per message"
+    );
+    describe_histogram!(
+        "citygw_store_commit_seconds",
+        Unit::Seconds,
+        "Write and fsync of one group commit"
+    );
+    describe_histogram!(
+        "citygw_store_commit_batch_size",
+        "Requests covered by one group commit"
+    );
+    describe_counter!(
+        "citygw_readings_stored_total",
+        "Readings written to the store"
+    );
+    describe_counter!(
+        "citygw_dead_letters_stored_total",
+        "Dead-letter records written"
+    );
+    describe_gauge!(
+        "citygw_store_queue_depth",
+        "Write requests waiting for the group commit"
+    );
     describe_counter!("citygw_store_commit_errors_total", "Failed group commits");
-    describe_counter!("citygw_retention_deleted_total", "Records deleted by retention, by kind");
+    describe_counter!(
+        "citygw_retention_deleted_total",
+        "Records deleted by retention, by kind"
+    );
     describe_gauge!("citygw_registered_devices", "Devices in the registry");
 }

@@ -5,4 +5,5 @@
 tonic::include_proto!("citygw.v1");
 
 /// Encoded file descriptors of proto/, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/citygw_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/citygw_descriptor.bin"));

@@ -70,22 +70,36 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
-def citygw_pb(tmp_path_factory):
-    """Python classes for proto/citygw/v1/*.proto, generated with grpcio-tools (the schema as
-    shipped, so a device-side encoder is built from the same file as the gateway)."""
-    import importlib
+def citygw_api(tmp_path_factory):
+    """Messages and gRPC stubs for proto/citygw/v1/*.proto, generated with grpcio-tools (the
+    schema as shipped): `citygw_api.telemetry_pb2`, `.telemetry_pb2_grpc`, `.reading_pb2`, ..."""
+    from support.telemetry import generate_api
 
-    from grpc_tools import protoc
+    return generate_api(tmp_path_factory.mktemp("pb"))
 
-    from support import ROOT
 
-    out = tmp_path_factory.mktemp("pb")
-    proto_dir = ROOT / "proto"
-    files = sorted(str(p.relative_to(proto_dir)) for p in (proto_dir / "citygw" / "v1").glob("*.proto"))
-    rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", *files])
-    assert rc == 0, f"protoc failed on {files}"
-    sys.path.insert(0, str(out))
+@pytest.fixture(scope="session")
+def citygw_pb(citygw_api):
+    """The Reading/ReadingBatch classes (reading.proto), so a device-side encoder is built from
+    the same file as the gateway."""
+    return citygw_api.reading_pb2
+
+
+@pytest.fixture
+def telemetry(citygw_api):
+    """`telemetry(gw, token, options=())` -> a TelemetryClient (grpcio, generated stubs) calling
+    `citygw.v1.Telemetry` with that bearer token; channels are closed at teardown."""
+    from support.telemetry import TelemetryClient
+
+    clients = []
+
+    def make(gw: Gateway, token: str | None, options=()):
+        c = TelemetryClient(gw, citygw_api, token, options)
+        clients.append(c)
+        return c
+
     try:
-        return importlib.import_module("citygw.v1.reading_pb2")
+        yield make
     finally:
-        sys.path.remove(str(out))
+        for c in clients:
+            c.close()

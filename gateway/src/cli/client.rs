@@ -35,7 +35,11 @@ fn rpc(e: Status) -> anyhow::Error {
 }
 
 impl Client {
-    pub async fn connect(cfg: &Config, server: Option<String>, token: Option<String>) -> anyhow::Result<Client> {
+    pub async fn connect(
+        cfg: &Config,
+        server: Option<String>,
+        token: Option<String>,
+    ) -> anyhow::Result<Client> {
         let server = server.unwrap_or_else(|| {
             let listen = cfg.grpc.listen;
             if listen.ip().is_unspecified() {
@@ -53,12 +57,16 @@ impl Client {
             .connect()
             .await
             .with_context(|| format!("cannot reach the gateway at {server}"))?;
-        let header: MetadataValue<_> = format!("Bearer {token}").parse().context("token is not a valid header value")?;
+        let header: MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .context("token is not a valid header value")?;
         let auth: AddToken = Box::new(move |mut req| {
             req.metadata_mut().insert("authorization", header.clone());
             Ok(req)
         });
-        Ok(Client { inner: AdminClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20) })
+        Ok(Client {
+            inner: AdminClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20),
+        })
     }
 
     pub async fn add_device(&mut self, a: AddArgs) -> anyhow::Result<(Device, String)> {
@@ -79,13 +87,33 @@ impl Client {
         Ok((resp.device.unwrap_or_default(), resp.secret))
     }
 
-    pub async fn list_devices(&mut self, tenant: &str, kind: &str, limit: usize) -> anyhow::Result<Vec<Device>> {
+    pub async fn list_devices(
+        &mut self,
+        tenant: &str,
+        kind: &str,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Device>> {
         let mut all = Vec::new();
         let mut after_id = String::new();
         loop {
-            let want = if limit == 0 { LIST_PAGE } else { (limit - all.len()).min(LIST_PAGE as usize) as u32 };
-            let req = ListDevicesRequest { tenant: tenant.into(), kind: kind.into(), after_id, limit: want };
-            let page = self.inner.list_devices(req).await.map_err(rpc)?.into_inner().devices;
+            let want = if limit == 0 {
+                LIST_PAGE
+            } else {
+                (limit - all.len()).min(LIST_PAGE as usize) as u32
+            };
+            let req = ListDevicesRequest {
+                tenant: tenant.into(),
+                kind: kind.into(),
+                after_id,
+                limit: want,
+            };
+            let page = self
+                .inner
+                .list_devices(req)
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .devices;
             let done = (page.len() as u32) < want;
             after_id = page.last().map(|d| d.id.clone()).unwrap_or_default();
             all.extend(page);
@@ -96,12 +124,25 @@ impl Client {
     }
 
     pub async fn get_device(&mut self, id: &str) -> anyhow::Result<Device> {
-        Ok(self.inner.get_device(GetDeviceRequest { id: id.into() }).await.map_err(rpc)?.into_inner())
+        Ok(self
+            .inner
+            .get_device(GetDeviceRequest { id: id.into() })
+            .await
+            .map_err(rpc)?
+            .into_inner())
     }
 
     pub async fn set_enabled(&mut self, id: &str, enabled: bool) -> anyhow::Result<Device> {
-        let req = SetDeviceEnabledRequest { id: id.into(), enabled };
-        Ok(self.inner.set_device_enabled(req).await.map_err(rpc)?.into_inner())
+        let req = SetDeviceEnabledRequest {
+            id: id.into(),
+            enabled,
+        };
+        Ok(self
+            .inner
+            .set_device_enabled(req)
+            .await
+            .map_err(rpc)?
+            .into_inner())
     }
 
     pub async fn import(&mut self, file: &Path) -> anyhow::Result<Vec<ImportResult>> {
@@ -109,8 +150,17 @@ impl Client {
         let total = rows.len();
         let mut results = Vec::with_capacity(total);
         for chunk in rows.chunks(IMPORT_CHUNK) {
-            let req = ImportDevicesRequest { devices: chunk.to_vec() };
-            results.extend(self.inner.import_devices(req).await.map_err(rpc)?.into_inner().results);
+            let req = ImportDevicesRequest {
+                devices: chunk.to_vec(),
+            };
+            results.extend(
+                self.inner
+                    .import_devices(req)
+                    .await
+                    .map_err(rpc)?
+                    .into_inner()
+                    .results,
+            );
             if total > IMPORT_CHUNK {
                 eprintln!("imported {}/{total}", results.len());
             }
@@ -118,18 +168,49 @@ impl Client {
         Ok(results)
     }
 
-    pub async fn readings(&mut self, device: &str, from_ms: i64, to_ms: i64, limit: u32) -> anyhow::Result<Vec<Reading>> {
-        let req = QueryReadingsRequest { device_id: device.into(), from_ms, to_ms, limit };
-        Ok(self.inner.query_readings(req).await.map_err(rpc)?.into_inner().readings)
+    pub async fn readings(
+        &mut self,
+        device: &str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<Reading>> {
+        let req = QueryReadingsRequest {
+            device_id: device.into(),
+            from_ms,
+            to_ms,
+            limit,
+        };
+        Ok(self
+            .inner
+            .query_readings(req)
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .readings)
     }
 
-    pub async fn dead_letters(&mut self, device: &str, limit: u32) -> anyhow::Result<Vec<DeadLetter>> {
+    pub async fn dead_letters(
+        &mut self,
+        device: &str,
+        limit: u32,
+    ) -> anyhow::Result<Vec<DeadLetter>> {
         // Newest last: page through from the start and keep the tail.
         let mut kept: std::collections::VecDeque<DeadLetter> = Default::default();
         let mut after_id = 0;
         loop {
-            let req = ListDeadLettersRequest { device_id: device.into(), after_id, limit: LIST_PAGE };
-            let page = self.inner.list_dead_letters(req).await.map_err(rpc)?.into_inner().dead_letters;
+            let req = ListDeadLettersRequest {
+                device_id: device.into(),
+                after_id,
+                limit: LIST_PAGE,
+            };
+            let page = self
+                .inner
+                .list_dead_letters(req)
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .dead_letters;
             let done = (page.len() as u32) < LIST_PAGE;
             after_id = page.last().map_or(after_id, |d| d.id);
             kept.extend(page);
@@ -141,6 +222,45 @@ impl Client {
             }
         }
     }
+
+    pub async fn add_agency(
+        &mut self,
+        name: String,
+        tenants: Vec<String>,
+        kinds: Vec<String>,
+        kpi: bool,
+    ) -> anyhow::Result<(AgencyInfo, String)> {
+        let resp = self
+            .inner
+            .add_agency(AddAgencyRequest {
+                name,
+                tenants,
+                kinds,
+                kpi,
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        Ok((resp.agency.unwrap_or_default(), resp.token))
+    }
+
+    pub async fn list_agencies(&mut self) -> anyhow::Result<Vec<AgencyInfo>> {
+        Ok(self
+            .inner
+            .list_agencies(ListAgenciesRequest {})
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .agencies)
+    }
+
+    pub async fn remove_agency(&mut self, name: &str) -> anyhow::Result<()> {
+        self.inner
+            .remove_agency(RemoveAgencyRequest { name: name.into() })
+            .await
+            .map_err(rpc)?;
+        Ok(())
+    }
 }
 
 fn admin_token(cfg: &Config) -> anyhow::Result<String> {
@@ -150,7 +270,12 @@ fn admin_token(cfg: &Config) -> anyhow::Result<String> {
     let path = cfg.generated_token_path();
     std::fs::read_to_string(&path)
         .map(|t| t.trim().to_string())
-        .with_context(|| format!("no admin token: pass --token, set CITYGW_ADMIN_TOKEN, or run where {} is readable", path.display()))
+        .with_context(|| {
+            format!(
+                "no admin token: pass --token, set CITYGW_ADMIN_TOKEN, or run where {} is readable",
+                path.display()
+            )
+        })
 }
 
 /// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret (optional, any order).

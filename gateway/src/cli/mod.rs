@@ -14,7 +14,11 @@ use client::Client;
 use output::Output;
 
 #[derive(Parser)]
-#[command(name = "citygw", version, about = "City IoT telemetry ingestion gateway")]
+#[command(
+    name = "citygw",
+    version,
+    about = "City IoT telemetry ingestion gateway"
+)]
 struct Cli {
     /// Config file (TOML). Without one, every key has its default; CITYGW_* variables override.
     #[arg(long, short, global = true, env = "CITYGW_CONFIG")]
@@ -32,7 +36,12 @@ struct ConnArgs {
     #[arg(long, global = true, env = "CITYGW_SERVER")]
     server: Option<String>,
     /// Admin token. Default: admin.token from the config, or the one generated under data_dir.
-    #[arg(long, global = true, env = "CITYGW_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "CITYGW_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
     /// table for people, json for scripts.
     #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
@@ -60,6 +69,9 @@ enum Command {
     /// Refused payloads and why.
     #[command(subcommand)]
     Deadletter(DeadletterCommand),
+    /// Agencies of the Telemetry API and their scopes.
+    #[command(subcommand)]
+    Agency(AgencyCommand),
     /// The quantity table used for normalisation.
     Quantities,
 }
@@ -133,6 +145,32 @@ struct ReadingsArgs {
 }
 
 #[derive(Subcommand)]
+enum AgencyCommand {
+    /// Create an agency; prints its token once.
+    Add {
+        name: String,
+        /// Tenant it may read (repeat; "*" for all).
+        #[arg(long = "tenant", required = true)]
+        tenants: Vec<String>,
+        /// Device kind it may read (repeat; "*" for all).
+        #[arg(long = "kind", required = true)]
+        kinds: Vec<String>,
+        /// May read the connections-per-resident KPI.
+        #[arg(long)]
+        kpi: bool,
+    },
+    List,
+    /// Revoke an agency's token (API-created agencies only).
+    Remove {
+        name: String,
+    },
+    /// Print the SHA-256 of a token, for `token_sha256` of an agency in the config file.
+    HashToken {
+        token: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum DeadletterCommand {
     /// Newest last.
     List {
@@ -165,6 +203,13 @@ pub fn main() -> ExitCode {
             Output::new(cli.conn.output).quantities();
             Ok(())
         }
+        Command::Agency(AgencyCommand::HashToken { token }) => {
+            println!(
+                "{}",
+                hex::encode(crate::registry::agencies::token_hash(&token))
+            );
+            Ok(())
+        }
         command => runtime().and_then(|rt| rt.block_on(client_command(&cfg, cli.conn, command))),
     };
     match result {
@@ -177,7 +222,9 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyhow::Result<()> {
@@ -188,12 +235,20 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
             let (device, secret) = client.add_device(args).await?;
             out.added(&device, &secret);
         }
-        Command::Device(DeviceCommand::List { tenant, kind, limit }) => {
+        Command::Device(DeviceCommand::List {
+            tenant,
+            kind,
+            limit,
+        }) => {
             out.devices(&client.list_devices(&tenant, &kind, limit).await?);
         }
         Command::Device(DeviceCommand::Show { id }) => out.device(&client.get_device(&id).await?),
-        Command::Device(DeviceCommand::Disable { id }) => out.device(&client.set_enabled(&id, false).await?),
-        Command::Device(DeviceCommand::Enable { id }) => out.device(&client.set_enabled(&id, true).await?),
+        Command::Device(DeviceCommand::Disable { id }) => {
+            out.device(&client.set_enabled(&id, false).await?)
+        }
+        Command::Device(DeviceCommand::Enable { id }) => {
+            out.device(&client.set_enabled(&id, true).await?)
+        }
         Command::Device(DeviceCommand::Import { file, secrets_out }) => {
             let results = client.import(&file).await?;
             if let Some(path) = secrets_out {
@@ -201,17 +256,45 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
             }
             let failed = results.iter().filter(|r| !r.ok).count();
             out.import_results(&results);
-            anyhow::ensure!(failed == 0, "{failed} of {} devices were not imported", results.len());
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} devices were not imported",
+                results.len()
+            );
         }
         Command::Readings(args) => {
-            let from = args.from.as_deref().map(parse_time).transpose()?.unwrap_or(0);
+            let from = args
+                .from
+                .as_deref()
+                .map(parse_time)
+                .transpose()?
+                .unwrap_or(0);
             let to = args.to.as_deref().map(parse_time).transpose()?.unwrap_or(0);
             out.readings(&client.readings(&args.device, from, to, args.limit).await?);
         }
         Command::Deadletter(DeadletterCommand::List { device, limit }) => {
             out.dead_letters(&client.dead_letters(&device, limit).await?);
         }
-        Command::Run | Command::Config(_) | Command::Quantities => unreachable!("handled without a client"),
+        Command::Agency(AgencyCommand::Add {
+            name,
+            tenants,
+            kinds,
+            kpi,
+        }) => {
+            let (agency, token) = client.add_agency(name, tenants, kinds, kpi).await?;
+            out.agency_added(&agency, &token);
+        }
+        Command::Agency(AgencyCommand::List) => out.agencies(&client.list_agencies().await?),
+        Command::Agency(AgencyCommand::Remove { name }) => {
+            client.remove_agency(&name).await?;
+            println!("agency {name} removed; its token no longer works");
+        }
+        Command::Run
+        | Command::Config(_)
+        | Command::Quantities
+        | Command::Agency(AgencyCommand::HashToken { .. }) => {
+            unreachable!("handled without a client")
+        }
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::Format;
 use crate::pipeline::protocol_label;
-use crate::proto::{reading, DeadLetter, Device, ImportResult, Protocol, Reading};
+use crate::proto::{reading, AgencyInfo, DeadLetter, Device, ImportResult, Protocol, Reading};
 
 pub struct Output {
     format: Format,
@@ -19,6 +19,10 @@ fn device_json(d: &Device) -> Value {
         "lat": d.lat, "lon": d.lon, "enabled": d.enabled, "created_time_ms": d.created_time_ms,
         "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online,
     })
+}
+
+fn agency_json(a: &AgencyInfo) -> Value {
+    json!({"name": a.name, "tenants": a.tenants, "kinds": a.kinds, "kpi": a.kpi, "from_config": a.from_config})
 }
 
 fn value_json(v: &Option<reading::Value>) -> Value {
@@ -57,7 +61,10 @@ fn time(ms: i64) -> String {
     if ms == 0 {
         return "-".into();
     }
-    chrono::DateTime::from_timestamp_millis(ms).map_or_else(|| ms.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || ms.to_string(),
+        |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+    )
 }
 
 /// Prints rows with columns padded to their widest cell.
@@ -69,7 +76,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_uppercase()).collect());
@@ -84,7 +95,10 @@ impl Output {
     }
 
     fn json(&self, v: Value) {
-        println!("{}", serde_json::to_string_pretty(&v).expect("json serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("json serialises")
+        );
     }
 
     pub fn added(&self, d: &Device, secret: &str) {
@@ -108,7 +122,15 @@ impl Output {
         match self.format {
             Format::Json => self.json(Value::Array(devices.iter().map(device_json).collect())),
             Format::Table => table(
-                &["id", "tenant", "kind", "commune", "enabled", "online", "last seen"],
+                &[
+                    "id",
+                    "tenant",
+                    "kind",
+                    "commune",
+                    "enabled",
+                    "online",
+                    "last seen",
+                ],
                 devices
                     .iter()
                     .map(|d| {
@@ -171,7 +193,9 @@ impl Output {
         match self.format {
             Format::Json => self.json(Value::Array(dls.iter().map(dead_letter_json).collect())),
             Format::Table => table(
-                &["id", "received", "device", "protocol", "reason", "address", "bytes", "detail"],
+                &[
+                    "id", "received", "device", "protocol", "reason", "address", "bytes", "detail",
+                ],
                 dls.iter()
                     .map(|d| {
                         vec![
@@ -183,6 +207,37 @@ impl Output {
                             d.address.clone(),
                             d.payload_size.to_string(),
                             d.detail.chars().take(80).collect(),
+                        ]
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn agency_added(&self, a: &AgencyInfo, token: &str) {
+        match self.format {
+            Format::Json => self.json(json!({"agency": agency_json(a), "token": token})),
+            Format::Table => {
+                self.agencies(std::slice::from_ref(a));
+                println!("\ntoken: {token}\n(shown once; the gateway keeps only its SHA-256)");
+            }
+        }
+    }
+
+    pub fn agencies(&self, agencies: &[AgencyInfo]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(agencies.iter().map(agency_json).collect())),
+            Format::Table => table(
+                &["name", "tenants", "kinds", "kpi", "source"],
+                agencies
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.name.clone(),
+                            a.tenants.join(","),
+                            a.kinds.join(","),
+                            a.kpi.to_string(),
+                            if a.from_config { "config" } else { "api" }.to_string(),
                         ]
                     })
                     .collect(),
@@ -224,5 +279,7 @@ pub fn write_secrets(path: &Path, results: &[ImportResult]) -> anyhow::Result<()
         w.write_record([&r.device_id, &r.secret])?;
     }
     w.flush()?;
-    Ok(w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?.sync_all()?)
+    Ok(w.into_inner()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .sync_all()?)
 }

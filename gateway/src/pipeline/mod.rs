@@ -34,7 +34,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
-        Self { reason, detail: detail.into() }
+        Self {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -72,7 +75,12 @@ struct Inner {
 
 impl Pipeline {
     pub fn new(store: Store, max_payload_bytes: usize) -> Self {
-        Self { inner: Arc::new(Inner { store, max_payload_bytes }) }
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                max_payload_bytes,
+            }),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -89,8 +97,14 @@ impl Pipeline {
         let readings = match self.readings(&msg, now_ms) {
             Ok(r) => r,
             Err(rejection) => {
-                self.dead_letter(msg.device.id(), msg.protocol, msg.address, Some(msg.payload), &rejection)
-                    .await;
+                self.dead_letter(
+                    msg.device.id(),
+                    msg.protocol,
+                    msg.address,
+                    Some(msg.payload),
+                    &rejection,
+                )
+                .await;
                 return Err(rejection.into());
             }
         };
@@ -102,7 +116,8 @@ impl Pipeline {
             Delivery::BestEffort => self.inner.store.append_best_effort(readings),
         }
         msg.device.touch(now_ms);
-        metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol)
+            .record(started.elapsed().as_secs_f64());
         Ok(n)
     }
 
@@ -110,13 +125,22 @@ impl Pipeline {
         if msg.payload.len() > self.inner.max_payload_bytes {
             return Err(Rejection::new(
                 "payload_too_large",
-                format!("{} bytes, limit {}", msg.payload.len(), self.inner.max_payload_bytes),
+                format!(
+                    "{} bytes, limit {}",
+                    msg.payload.len(),
+                    self.inner.max_payload_bytes
+                ),
             ));
         }
-        let format = msg.format.map_err(|name| Rejection::new("unknown_format", format!("unknown payload format {name:?}")))?;
+        let format = msg.format.map_err(|name| {
+            Rejection::new("unknown_format", format!("unknown payload format {name:?}"))
+        })?;
         let decoded = codec::decoder(format)
             .decode(msg.payload, now_ms)
-            .map_err(|e| Rejection { reason: e.reason, detail: e.detail })?;
+            .map_err(|e| Rejection {
+                reason: e.reason,
+                detail: e.detail,
+            })?;
         let device = msg.device;
         let device_location = device.location();
         Ok(decoded
@@ -137,6 +161,7 @@ impl Pipeline {
                     commune_code: device.commune_code().to_string(),
                     device_seq: d.seq,
                     kind: device.kind().to_string(),
+                    aggregate: None,
                 }
             })
             .collect())
@@ -154,7 +179,8 @@ impl Pipeline {
         rejection: &Rejection,
     ) {
         count_received(protocol_label(protocol), size);
-        self.dead_letter(device_id, protocol, address, payload, rejection).await;
+        self.dead_letter(device_id, protocol, address, payload, rejection)
+            .await;
     }
 
     /// Records a refusal: counter, log line and a durable dead-letter record.
@@ -178,7 +204,9 @@ impl Pipeline {
             reason: rejection.reason.to_string(),
             detail: rejection.detail.clone(),
             address: address.to_string(),
-            payload_head: payload.map(|p| p[..p.len().min(DEAD_LETTER_HEAD)].to_vec()).unwrap_or_default(),
+            payload_head: payload
+                .map(|p| p[..p.len().min(DEAD_LETTER_HEAD)].to_vec())
+                .unwrap_or_default(),
             payload_size: payload.map_or(0, |p| p.len() as u64),
         };
         if let Err(e) = self.inner.store.dead_letter(dl).await {
@@ -189,7 +217,8 @@ impl Pipeline {
 
 fn count_received(protocol: &'static str, bytes: usize) {
     metrics::counter!("citygw_messages_received_total", "protocol" => protocol).increment(1);
-    metrics::counter!("citygw_bytes_received_total", "protocol" => protocol).increment(bytes as u64);
+    metrics::counter!("citygw_bytes_received_total", "protocol" => protocol)
+        .increment(bytes as u64);
 }
 
 pub fn protocol_label(p: Protocol) -> &'static str {

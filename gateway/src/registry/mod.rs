@@ -5,6 +5,7 @@
 //! never touch the disk. Last-seen times change on every reading and are persisted in the
 //! background instead (see [`Registry::persist_last_seen`]).
 
+pub mod agencies;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::proto::Device;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Table};
 
 /// Device kinds the platform knows; KPI and agency scopes are expressed in them.
 pub const KINDS: &[&str] = &[
@@ -117,7 +118,11 @@ impl DeviceEntry {
         &self.record.commune_code
     }
     pub fn location(&self) -> Option<crate::proto::Location> {
-        Some(crate::proto::Location { lat: self.record.lat?, lon: self.record.lon?, alt_m: None })
+        Some(crate::proto::Location {
+            lat: self.record.lat?,
+            lon: self.record.lon?,
+            alt_m: None,
+        })
     }
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
@@ -136,7 +141,9 @@ impl DeviceEntry {
 
     pub fn session_closed(&self) {
         // Saturating: a close without an open (gateway restart races) must not wrap.
-        let _ = self.sessions.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let _ = self
+            .sessions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     pub fn to_proto(&self) -> Device {
@@ -205,14 +212,20 @@ impl Registry {
     /// Loads every device from the store.
     pub fn load(store: Store) -> anyhow::Result<Registry> {
         let mut devices = BTreeMap::new();
-        for (id, bytes) in store.load_devices()? {
+        for (id, bytes) in store.load_records(Table::Devices)? {
             let record: Record = serde_json::from_slice(&bytes)
                 .map_err(|e| anyhow::anyhow!("device record {id:?} is corrupt: {e}"))?;
             devices.insert(id, Arc::new(DeviceEntry::new(record)));
         }
         tracing::info!(devices = devices.len(), "registry loaded");
         let (events, _) = broadcast::channel(1024);
-        Ok(Registry { inner: Arc::new(Inner { store, devices: RwLock::new(devices), events }) })
+        Ok(Registry {
+            inner: Arc::new(Inner {
+                store,
+                devices: RwLock::new(devices),
+                events,
+            }),
+        })
     }
 
     pub fn events(&self) -> broadcast::Receiver<RegistryEvent> {
@@ -220,7 +233,12 @@ impl Registry {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<DeviceEntry>> {
-        self.inner.devices.read().expect("registry lock").get(id).cloned()
+        self.inner
+            .devices
+            .read()
+            .expect("registry lock")
+            .get(id)
+            .cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -233,20 +251,44 @@ impl Registry {
 
     /// A page of devices in id order, filtered by tenant and kind (empty = any).
     pub fn list(&self, tenant: &str, kind: &str, after_id: &str, limit: usize) -> Vec<Device> {
+        self.select(after_id, limit, |e| {
+            (tenant.is_empty() || e.tenant() == tenant) && (kind.is_empty() || e.kind() == kind)
+        })
+        .iter()
+        .map(|e| e.to_proto())
+        .collect()
+    }
+
+    /// Up to `limit` devices after `after_id` (empty: from the start) for which `pred` holds,
+    /// in id order.
+    pub fn select(
+        &self,
+        after_id: &str,
+        limit: usize,
+        mut pred: impl FnMut(&DeviceEntry) -> bool,
+    ) -> Vec<Arc<DeviceEntry>> {
         use std::ops::Bound;
         let devices = self.inner.devices.read().expect("registry lock");
-        let start = if after_id.is_empty() { Bound::Unbounded } else { Bound::Excluded(after_id) };
+        let start = if after_id.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(after_id)
+        };
         devices
             .range::<str, _>((start, Bound::Unbounded))
             .map(|(_, e)| e)
-            .filter(|e| (tenant.is_empty() || e.tenant() == tenant) && (kind.is_empty() || e.kind() == kind))
+            .filter(|e| pred(e))
             .take(limit)
-            .map(|e| e.to_proto())
+            .cloned()
             .collect()
     }
 
     /// Registers one device; returns it with its secret (shown once, stored hashed).
-    pub async fn add(&self, new: NewDevice, now_ms: i64) -> Result<(Device, String), RegistryError> {
+    pub async fn add(
+        &self,
+        new: NewDevice,
+        now_ms: i64,
+    ) -> Result<(Device, String), RegistryError> {
         let mut results = self.import(vec![new], now_ms).await?;
         results.pop().expect("one result per device")
     }
@@ -293,7 +335,9 @@ impl Registry {
             let mut seen = std::collections::HashSet::new();
             for item in prepared {
                 results.push(match item {
-                    Ok((record, _)) if devices.contains_key(&record.id) || !seen.insert(record.id.clone()) => {
+                    Ok((record, _))
+                        if devices.contains_key(&record.id) || !seen.insert(record.id.clone()) =>
+                    {
                         Err(RegistryError::Exists(record.id))
                     }
                     Ok((record, secret)) => {
@@ -306,10 +350,15 @@ impl Registry {
         }
         let rows = accepted
             .iter()
-            .map(|r| (r.id.clone(), serde_json::to_vec(r).expect("record serialises")))
+            .map(|r| {
+                (
+                    r.id.clone(),
+                    Some(serde_json::to_vec(r).expect("record serialises")),
+                )
+            })
             .collect::<Vec<_>>();
         if !rows.is_empty() {
-            self.inner.store.put_devices(rows).await?;
+            self.inner.store.put_records(Table::Devices, rows).await?;
         }
         let mut devices = self.inner.devices.write().expect("registry lock");
         Ok(results
@@ -327,12 +376,24 @@ impl Registry {
 
     /// Enables or disables a device; disabling tells every source to drop its live sessions.
     pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<Device, RegistryError> {
-        let entry = self.get(id).ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let entry = self
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         entry.enabled.store(enabled, Ordering::Release);
         let record = entry.snapshot();
-        self.inner.store.put_device(id, serde_json::to_vec(&record).expect("record serialises")).await?;
+        let row = (
+            id.to_string(),
+            Some(serde_json::to_vec(&record).expect("record serialises")),
+        );
+        self.inner
+            .store
+            .put_records(Table::Devices, vec![row])
+            .await?;
         if !enabled {
-            let _ = self.inner.events.send(RegistryEvent::Disabled(id.to_string()));
+            let _ = self
+                .inner
+                .events
+                .send(RegistryEvent::Disabled(id.to_string()));
             tracing::info!(device = id, "device disabled");
         }
         Ok(entry.to_proto())
@@ -340,8 +401,14 @@ impl Registry {
 
     /// Checks a device's credentials. Argon2-hashed secrets are verified on a blocking thread
     /// once, then by fingerprint, so reconnect storms cost a SHA-256 each.
-    pub async fn authenticate(&self, id: &str, secret: Option<&[u8]>) -> Result<Arc<DeviceEntry>, AuthError> {
-        let Some(entry) = self.get(id) else { return Err(AuthError::UnknownDevice) };
+    pub async fn authenticate(
+        &self,
+        id: &str,
+        secret: Option<&[u8]>,
+    ) -> Result<Arc<DeviceEntry>, AuthError> {
+        let Some(entry) = self.get(id) else {
+            return Err(AuthError::UnknownDevice);
+        };
         if !entry.enabled() {
             return Err(AuthError::DisabledDevice);
         }
@@ -350,10 +417,19 @@ impl Registry {
         };
         let stored = &entry.record.secret_hash;
         if !secret::is_slow(stored) {
-            return if secret::verify(stored, secret) { Ok(entry) } else { Err(AuthError::BadCredentials) };
+            return if secret::verify(stored, secret) {
+                Ok(entry)
+            } else {
+                Err(AuthError::BadCredentials)
+            };
         }
         let fingerprint = secret::fingerprint(stored, secret);
-        if entry.verified.lock().expect("verified lock").is_some_and(|f| secret::constant_time_eq(&f, &fingerprint)) {
+        if entry
+            .verified
+            .lock()
+            .expect("verified lock")
+            .is_some_and(|f| secret::constant_time_eq(&f, &fingerprint))
+        {
             return Ok(entry);
         }
         let (stored_owned, secret_owned) = (stored.clone(), secret.to_string());
@@ -370,17 +446,22 @@ impl Registry {
 
     /// Writes last-seen times that changed since the previous call; returns how many.
     pub async fn persist_last_seen(&self) -> Result<usize, RegistryError> {
-        let rows: Vec<(String, Vec<u8>)> = {
+        let rows: Vec<(String, Option<Vec<u8>>)> = {
             let devices = self.inner.devices.read().expect("registry lock");
             devices
                 .values()
                 .filter(|e| e.last_seen_dirty.swap(false, Ordering::Relaxed))
-                .map(|e| (e.id().to_string(), serde_json::to_vec(&e.snapshot()).expect("record serialises")))
+                .map(|e| {
+                    (
+                        e.id().to_string(),
+                        Some(serde_json::to_vec(&e.snapshot()).expect("record serialises")),
+                    )
+                })
                 .collect()
         };
         let n = rows.len();
         if n > 0 {
-            self.inner.store.put_devices(rows).await?;
+            self.inner.store.put_records(Table::Devices, rows).await?;
         }
         Ok(n)
     }
@@ -392,15 +473,27 @@ fn validate(d: &NewDevice) -> Result<(), RegistryError> {
     // or wildcards.
     if d.id.is_empty()
         || d.id.len() > 128
-        || !d.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        || !d
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
     {
-        return invalid(format!("id {:?}: 1-128 characters of A-Z a-z 0-9 - _ . :", d.id));
+        return invalid(format!(
+            "id {:?}: 1-128 characters of A-Z a-z 0-9 - _ . :",
+            d.id
+        ));
     }
     if d.tenant.is_empty()
         || d.tenant.len() > 64
-        || !d.tenant.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+        || !d
+            .tenant
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
     {
-        return invalid(format!("tenant {:?}: 1-64 characters of a-z 0-9 - _", d.tenant));
+        return invalid(format!(
+            "tenant {:?}: 1-64 characters of a-z 0-9 - _",
+            d.tenant
+        ));
     }
     if !KINDS.contains(&d.kind.as_str()) {
         return invalid(format!("kind {:?}: one of {}", d.kind, KINDS.join(", ")));
@@ -408,12 +501,20 @@ fn validate(d: &NewDevice) -> Result<(), RegistryError> {
     let commune_ok = d.commune_code.is_empty()
         || (d.commune_code.len() == 5 && d.commune_code.bytes().all(|b| b.is_ascii_digit()));
     if !commune_ok {
-        return invalid(format!("commune code {:?}: five digits (2025 national statistics code)", d.commune_code));
+        return invalid(format!(
+            "commune code {:?}: five digits (2025 national statistics code)",
+            d.commune_code
+        ));
     }
     match (d.lat, d.lon) {
         (None, None) => {}
-        (Some(lat), Some(lon)) if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
-        _ => return invalid("lat and lon must be given together, within -90..90 and -180..180".into()),
+        (Some(lat), Some(lon))
+            if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
+        _ => {
+            return invalid(
+                "lat and lon must be given together, within -90..90 and -180..180".into(),
+            )
+        }
     }
     if let Some(s) = &d.secret {
         if s.len() < 8 || s.len() > 256 {
@@ -428,7 +529,12 @@ mod tests {
     use super::*;
 
     fn new(id: &str) -> NewDevice {
-        NewDevice { id: id.into(), tenant: "hanoi".into(), kind: "air_quality".into(), ..Default::default() }
+        NewDevice {
+            id: id.into(),
+            tenant: "hanoi".into(),
+            kind: "air_quality".into(),
+            ..Default::default()
+        }
     }
 
     async fn registry(dir: &std::path::Path) -> Registry {
@@ -447,16 +553,38 @@ mod tests {
         let reg = registry(dir.path()).await;
         let (dev, secret) = reg.add(new("aq-1"), 1000).await.unwrap();
         assert_eq!(dev.id, "aq-1");
-        assert!(reg.authenticate("aq-1", Some(secret.as_bytes())).await.is_ok());
-        assert_eq!(reg.authenticate("aq-1", Some(b"nope")).await.unwrap_err(), AuthError::BadCredentials);
-        assert_eq!(reg.authenticate("aq-1", None).await.unwrap_err(), AuthError::BadCredentials);
-        assert_eq!(reg.authenticate("zz", Some(b"x")).await.unwrap_err(), AuthError::UnknownDevice);
-        assert!(matches!(reg.add(new("aq-1"), 1).await, Err(RegistryError::Exists(_))));
+        assert!(reg
+            .authenticate("aq-1", Some(secret.as_bytes()))
+            .await
+            .is_ok());
+        assert_eq!(
+            reg.authenticate("aq-1", Some(b"nope")).await.unwrap_err(),
+            AuthError::BadCredentials
+        );
+        assert_eq!(
+            reg.authenticate("aq-1", None).await.unwrap_err(),
+            AuthError::BadCredentials
+        );
+        assert_eq!(
+            reg.authenticate("zz", Some(b"x")).await.unwrap_err(),
+            AuthError::UnknownDevice
+        );
+        assert!(matches!(
+            reg.add(new("aq-1"), 1).await,
+            Err(RegistryError::Exists(_))
+        ));
 
         let mut events = reg.events();
         reg.set_enabled("aq-1", false).await.unwrap();
-        assert!(matches!(events.recv().await.unwrap(), RegistryEvent::Disabled(id) if id == "aq-1"));
-        assert_eq!(reg.authenticate("aq-1", Some(secret.as_bytes())).await.unwrap_err(), AuthError::DisabledDevice);
+        assert!(
+            matches!(events.recv().await.unwrap(), RegistryEvent::Disabled(id) if id == "aq-1")
+        );
+        assert_eq!(
+            reg.authenticate("aq-1", Some(secret.as_bytes()))
+                .await
+                .unwrap_err(),
+            AuthError::DisabledDevice
+        );
 
         reg.get("aq-1").unwrap().touch(5000);
         assert_eq!(reg.persist_last_seen().await.unwrap(), 1);
@@ -476,14 +604,26 @@ mod tests {
         chosen.secret = Some("correct horse".into());
         let mut bad_kind = new("x-1");
         bad_kind.kind = "teapot".into();
-        let results = reg.import(vec![chosen, bad_kind, new("wl-1")], 0).await.unwrap();
+        let results = reg
+            .import(vec![chosen, bad_kind, new("wl-1")], 0)
+            .await
+            .unwrap();
         assert!(results[0].is_ok());
         assert!(matches!(results[1], Err(RegistryError::Invalid(_))));
         assert!(matches!(results[2], Err(RegistryError::Exists(_))));
-        assert!(reg.authenticate("wl-1", Some(b"correct horse")).await.is_ok());
+        assert!(reg
+            .authenticate("wl-1", Some(b"correct horse"))
+            .await
+            .is_ok());
         // Second time through the fingerprint cache.
-        assert!(reg.authenticate("wl-1", Some(b"correct horse")).await.is_ok());
-        assert!(reg.authenticate("wl-1", Some(b"correct horsf")).await.is_err());
+        assert!(reg
+            .authenticate("wl-1", Some(b"correct horse"))
+            .await
+            .is_ok());
+        assert!(reg
+            .authenticate("wl-1", Some(b"correct horsf"))
+            .await
+            .is_err());
         assert_eq!(reg.list("", "", "", 10).len(), 1);
         assert_eq!(reg.list("other", "", "", 10).len(), 0);
     }

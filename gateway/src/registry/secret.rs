@@ -45,12 +45,18 @@ pub fn is_slow(stored: &str) -> bool {
 /// Constant-time check of `secret` against a stored hash.
 pub fn verify(stored: &str, secret: &str) -> bool {
     if let Some(rest) = stored.strip_prefix(SHA_PREFIX) {
-        let Some((salt, digest)) = rest.split_once('$') else { return false };
-        let (Ok(salt), Ok(digest)) = (hex::decode(salt), hex::decode(digest)) else { return false };
+        let Some((salt, digest)) = rest.split_once('$') else {
+            return false;
+        };
+        let (Ok(salt), Ok(digest)) = (hex::decode(salt), hex::decode(digest)) else {
+            return false;
+        };
         return constant_time_eq(&sha256_salted(&salt, secret), &digest);
     }
     match PasswordHash::new(stored) {
-        Ok(parsed) => Argon2::default().verify_password(secret.as_bytes(), &parsed).is_ok(),
+        Ok(parsed) => Argon2::default()
+            .verify_password(secret.as_bytes(), &parsed)
+            .is_ok(),
         Err(_) => false,
     }
 }

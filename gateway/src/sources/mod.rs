@@ -13,5 +13,8 @@ pub trait Source: Send {
 
     /// Serves until `shutdown` is cancelled. Binding errors surface before the future is
     /// returned, so a misconfigured port fails the start, not a background task.
-    fn start(self: Box<Self>, shutdown: CancellationToken) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>>;
+    fn start(
+        self: Box<Self>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>>;
 }

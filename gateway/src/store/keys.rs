@@ -7,8 +7,6 @@
 //! readers put the id back from the key. That lets callers encode on their own tasks before the id
 //! exists, keeping the single writer thread down to key building and the commit itself.
 
-use std::ops::RangeInclusive;
-
 /// Name of the keyspace holding the global reading log.
 pub(super) const LOG: &str = "log";
 /// Name of the keyspace holding the per-device time index.
@@ -17,6 +15,8 @@ pub(super) const BY_DEVICE: &str = "by_device";
 pub(super) const DEAD_LETTERS: &str = "dead_letters";
 /// Name of the keyspace holding registry records.
 pub(super) const DEVICES: &str = "devices";
+/// Name of the keyspace holding agency records.
+pub(super) const AGENCIES: &str = "agencies";
 /// Name of the keyspace holding small store-wide values.
 pub(super) const META: &str = "meta";
 
@@ -69,7 +69,12 @@ pub(super) fn index_key(device_id: &str, device_time_ms: i64, id: u64) -> Vec<u8
 ///
 /// A device id containing NUL could make another device's keys fall inside this range; callers
 /// keep only keys of exactly [`index_key_len`], which pins the device id.
-pub(super) fn index_range(device_id: &str, from_ms: i64, to_ms: i64) -> RangeInclusive<Vec<u8>> {
+#[cfg(test)]
+pub(super) fn index_range(
+    device_id: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> std::ops::RangeInclusive<Vec<u8>> {
     index_key(device_id, from_ms, 0)..=index_key(device_id, to_ms, u64::MAX)
 }
 

@@ -9,9 +9,10 @@
 //! Reads never go through the writer; they read fjall snapshots directly from the caller's thread.
 
 mod dead_letters;
-mod devices;
+mod feed;
 mod keys;
 mod readings;
+mod records;
 mod retention;
 mod writer;
 
@@ -27,6 +28,8 @@ use anyhow::Context as _;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use tokio::sync::Semaphore;
 
+pub use feed::Committed;
+pub use records::Table;
 pub use retention::RetentionReport;
 
 use writer::{Queued, Request, Writer};
@@ -89,10 +92,18 @@ pub(crate) struct Keyspaces {
     pub(crate) by_device: Keyspace,
     pub(crate) dead_letters: Keyspace,
     pub(crate) devices: Keyspace,
+    pub(crate) agencies: Keyspace,
     pub(crate) meta: Keyspace,
 }
 
 impl Keyspaces {
+    pub(crate) fn table(&self, table: Table) -> &Keyspace {
+        match table {
+            Table::Devices => &self.devices,
+            Table::Agencies => &self.agencies,
+        }
+    }
+
     fn open(db: &Database) -> fjall::Result<Self> {
         let ks = |name| db.keyspace(name, KeyspaceCreateOptions::default);
         Ok(Keyspaces {
@@ -100,6 +111,7 @@ impl Keyspaces {
             by_device: ks(keys::BY_DEVICE)?,
             dead_letters: ks(keys::DEAD_LETTERS)?,
             devices: ks(keys::DEVICES)?,
+            agencies: ks(keys::AGENCIES)?,
             meta: ks(keys::META)?,
         })
     }
@@ -123,6 +135,7 @@ struct Inner {
     closed: AtomicBool,
     /// Highest reading id whose commit succeeded; updated by the writer.
     last_reading_id: Arc<AtomicU64>,
+    feed: feed::Feed,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -140,6 +153,7 @@ impl Store {
         let last_reading_id = Arc::new(AtomicU64::new(last_id(&ks.log)?.unwrap_or(0)));
         let permits = Arc::new(Semaphore::new(QUEUE_CAPACITY));
         let (tx, rx) = std::sync::mpsc::channel();
+        let feed = feed::Feed::new();
 
         let writer = Writer {
             db: db.clone(),
@@ -151,6 +165,7 @@ impl Store {
             next_reading_id,
             next_dead_letter_id,
             last_reading_id: last_reading_id.clone(),
+            feed: feed.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("citygw-store-writer".into())
@@ -172,6 +187,7 @@ impl Store {
                 permits,
                 closed: AtomicBool::new(false),
                 last_reading_id,
+                feed,
                 writer: Mutex::new(Some(handle)),
             }),
         })
@@ -181,6 +197,13 @@ impl Store {
     /// not miss anything starts before paging with [`Store::readings_after`].
     pub fn last_reading_id(&self) -> u64 {
         self.inner.last_reading_id.load(Ordering::Acquire)
+    }
+
+    /// Readings as they are committed (after their fsync), in id order: the source of live
+    /// subscriptions. A receiver that falls behind gets `Lagged` and must catch up from
+    /// [`Store::readings_after`], which holds everything the feed ever carried.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Committed> {
+        self.inner.feed.subscribe()
     }
 
     /// Stops accepting, commits and fsyncs what is queued, joins the writer thread. Calls made

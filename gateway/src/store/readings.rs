@@ -19,6 +19,7 @@ fn encode(readings: Vec<Reading>) -> Vec<EncodedReading> {
             EncodedReading {
                 index_prefix: keys::index_prefix(&r.device_id, r.device_time_ms),
                 value: Slice::from(r.encode_to_vec()),
+                reading: r,
             }
         })
         .collect()
@@ -78,6 +79,18 @@ impl Store {
         to_ms: i64,
         limit: usize,
     ) -> Result<Vec<Reading>, StoreError> {
+        self.device_readings_from(device_id, (from_ms, 0), to_ms, limit)
+    }
+
+    /// Like [`Store::device_readings`], starting at `(device time, id)` inclusive: the next page
+    /// after a reading `r` starts at `(r.device_time_ms, r.id + 1)`.
+    pub fn device_readings_from(
+        &self,
+        device_id: &str,
+        (from_ms, from_id): (i64, u64),
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError> {
         let mut out = Vec::new();
         if limit == 0 || from_ms > to_ms {
             return Ok(out);
@@ -86,10 +99,9 @@ impl Store {
         // One snapshot for index and log: retention deletes both in one batch.
         let snap = inner.db.snapshot();
         let key_len = keys::index_key_len(device_id.len());
-        for guard in snap.range(
-            &inner.ks.by_device,
-            keys::index_range(device_id, from_ms, to_ms),
-        ) {
+        let range = keys::index_key(device_id, from_ms, from_id)
+            ..=keys::index_key(device_id, to_ms, u64::MAX);
+        for guard in snap.range(&inner.ks.by_device, range) {
             let key = guard.key()?;
             if key.len() != key_len {
                 continue; // another device whose id extends this one past a NUL byte
@@ -105,6 +117,23 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The first reading id received at or after `since_ms` (or the next id to be assigned when
+    /// there is none): where a subscription that resumes by time starts. Ids grow with receive
+    /// time, so a binary search over ids finds it in a few dozen point reads.
+    pub fn first_reading_received_since(&self, since_ms: i64) -> Result<u64, StoreError> {
+        let (mut lo, mut hi) = (0u64, self.last_reading_id());
+        // Invariant: readings with id <= lo were received before since_ms (or do not exist);
+        // the answer is in (lo, hi + 1].
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.readings_after(mid, 1)?.pop() {
+                Some(r) if r.received_time_ms < since_ms => lo = r.id,
+                Some(_) | None => hi = mid,
+            }
+        }
+        Ok(lo + 1)
     }
 
     /// The global log after `after_id`, in id order, at most `limit`: the resume point of

@@ -334,25 +334,41 @@ async fn best_effort_readings_ride_along() {
 }
 
 #[tokio::test]
-async fn devices_roundtrip() {
+async fn records_roundtrip_per_table() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    store.put_device("b", b"rec-b".to_vec()).await.unwrap();
+    let put = |table, id: &str, v: Option<&[u8]>| {
+        store.put_records(table, vec![(id.to_string(), v.map(<[u8]>::to_vec))])
+    };
+    put(Table::Devices, "b", Some(b"rec-b")).await.unwrap();
     store
-        .put_devices(vec![("a".into(), b"rec-a".to_vec()), ("c".into(), vec![])])
+        .put_records(
+            Table::Devices,
+            vec![
+                ("a".into(), Some(b"rec-a".to_vec())),
+                ("c".into(), Some(vec![])),
+            ],
+        )
         .await
         .unwrap();
-    store.put_device("b", b"rec-b2".to_vec()).await.unwrap();
+    put(Table::Devices, "b", Some(b"rec-b2")).await.unwrap();
+    put(Table::Agencies, "env", Some(b"agency")).await.unwrap();
+    put(Table::Agencies, "gone", Some(b"x")).await.unwrap();
+    put(Table::Agencies, "gone", None).await.unwrap();
     store.close().await;
     drop(store);
     let store = open(dir.path());
     assert_eq!(
-        store.load_devices().unwrap(),
+        store.load_records(Table::Devices).unwrap(),
         vec![
             ("a".to_string(), b"rec-a".to_vec()),
             ("b".to_string(), b"rec-b2".to_vec()),
             ("c".to_string(), vec![]),
         ]
+    );
+    assert_eq!(
+        store.load_records(Table::Agencies).unwrap(),
+        vec![("env".to_string(), b"agency".to_vec())]
     );
     store.close().await;
 }

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use fjall::{Database, PersistMode, Slice};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use super::feed::Feed;
 use super::{keys, Keyspaces, StoreError, QUEUE_CAPACITY};
+use crate::proto::Reading;
 
 /// A reading encoded by the caller, waiting for its id.
 pub(super) struct EncodedReading {
@@ -25,6 +27,8 @@ pub(super) struct EncodedReading {
     pub(super) value: Slice,
     /// `by_device` key without the trailing id, with capacity for it.
     pub(super) index_prefix: Vec<u8>,
+    /// The reading itself, for the live feed once committed (moved, never copied).
+    pub(super) reading: Reading,
 }
 
 /// Reply channel of a durable request.
@@ -41,8 +45,10 @@ pub(super) enum Request {
         value: Slice,
         done: Reply<u64>,
     },
-    Devices {
-        records: Vec<(String, Vec<u8>)>,
+    Records {
+        table: super::Table,
+        /// `None` deletes.
+        records: Vec<(String, Option<Vec<u8>>)>,
         done: Reply<()>,
     },
     /// Commit what is queued, then exit.
@@ -55,7 +61,7 @@ impl Request {
         match self {
             Request::Readings { items, .. } => items.len(),
             Request::DeadLetter { .. } => 1,
-            Request::Devices { records, .. } => records.len(),
+            Request::Records { records, .. } => records.len(),
             Request::Shutdown { .. } => 0,
         }
     }
@@ -84,7 +90,7 @@ impl Queued {
 enum Done {
     Readings(Option<Reply<Range<u64>>>, Range<u64>),
     DeadLetter(Reply<u64>, u64),
-    Devices(Reply<()>),
+    Records(Reply<()>),
 }
 
 pub(super) struct Writer {
@@ -97,6 +103,7 @@ pub(super) struct Writer {
     pub(super) next_reading_id: u64,
     pub(super) next_dead_letter_id: u64,
     pub(super) last_reading_id: Arc<AtomicU64>,
+    pub(super) feed: Feed,
 }
 
 /// One group commit being assembled.
@@ -106,6 +113,8 @@ struct Batch {
     weight: usize,
     readings: u64,
     dead_letters: u64,
+    /// Readings with their ids, in id order, for the live feed.
+    committed: Vec<Reading>,
 }
 
 impl Writer {
@@ -166,6 +175,7 @@ impl Writer {
             weight: 0,
             readings: 0,
             dead_letters: 0,
+            committed: Vec::new(),
         }
     }
 
@@ -183,6 +193,9 @@ impl Writer {
                         .wb
                         .insert(&self.ks.by_device, index_key, Slice::empty());
                     self.next_reading_id = id + 1;
+                    let mut reading = item.reading;
+                    reading.id = id;
+                    batch.committed.push(reading);
                 }
                 batch.readings += self.next_reading_id - first;
                 batch
@@ -198,11 +211,19 @@ impl Writer {
                 batch.dead_letters += 1;
                 batch.done.push(Done::DeadLetter(done, id));
             }
-            Request::Devices { records, done } => {
+            Request::Records {
+                table,
+                records,
+                done,
+            } => {
+                let ks = self.ks.table(table);
                 for (id, record) in records {
-                    batch.wb.insert(&self.ks.devices, id, record);
+                    match record {
+                        Some(record) => batch.wb.insert(ks, id, record),
+                        None => batch.wb.remove(ks, id),
+                    }
                 }
-                batch.done.push(Done::Devices(done));
+                batch.done.push(Done::Records(done));
             }
             Request::Shutdown { done } => *shutdown = Some(done),
         }
@@ -241,6 +262,7 @@ impl Writer {
                     .store(self.next_reading_id - 1, Ordering::Release);
                 metrics::counter!("citygw_readings_stored_total").increment(batch.readings);
                 metrics::counter!("citygw_dead_letters_stored_total").increment(batch.dead_letters);
+                self.feed.publish(std::mem::take(&mut batch.committed));
                 None
             }
             Err(e) => {
@@ -261,7 +283,7 @@ impl Writer {
                 Done::DeadLetter(reply, id) => {
                     let _ = reply.send(error.clone().map_or(Ok(id), Err));
                 }
-                Done::Devices(reply) => {
+                Done::Records(reply) => {
                     let _ = reply.send(error.clone().map_or(Ok(()), Err));
                 }
             }

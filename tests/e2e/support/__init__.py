@@ -182,6 +182,18 @@ class Device:
         return f"Device({self.id!r})"
 
 
+class Agency:
+    """An agency of the Telemetry API: its record as the CLI printed it and its bearer token."""
+
+    def __init__(self, record: dict, token: str):
+        self.record = record
+        self.name: str = record["name"]
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"Agency({self.name!r})"
+
+
 class Gateway:
     """One `citygw run` process with its own data dir and loopback ports.
 
@@ -189,7 +201,7 @@ class Gateway:
     TIME_WAIT never matter)."""
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1", env: dict[str, str] | None = None,
-                 name: str = "gateway"):
+                 name: str = "gateway", config: Path | None = None):
         if not CITYGW_BIN.exists():
             raise FileNotFoundError(
                 f"citygw binary not found at {CITYGW_BIN}: run tests/run (it builds it) "
@@ -202,6 +214,7 @@ class Gateway:
         self.name = name
         self.token = "adm-" + uuid.uuid4().hex
         self.extra_env = dict(env or {})
+        self.config = Path(config) if config is not None else None
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.mqtt_port = self.grpc_port = self.http_port = 0
@@ -244,7 +257,10 @@ class Gateway:
             log.write(f"\n----- start #{self.starts}: mqtt {self.mqtt_listen} grpc {self.grpc_port} "
                       f"http {self.http_port} -----\n".encode())
             log.flush()
-            self.proc = subprocess.Popen([str(CITYGW_BIN), "run"], env=self.env(),
+            argv = [str(CITYGW_BIN), "run"]
+            if self.config is not None:
+                argv += ["--config", str(self.config)]
+            self.proc = subprocess.Popen(argv, env=self.env(),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          cwd=self.workdir)
         self.wait_ready(timeout)
@@ -385,6 +401,26 @@ class Gateway:
             assert out["secret"] == secret, out
         return Device(out["device"], out["secret"])
 
+    def add_agency(self, name: str | None = None, tenants: Iterable[str] = ("*",),
+                   kinds: Iterable[str] = ("*",), kpi: bool = False) -> "Agency":
+        """`citygw agency add NAME --tenant T.. --kind K.. [--kpi]`: the agency and its token."""
+        name = name or unique_id("agency")
+        args = ["agency", "add", name]
+        for t in tenants:
+            args += ["--tenant", t]
+        for k in kinds:
+            args += ["--kind", k]
+        if kpi:
+            args.append("--kpi")
+        out = self.cli(*args)
+        assert isinstance(out, dict) and "agency" in out and out.get("token"), out
+        return Agency(out["agency"], out["token"])
+
+    def remove_agency(self, name: str) -> None:
+        proc = self.cli_raw("agency", "remove", name, output_json=False)
+        if proc.returncode != 0:
+            raise CliError(["agency", "remove", name], proc)
+
     def readings(self, device_id: str, *extra: str, limit: int = 100000) -> list[dict]:
         out = self.cli("readings", device_id, "--limit", str(limit), *extra)
         assert isinstance(out, list), out
@@ -422,10 +458,17 @@ class GatewayFactory:
         self.dirs: list[Path] = []
 
     def __call__(self, host: str = "127.0.0.1", env: dict[str, str] | None = None,
-                 start: bool = True) -> Gateway:
+                 start: bool = True, config_toml: str | None = None) -> Gateway:
+        """A fresh gateway; `config_toml`, when given, is written to the gateway's dir and passed
+        to `citygw run --config` (CITYGW_* overrides from `env` still apply on top)."""
         d = Path(tempfile.mkdtemp(prefix="citygw-e2e-"))
         self.dirs.append(d)
-        gw = Gateway(d, host=host, env=env, name=f"{self.name}#{len(self.gateways) + 1}")
+        config = None
+        if config_toml is not None:
+            config = d / "citygw.toml"
+            config.write_text(config_toml)
+        gw = Gateway(d, host=host, env=env, name=f"{self.name}#{len(self.gateways) + 1}",
+                     config=config)
         self.gateways.append(gw)
         if start:
             gw.start()
@@ -478,6 +521,7 @@ class MqttClient:
         self.disconnected = threading.Event()
         self.disconnect_reason: Any = None
         self.acks: dict[int, int] = {}
+        self.ack_times: dict[int, float] = {}
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
@@ -504,6 +548,7 @@ class MqttClient:
     def _on_publish(self, client, userdata, mid, reason, properties):
         with self._cv:
             self.acks[mid] = reason.value if reason is not None else 0
+            self.ack_times[mid] = time.monotonic()
             self._cv.notify_all()
 
     def connect(self, timeout: float = 15.0) -> int | None:
@@ -544,6 +589,38 @@ class MqttClient:
             return 0
         return self.wait_ack(info.mid, timeout)
 
+    def publish_many(self, topic: str, payloads: Iterable[bytes | str], qos: int = 1,
+                     max_inflight: int = 20, timeout: float = 60.0) -> list[tuple[int | None, float]]:
+        """Publish in order with at most `max_inflight` awaiting their PUBACK (a device's
+        pipeline); return, per payload, its PUBACK reason code (None: connection closed first)
+        and the seconds from handing it to paho to its PUBACK. Message ids must not wrap:
+        at most 65535 messages per client."""
+        deadline = time.monotonic() + timeout
+        sent: list[tuple[int, float]] = []
+        pending: set[int] = set()
+
+        def room() -> bool:
+            pending.difference_update([m for m in pending if m in self.acks])
+            return len(pending) < max_inflight or self.disconnected.is_set()
+
+        for payload in payloads:
+            with self._cv:
+                ok = self._cv.wait_for(room, max(0.0, deadline - time.monotonic()))
+            assert ok, f"{self.client_id}: {len(pending)} PUBACKs outstanding after {timeout}s"
+            if self.disconnected.is_set():
+                break
+            t0 = time.monotonic()
+            info = self.publish_async(topic, payload, qos)
+            assert info.rc == 0, f"{self.client_id}: publish failed locally (rc {info.rc})"
+            sent.append((info.mid, t0))
+            pending.add(info.mid)
+        with self._cv:
+            ok = self._cv.wait_for(lambda: (room() and not pending) or self.disconnected.is_set(),
+                                   max(0.0, deadline - time.monotonic()))
+            assert ok, f"{self.client_id}: {len(pending)} PUBACKs outstanding after {timeout}s"
+            return [(self.acks.get(mid), self.ack_times[mid] - t0 if mid in self.ack_times else float("inf"))
+                    for mid, t0 in sent]
+
     def wait_disconnected(self, timeout: float = 10.0) -> bool:
         return self.disconnected.wait(timeout)
 
@@ -579,7 +656,8 @@ def connack_of(gw: Gateway, version: int, client_id: str, username: str | None,
 
 
 def mosquitto_pub(gw: Gateway, device: Device, topic: str, *, message: str | None = None,
-                  file: Path | None = None, version: int = 311, qos: int = 1,
+                  file: Path | None = None, lines: Iterable[str] | None = None,
+                  version: int = 311, qos: int = 1,
                   properties: Iterable[tuple[str, str, str]] = (), password: str | None = None,
                   timeout: float = 30.0) -> subprocess.CompletedProcess:
     exe = shutil.which("mosquitto_pub")
@@ -590,12 +668,29 @@ def mosquitto_pub(gw: Gateway, device: Device, topic: str, *, message: str | Non
             "-t", topic]
     for cmd, ident, value in properties:
         argv += ["-D", cmd, ident, value]
+    stdin_text = None
     if message is not None:
         argv += ["-m", message]
     elif file is not None:
         argv += ["-f", str(file)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    elif lines is not None:
+        # -l: one message per stdin line, all over one connection, in order
+        argv += ["-l"]
+        stdin_text = "".join(line + "\n" for line in lines)
+    if stdin_text is None:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin_text)
+
+
+def publish_json(gw: Gateway, device: Device, *payloads: Any, version: int = 311,
+                 timeout: float = 30.0) -> None:
+    """Publish each payload (JSON-encoded) as one QoS 1 message with mosquitto_pub, all over one
+    connection and in order; returns once every one is PUBACKed (stored)."""
+    lines = [p if isinstance(p, str) else json.dumps(p) for p in payloads]
+    assert all("\n" not in line for line in lines)
+    p = mosquitto_pub(gw, device, device.topic, lines=lines, version=version, timeout=timeout)
+    assert p.returncode == 0, f"mosquitto_pub for {device} exited {p.returncode}: {p.stderr}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 use crate::pipeline::now_ms;
 use crate::proto::admin_server::Admin;
 use crate::proto::*;
+use crate::registry::agencies::{Agencies, Agency};
 use crate::registry::{NewDevice, Registry, RegistryError};
 use crate::store::{Store, StoreError};
 
@@ -16,7 +17,18 @@ const MAX_IMPORT: usize = 50_000;
 
 pub struct AdminService {
     pub registry: Registry,
+    pub agencies: Agencies,
     pub store: Store,
+}
+
+fn agency_info(a: &Agency) -> AgencyInfo {
+    AgencyInfo {
+        name: a.name.clone(),
+        tenants: a.tenants.clone(),
+        kinds: a.kinds.clone(),
+        kpi: a.kpi,
+        from_config: a.from_config,
+    }
 }
 
 fn limit(requested: u32) -> usize {
@@ -27,7 +39,9 @@ fn limit(requested: u32) -> usize {
 }
 
 fn new_device(req: AddDeviceRequest) -> Result<NewDevice, Status> {
-    let d = req.device.ok_or_else(|| Status::invalid_argument("device is required"))?;
+    let d = req
+        .device
+        .ok_or_else(|| Status::invalid_argument("device is required"))?;
     Ok(NewDevice {
         id: d.id,
         tenant: d.tenant,
@@ -56,11 +70,17 @@ fn store_status(e: StoreError) -> Status {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn add_device(&self, req: Request<AddDeviceRequest>) -> Result<Response<AddDeviceResponse>, Status> {
+    async fn add_device(
+        &self,
+        req: Request<AddDeviceRequest>,
+    ) -> Result<Response<AddDeviceResponse>, Status> {
         let new = new_device(req.into_inner())?;
         let (device, secret) = self.registry.add(new, now_ms()).await.map_err(status)?;
         tracing::info!(device = %device.id, tenant = %device.tenant, kind = %device.kind, "device added");
-        Ok(Response::new(AddDeviceResponse { device: Some(device), secret }))
+        Ok(Response::new(AddDeviceResponse {
+            device: Some(device),
+            secret,
+        }))
     }
 
     async fn import_devices(
@@ -69,10 +89,18 @@ impl Admin for AdminService {
     ) -> Result<Response<ImportDevicesResponse>, Status> {
         let rows = req.into_inner().devices;
         if rows.len() > MAX_IMPORT {
-            return Err(Status::invalid_argument(format!("at most {MAX_IMPORT} devices per call")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_IMPORT} devices per call"
+            )));
         }
-        let ids: Vec<String> = rows.iter().map(|r| r.device.as_ref().map(|d| d.id.clone()).unwrap_or_default()).collect();
-        let news = rows.into_iter().map(new_device).collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<String> = rows
+            .iter()
+            .map(|r| r.device.as_ref().map(|d| d.id.clone()).unwrap_or_default())
+            .collect();
+        let news = rows
+            .into_iter()
+            .map(new_device)
+            .collect::<Result<Vec<_>, _>>()?;
         let results = self.registry.import(news, now_ms()).await.map_err(status)?;
         let ok = results.iter().filter(|r| r.is_ok()).count();
         tracing::info!(ok, failed = results.len() - ok, "devices imported");
@@ -80,28 +108,54 @@ impl Admin for AdminService {
             .into_iter()
             .zip(results)
             .map(|(device_id, r)| match r {
-                Ok((_, secret)) => ImportResult { device_id, ok: true, error: String::new(), secret },
-                Err(e) => ImportResult { device_id, ok: false, error: e.to_string(), secret: String::new() },
+                Ok((_, secret)) => ImportResult {
+                    device_id,
+                    ok: true,
+                    error: String::new(),
+                    secret,
+                },
+                Err(e) => ImportResult {
+                    device_id,
+                    ok: false,
+                    error: e.to_string(),
+                    secret: String::new(),
+                },
             })
             .collect();
         Ok(Response::new(ImportDevicesResponse { results }))
     }
 
-    async fn list_devices(&self, req: Request<ListDevicesRequest>) -> Result<Response<ListDevicesResponse>, Status> {
+    async fn list_devices(
+        &self,
+        req: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
         let r = req.into_inner();
-        let devices = self.registry.list(&r.tenant, &r.kind, &r.after_id, limit(r.limit));
+        let devices = self
+            .registry
+            .list(&r.tenant, &r.kind, &r.after_id, limit(r.limit));
         Ok(Response::new(ListDevicesResponse { devices }))
     }
 
     async fn get_device(&self, req: Request<GetDeviceRequest>) -> Result<Response<Device>, Status> {
         let id = req.into_inner().id;
-        let device = self.registry.get(&id).ok_or_else(|| Status::not_found(format!("device {id:?} not found")))?;
+        let device = self
+            .registry
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("device {id:?} not found")))?;
         Ok(Response::new(device.to_proto()))
     }
 
-    async fn set_device_enabled(&self, req: Request<SetDeviceEnabledRequest>) -> Result<Response<Device>, Status> {
+    async fn set_device_enabled(
+        &self,
+        req: Request<SetDeviceEnabledRequest>,
+    ) -> Result<Response<Device>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(self.registry.set_enabled(&r.id, r.enabled).await.map_err(status)?))
+        Ok(Response::new(
+            self.registry
+                .set_enabled(&r.id, r.enabled)
+                .await
+                .map_err(status)?,
+        ))
     }
 
     async fn list_dead_letters(
@@ -111,10 +165,12 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let device = Some(r.device_id).filter(|d| !d.is_empty());
         let store = self.store.clone();
-        let dead_letters = tokio::task::spawn_blocking(move || store.dead_letters(device.as_deref(), r.after_id, limit(r.limit)))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(store_status)?;
+        let dead_letters = tokio::task::spawn_blocking(move || {
+            store.dead_letters(device.as_deref(), r.after_id, limit(r.limit))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(store_status)?;
         Ok(Response::new(ListDeadLettersResponse { dead_letters }))
     }
 
@@ -129,10 +185,52 @@ impl Admin for AdminService {
         let from = if r.from_ms == 0 { i64::MIN } else { r.from_ms };
         let to = if r.to_ms == 0 { i64::MAX } else { r.to_ms };
         let store = self.store.clone();
-        let readings = tokio::task::spawn_blocking(move || store.device_readings(&r.device_id, from, to, limit(r.limit)))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(store_status)?;
+        let readings = tokio::task::spawn_blocking(move || {
+            store.device_readings(&r.device_id, from, to, limit(r.limit))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(store_status)?;
         Ok(Response::new(QueryReadingsResponse { readings }))
+    }
+
+    async fn add_agency(
+        &self,
+        req: Request<AddAgencyRequest>,
+    ) -> Result<Response<AddAgencyResponse>, Status> {
+        let r = req.into_inner();
+        let (agency, token) = self
+            .agencies
+            .add(&r.name, r.tenants, r.kinds, r.kpi)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(AddAgencyResponse {
+            agency: Some(agency_info(&agency)),
+            token,
+        }))
+    }
+
+    async fn list_agencies(
+        &self,
+        _req: Request<ListAgenciesRequest>,
+    ) -> Result<Response<ListAgenciesResponse>, Status> {
+        let agencies = self
+            .agencies
+            .list()
+            .iter()
+            .map(|a| agency_info(a))
+            .collect();
+        Ok(Response::new(ListAgenciesResponse { agencies }))
+    }
+
+    async fn remove_agency(
+        &self,
+        req: Request<RemoveAgencyRequest>,
+    ) -> Result<Response<RemoveAgencyResponse>, Status> {
+        self.agencies
+            .remove(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RemoveAgencyResponse {}))
     }
 }

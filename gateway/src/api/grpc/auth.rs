@@ -12,22 +12,30 @@ pub struct BearerToken {
 
 impl BearerToken {
     pub fn new(token: String) -> Self {
-        Self { token: token.into() }
+        Self {
+            token: token.into(),
+        }
     }
+}
+
+/// The token of `authorization: Bearer <token>`.
+pub fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))
 }
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
-        let presented = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
-        if constant_time_eq(presented.trim().as_bytes(), self.token.as_bytes()) {
+        let presented = bearer(&request)?;
+        if constant_time_eq(presented.as_bytes(), self.token.as_bytes()) {
             Ok(request)
         } else {
             metrics::counter!("citygw_api_auth_failures_total", "api" => "admin").increment(1);

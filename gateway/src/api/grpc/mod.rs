@@ -1,7 +1,9 @@
-//! The gRPC server on one port: the admin service and standard health checking.
+//! The gRPC server on one port: the agency API (Telemetry), the admin API, standard health
+//! checking and server reflection (so grpcurl works without the .proto files).
 
 mod admin;
 mod auth;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 
@@ -11,33 +13,67 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Pipeline;
 use crate::proto::admin_server::AdminServer;
+use crate::proto::telemetry_server::TelemetryServer;
+use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
 
 pub struct GrpcServer {
     pub listen: SocketAddr,
     pub admin_token: String,
+    pub subscription_buffer: usize,
     pub registry: Registry,
+    pub agencies: Agencies,
     pub pipeline: Pipeline,
 }
 
 impl GrpcServer {
     /// Binds now (so a taken port fails the start) and serves until `shutdown`.
-    pub async fn start(self, shutdown: CancellationToken) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
+    pub async fn start(
+        self,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await
             .map_err(|e| anyhow::anyhow!("grpc listener {}: {e}", self.listen))?;
         tracing::info!(listen = %self.listen, "grpc listening");
+        let store = self.pipeline.store().clone();
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<AdminServer<admin::AdminService>>().await;
+        health_reporter
+            .set_serving::<AdminServer<admin::AdminService>>()
+            .await;
+        health_reporter
+            .set_serving::<TelemetryServer<telemetry::TelemetryService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
         let admin = AdminServer::with_interceptor(
-            admin::AdminService { registry: self.registry, store: self.pipeline.store().clone() },
+            admin::AdminService {
+                registry: self.registry.clone(),
+                agencies: self.agencies.clone(),
+                store: store.clone(),
+            },
             auth::BearerToken::new(self.admin_token),
+        );
+        let telemetry = TelemetryServer::with_interceptor(
+            telemetry::TelemetryService {
+                store,
+                registry: self.registry,
+                agencies: self.agencies.clone(),
+                subscription_buffer: self.subscription_buffer,
+            },
+            telemetry::AgencyAuth {
+                agencies: self.agencies,
+            },
         );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         Ok(async move {
             tonic::transport::Server::builder()
                 .add_service(health)
+                .add_service(reflection)
                 .add_service(admin)
+                .add_service(telemetry)
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await
                 .map_err(|e| anyhow::anyhow!("grpc server: {e}"))

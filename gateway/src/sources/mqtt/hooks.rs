@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
 use rmqtt::session::Session;
-use rmqtt::types::{AuthResult, ConnectInfo, Publish, PublishAclResult, PublishResult, QoS, SubscribeReturn};
+use rmqtt::types::{
+    AuthResult, ConnectInfo, Publish, PublishAclResult, PublishResult, QoS, SubscribeReturn,
+};
 
 use super::topic::{self, Topic};
 use crate::codec::Format;
@@ -28,9 +30,10 @@ pub struct Hooks {
 impl Handler for Hooks {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
-            Parameter::ClientAuthenticate(ci) => {
-                (false, Some(HookResult::AuthResult(self.authenticate(ci).await)))
-            }
+            Parameter::ClientAuthenticate(ci) => (
+                false,
+                Some(HookResult::AuthResult(self.authenticate(ci).await)),
+            ),
             Parameter::ClientConnected(s) => {
                 if let Some(device) = self.registry.get(&s.id.client_id) {
                     device.session_opened();
@@ -51,15 +54,17 @@ impl Handler for Hooks {
                 let result = if allowed {
                     SubscribeReturn::new_success(sub.opts.qos(), None)
                 } else {
-                    metrics::counter!("citygw_subscribe_denied_total", "protocol" => PROTOCOL).increment(1);
+                    metrics::counter!("citygw_subscribe_denied_total", "protocol" => PROTOCOL)
+                        .increment(1);
                     tracing::warn!(device = %s.id.client_id, filter = %sub.topic_filter, "subscription denied");
                     SubscribeReturn::new_failure(SubscribeAckReason::NotAuthorized)
                 };
                 (false, Some(HookResult::SubscribeAclResult(result)))
             }
-            Parameter::MessagePublishCheckAcl(s, p) => {
-                (false, Some(HookResult::PublishAclResult(self.publish(s, p).await)))
-            }
+            Parameter::MessagePublishCheckAcl(s, p) => (
+                false,
+                Some(HookResult::PublishAclResult(self.publish(s, p).await)),
+            ),
             _ => (true, acc),
         }
     }
@@ -75,7 +80,11 @@ impl Hooks {
             // One identity per connection: a device may not log in as itself and publish as
             // another client id.
             Some(user) if user != client_id => Err(AuthError::BadCredentials),
-            Some(user) => self.registry.authenticate(user, ci.password().map(|p| p.as_ref())).await.map(|_| ()),
+            Some(user) => self
+                .registry
+                .authenticate(user, ci.password().map(|p| p.as_ref()))
+                .await
+                .map(|_| ()),
         };
         match result {
             Ok(()) => AuthResult::Allow(false, None),
@@ -101,22 +110,60 @@ impl Hooks {
             return refuse(PublishAckReason::NotAuthorized, "device disabled", true);
         };
         let format = match topic::parse(&p.topic) {
-            Topic::Telemetry { device_id: claimed, .. } if claimed != device_id => {
-                let rejection = Rejection::new("spoofed_topic", format!("device {device_id} published for {claimed}"));
+            Topic::Telemetry {
+                device_id: claimed, ..
+            } if claimed != device_id => {
+                let rejection = Rejection::new(
+                    "spoofed_topic",
+                    format!("device {device_id} published for {claimed}"),
+                );
                 // Nothing of a spoofed message is kept, only the fact that it was tried.
-                self.pipeline.refuse(device_id, Protocol::Mqtt, &p.topic, None, p.payload.len(), &rejection).await;
+                self.pipeline
+                    .refuse(
+                        device_id,
+                        Protocol::Mqtt,
+                        &p.topic,
+                        None,
+                        p.payload.len(),
+                        &rejection,
+                    )
+                    .await;
                 // MQTT 3.1.1 cannot refuse a PUBLISH in its PUBACK, so the connection goes.
                 return refuse(PublishAckReason::NotAuthorized, &rejection.to_string(), !v5);
             }
-            Topic::Telemetry { format: Some(name), .. } => Format::from_name(name).ok_or(name),
-            Topic::Telemetry { format: None, .. } => Ok(content_type_format(p).unwrap_or(Format::Json)),
+            Topic::Telemetry {
+                format: Some(name), ..
+            } => Format::from_name(name).ok_or(name),
+            Topic::Telemetry { format: None, .. } => {
+                Ok(content_type_format(p).unwrap_or(Format::Json))
+            }
             Topic::Other => {
-                let rejection = Rejection::new("bad_topic", "devices publish to devices/{id}/telemetry[/{format}]");
-                self.pipeline.refuse(device_id, Protocol::Mqtt, &p.topic, Some(&p.payload), p.payload.len(), &rejection).await;
-                return refuse(PublishAckReason::TopicNameInvalid, &rejection.to_string(), false);
+                let rejection = Rejection::new(
+                    "bad_topic",
+                    "devices publish to devices/{id}/telemetry[/{format}]",
+                );
+                self.pipeline
+                    .refuse(
+                        device_id,
+                        Protocol::Mqtt,
+                        &p.topic,
+                        Some(&p.payload),
+                        p.payload.len(),
+                        &rejection,
+                    )
+                    .await;
+                return refuse(
+                    PublishAckReason::TopicNameInvalid,
+                    &rejection.to_string(),
+                    false,
+                );
             }
         };
-        let delivery = if p.qos == QoS::AtMostOnce { Delivery::BestEffort } else { Delivery::Durable };
+        let delivery = if p.qos == QoS::AtMostOnce {
+            Delivery::BestEffort
+        } else {
+            Delivery::Durable
+        };
         let inbound = Inbound {
             device: &device,
             protocol: Protocol::Mqtt,
@@ -129,21 +176,37 @@ impl Hooks {
             Ok(_) => PublishAclResult::allow(),
             // The refusal is durably dead-lettered, so for 3.1.1 a plain PUBACK is honest; MQTT 5
             // carries the reason.
-            Err(IngestError::Rejected(r)) => refuse(PublishAckReason::PayloadFormatInvalid, &r.to_string(), false),
+            Err(IngestError::Rejected(r)) => refuse(
+                PublishAckReason::PayloadFormatInvalid,
+                &r.to_string(),
+                false,
+            ),
             Err(IngestError::Store(e)) => {
                 tracing::error!(device = device_id, error = %e, "reading not stored");
                 // Never acknowledge what is not on disk: 3.1.1 clients learn it by the disconnect
                 // and resend; MQTT 5 clients get an error PUBACK.
-                refuse(PublishAckReason::UnspecifiedError, "gateway store unavailable", !v5)
+                refuse(
+                    PublishAckReason::UnspecifiedError,
+                    "gateway store unavailable",
+                    !v5,
+                )
             }
         }
     }
 }
 
 fn content_type_format(p: &Publish) -> Option<Format> {
-    p.properties.as_ref()?.content_type.as_deref().and_then(Format::from_content_type)
+    p.properties
+        .as_ref()?
+        .content_type
+        .as_deref()
+        .and_then(Format::from_content_type)
 }
 
 fn refuse(code: PublishAckReason, reason: &str, disconnect: bool) -> PublishAclResult {
-    PublishAclResult(PublishResult::reason_code(code, Some(reason.into()), disconnect))
+    PublishAclResult(PublishResult::reason_code(
+        code,
+        Some(reason.into()),
+        disconnect,
+    ))
 }

@@ -31,7 +31,10 @@ impl super::Source for MqttSource {
         "mqtt"
     }
 
-    fn start(self: Box<Self>, shutdown: CancellationToken) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
+    fn start(
+        self: Box<Self>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
         let cfg = &self.config;
         let listener = Builder::new()
             .name("mqtt")
@@ -53,7 +56,10 @@ impl super::Source for MqttSource {
             // shared 2-core host that would turn noise into refused devices. Handshake
             // concurrency is bounded by `max_handshaking` instead.
             let scx = ServerContext::new().busy_check_enable(false).build().await;
-            let hooks = hooks::Hooks { registry: self.registry.clone(), pipeline: self.pipeline };
+            let hooks = hooks::Hooks {
+                registry: self.registry.clone(),
+                pipeline: self.pipeline,
+            };
             let register = scx.extends.hook_mgr().register();
             for typ in [
                 Type::ClientAuthenticate,
@@ -88,8 +94,12 @@ async fn kick_disabled(scx: ServerContext, registry: Registry) {
                 let mut entry = scx.extends.shared().await.entry(id);
                 if entry.session().is_some() {
                     match entry.kick(true, true, true).await {
-                        Ok(_) => tracing::info!(device = %device_id, "disabled device disconnected"),
-                        Err(e) => tracing::warn!(device = %device_id, error = %e, "could not disconnect disabled device"),
+                        Ok(_) => {
+                            tracing::info!(device = %device_id, "disabled device disconnected")
+                        }
+                        Err(e) => {
+                            tracing::warn!(device = %device_id, error = %e, "could not disconnect disabled device")
+                        }
                     }
                 }
             }
