@@ -49,6 +49,11 @@ pub struct MqttBenchArgs {
     /// Total messages per second across all connections; 0 = as fast as acks allow.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Add a quantity `sent_us` (this publisher's wall clock, Unix microseconds, taken when the
+    /// payload is built) to every payload, for `device-sim bench fanout`'s publish-to-subscriber
+    /// latency. The gateway then stores four readings per message instead of three.
+    #[arg(long)]
+    pub stamp: bool,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -89,6 +94,8 @@ pub struct MqttBenchReport {
     pub inflight_per_connection: u16,
     pub payload_bytes: usize,
     pub rate_target_msgs_per_sec: f64,
+    /// Payloads carried the `sent_us` quantity (`--stamp`).
+    pub stamped: bool,
     pub warmup_secs: u64,
     pub measured_secs: f64,
     /// QoS1: messages whose PUBACK arrived in the window; QoS0: messages written in it.
@@ -132,6 +139,7 @@ pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
         payload_bytes: args.payload_bytes,
         per_conn_interval: (args.rate > 0.0).then(|| Duration::from_secs_f64(n as f64 / args.rate)),
         connections: n,
+        stamp: args.stamp,
     };
     let handles = {
         let (live, progress) = (live.clone(), progress.clone());
@@ -197,6 +205,7 @@ pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
         inflight_per_connection: args.inflight,
         payload_bytes: args.payload_bytes,
         rate_target_msgs_per_sec: args.rate,
+        stamped: args.stamp,
         warmup_secs: args.warmup,
         measured_secs: measured,
         messages: counted,
@@ -235,6 +244,7 @@ struct Load {
     payload_bytes: usize,
     per_conn_interval: Option<Duration>,
     connections: usize,
+    stamp: bool,
 }
 
 /// Runs one connection: waits for the window, publishes until it ends, measures acks.
@@ -405,11 +415,17 @@ async fn produce(
         if let Some(t) = ticker.as_mut() {
             t.tick().await;
         }
-        let ts = SystemTime::now()
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        payload::reading(&mut buf, seq, ts, load.payload_bytes);
+            .unwrap_or_default();
+        let sent_us = load.stamp.then(|| now.as_micros() as u64);
+        payload::reading(
+            &mut buf,
+            seq,
+            now.as_millis() as u64,
+            sent_us,
+            load.payload_bytes,
+        );
         seq += 1;
         if client
             .publish(topic.as_str(), load.qos, false, buf.as_bytes().to_vec())

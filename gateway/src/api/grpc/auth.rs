@@ -32,14 +32,22 @@ pub fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))
 }
 
+/// Counts a refused call of `api` (missing, malformed or unknown token alike).
+pub fn refused(api: &'static str, status: Status) -> Status {
+    metrics::counter!("citygw_api_auth_failures_total", "api" => api).increment(1);
+    status
+}
+
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = bearer(&request)?;
+        let presented = bearer(&request).map_err(|s| refused("admin", s))?;
         if constant_time_eq(presented.as_bytes(), self.token.as_bytes()) {
             Ok(request)
         } else {
-            metrics::counter!("citygw_api_auth_failures_total", "api" => "admin").increment(1);
-            Err(Status::unauthenticated("invalid admin token"))
+            Err(refused(
+                "admin",
+                Status::unauthenticated("invalid admin token"),
+            ))
         }
     }
 }

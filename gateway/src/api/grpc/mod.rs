@@ -44,10 +44,14 @@ impl GrpcServer {
         health_reporter
             .set_serving::<TelemetryServer<telemetry::TelemetryService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Both reflection versions: grpcurl speaks v1, many clients (grpcio-reflection) v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
         let admin = AdminServer::with_interceptor(
             admin::AdminService {
                 registry: self.registry.clone(),
@@ -71,7 +75,8 @@ impl GrpcServer {
         Ok(async move {
             tonic::transport::Server::builder()
                 .add_service(health)
-                .add_service(reflection)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .add_service(admin)
                 .add_service(telemetry)
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

@@ -36,11 +36,12 @@ pub struct AgencyAuth {
 
 impl tonic::service::Interceptor for AgencyAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let token = super::auth::bearer(&request)?;
-        let agency = self.agencies.authenticate(token).ok_or_else(|| {
-            metrics::counter!("citygw_api_auth_failures_total", "api" => "telemetry").increment(1);
-            Status::unauthenticated("unknown agency token")
-        })?;
+        use super::auth::{bearer, refused};
+        let token = bearer(&request).map_err(|s| refused("telemetry", s))?;
+        let agency = self
+            .agencies
+            .authenticate(token)
+            .ok_or_else(|| refused("telemetry", Status::unauthenticated("unknown agency token")))?;
         request.extensions_mut().insert(agency);
         Ok(request)
     }

@@ -44,10 +44,20 @@ impl Subscription {
     /// Starts the subscription task and returns the stream the client reads.
     pub async fn start(self, resume: Option<ResumePoint>) -> Result<ReadingStream, Status> {
         let feed = self.store.subscribe();
+        let last = self.store.last_reading_id();
+        let mut since = None;
         let cursor = match resume.and_then(|r| r.point) {
-            None => self.store.last_reading_id(),
+            None => last,
+            // A resume point this store never handed out means the client talks to another
+            // (or a wiped) store: following it silently would lose data.
+            Some(Point::AfterId(id)) if id > last => {
+                return Err(Status::out_of_range(format!(
+                    "resume after_id {id} is beyond the newest stored reading ({last})"
+                )));
+            }
             Some(Point::AfterId(id)) => id,
             Some(Point::SinceMs(ms)) => {
+                since = Some(ms);
                 let store = self.store.clone();
                 blocking(move || store.first_reading_received_since(ms)).await? - 1
             }
@@ -57,7 +67,7 @@ impl Subscription {
         let agency = self.agency.name.clone();
         metrics::gauge!("citygw_subscribers", "agency" => agency.clone()).increment(1.0);
         tokio::spawn(async move {
-            let end = self.run(feed, cursor, tx).await;
+            let end = self.run(feed, cursor, since, tx).await;
             metrics::gauge!("citygw_subscribers", "agency" => agency).decrement(1.0);
             if let End::Tell(status) = end {
                 let _ = end_tx.send(status);
@@ -69,14 +79,19 @@ impl Subscription {
         Ok(Box::pin(readings.chain(ending)))
     }
 
+    /// `since`: only readings received at or after it (a resume by time may name the future).
     async fn run(
         self,
         mut feed: broadcast::Receiver<crate::store::Committed>,
         mut cursor: u64,
+        since: Option<i64>,
         tx: mpsc::Sender<Reading>,
     ) -> End {
+        let wanted = |r: &Reading| {
+            self.selection.matches(r) && since.is_none_or(|s| r.received_time_ms >= s)
+        };
         let streamed = metrics::counter!("citygw_readings_streamed_total", "agency" => self.agency.name.clone());
-        if let Err(end) = self.catch_up(&mut cursor, &tx, &streamed).await {
+        if let Err(end) = self.catch_up(&mut cursor, &wanted, &tx, &streamed).await {
             return end;
         }
         loop {
@@ -86,12 +101,12 @@ impl Subscription {
             };
             match batch {
                 Ok(batch) => {
-                    if !self.agencies.is_current(&self.agency) {
-                        return End::Tell(Status::unauthenticated("agency token revoked"));
+                    if let Err(end) = self.still_authorised() {
+                        return end;
                     }
                     let seen = cursor;
                     for r in batch.iter().filter(|r| r.id > seen) {
-                        if self.selection.matches(r) {
+                        if wanted(r) {
                             match tx.try_send(r.clone()) {
                                 Ok(()) => streamed.increment(1),
                                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -105,7 +120,7 @@ impl Subscription {
                 }
                 // This task (not the client) fell behind the feed: the store has it all.
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    if let Err(end) = self.catch_up(&mut cursor, &tx, &streamed).await {
+                    if let Err(end) = self.catch_up(&mut cursor, &wanted, &tx, &streamed).await {
                         return end;
                     }
                 }
@@ -123,10 +138,12 @@ impl Subscription {
     async fn catch_up(
         &self,
         cursor: &mut u64,
+        wanted: &impl Fn(&Reading) -> bool,
         tx: &mpsc::Sender<Reading>,
         streamed: &metrics::Counter,
     ) -> Result<(), End> {
         loop {
+            self.still_authorised()?;
             let (store, after) = (self.store.clone(), *cursor);
             let page = blocking(move || store.readings_after(after, CATCH_UP_PAGE))
                 .await
@@ -134,11 +151,21 @@ impl Subscription {
             let Some(last) = page.last().map(|r| r.id) else {
                 return Ok(());
             };
-            for r in page.into_iter().filter(|r| self.selection.matches(r)) {
+            for r in page.into_iter().filter(|r| wanted(r)) {
                 tx.send(r).await.map_err(|_| End::Quiet)?;
                 streamed.increment(1);
+                // A page can take the client a while; a revoked token stops it mid-page.
+                self.still_authorised()?;
             }
             *cursor = last;
+        }
+    }
+
+    fn still_authorised(&self) -> Result<(), End> {
+        if self.agencies.is_current(&self.agency) {
+            Ok(())
+        } else {
+            Err(End::Tell(Status::unauthenticated("agency token revoked")))
         }
     }
 
