@@ -57,6 +57,13 @@ pub(super) fn index_prefix(device_id: &str, device_time_ms: i64) -> Vec<u8> {
     key
 }
 
+/// Device time of a `by_device` key (the 8 bytes before the trailing id).
+pub(super) fn parse_index_time(key: &[u8]) -> Option<i64> {
+    let end = key.len().checked_sub(8)?;
+    let bytes: [u8; 8] = key.get(end.checked_sub(8)?..end)?.try_into().ok()?;
+    Some((u64::from_be_bytes(bytes) ^ (1 << 63)) as i64)
+}
+
 /// Full `by_device` key.
 pub(super) fn index_key(device_id: &str, device_time_ms: i64, id: u64) -> Vec<u8> {
     let mut key = index_prefix(device_id, device_time_ms);
@@ -95,6 +102,7 @@ mod tests {
         let k = index_key("dev-1", -5, 42);
         assert_eq!(k.len(), index_key_len("dev-1".len()));
         assert_eq!(parse_id(&k), Some(42));
+        assert_eq!(parse_index_time(&k), Some(-5));
         assert!(index_range("dev-1", -5, -5).contains(&k));
         assert!(!index_range("dev-1", -4, 10).contains(&k));
     }

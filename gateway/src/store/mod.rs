@@ -14,6 +14,7 @@ mod keys;
 mod readings;
 mod records;
 mod retention;
+mod runs;
 mod writer;
 
 #[cfg(test)]
@@ -147,10 +148,14 @@ impl Store {
             .with_context(|| format!("opening store at {}", dir.display()))?;
         let ks = Keyspaces::open(&db).context("opening store keyspaces")?;
 
-        let next_reading_id = next_id(&ks.log, &ks.meta, keys::META_NEXT_READING_ID)?;
-        let next_dead_letter_id =
-            next_id(&ks.dead_letters, &ks.meta, keys::META_NEXT_DEAD_LETTER_ID)?;
-        let last_reading_id = Arc::new(AtomicU64::new(last_id(&ks.log)?.unwrap_or(0)));
+        let last_reading = last_reading_id(&ks.log)?;
+        let next_reading_id = next_id(last_reading, &ks.meta, keys::META_NEXT_READING_ID)?;
+        let next_dead_letter_id = next_id(
+            last_id(&ks.dead_letters)?,
+            &ks.meta,
+            keys::META_NEXT_DEAD_LETTER_ID,
+        )?;
+        let last_reading_id = Arc::new(AtomicU64::new(last_reading.unwrap_or(0)));
         let permits = Arc::new(Semaphore::new(QUEUE_CAPACITY));
         let (tx, rx) = std::sync::mpsc::channel();
         let feed = feed::Feed::new();
@@ -285,10 +290,22 @@ fn last_id(ks: &Keyspace) -> anyhow::Result<Option<u64>> {
     }
 }
 
-/// The first id never handed out: past both the newest key and the recorded high-water mark
-/// (retention may have deleted the newest keys). Ids start at 1 so 0 can mean "from the start".
-fn next_id(ks: &Keyspace, meta: &Keyspace, meta_key: &[u8]) -> anyhow::Result<u64> {
-    let from_keys = last_id(ks)?.map_or(1, |id| id + 1);
+/// Id of the last reading of the last run in the log.
+fn last_reading_id(log: &Keyspace) -> anyhow::Result<Option<u64>> {
+    match log.last_key_value() {
+        None => Ok(None),
+        Some(guard) => {
+            let (key, value) = guard.into_inner().context("reading the last run")?;
+            Ok(Some(runs::Run::decode(&key, &value)?.last_id()))
+        }
+    }
+}
+
+/// The first id never handed out: past both the newest stored id and the recorded high-water
+/// mark (retention may have deleted the newest records). Ids start at 1 so 0 can mean "from the
+/// start".
+fn next_id(last: Option<u64>, meta: &Keyspace, meta_key: &[u8]) -> anyhow::Result<u64> {
+    let from_keys = last.map_or(1, |id| id + 1);
     let from_meta = match meta.get(meta_key).context("reading store meta")? {
         Some(v) => keys::parse_id(&v).context("malformed id in store meta")?,
         None => 1,

@@ -2,37 +2,13 @@
 
 use std::ops::Range;
 
-use fjall::{Readable as _, Slice};
-use prost::Message as _;
+use fjall::Readable as _;
 use tokio::sync::oneshot;
 
-use super::writer::{EncodedReading, Request};
+use super::runs::{encode, Run};
+use super::writer::Request;
 use super::{keys, Store, StoreError};
 use crate::proto::Reading;
-
-/// Encodes on the caller's task so the writer thread only builds keys.
-fn encode(readings: Vec<Reading>) -> Vec<EncodedReading> {
-    readings
-        .into_iter()
-        .map(|mut r| {
-            r.id = 0; // the id lives in the key
-            EncodedReading {
-                index_prefix: keys::index_prefix(&r.device_id, r.device_time_ms),
-                value: Slice::from(r.encode_to_vec()),
-                reading: r,
-            }
-        })
-        .collect()
-}
-
-/// Decodes a `log` value and puts back the id kept in its key.
-pub(super) fn decode(key: &[u8], value: &[u8]) -> Result<Reading, StoreError> {
-    let id = keys::parse_id(key).ok_or_else(|| StoreError::Corrupt("log key".into()))?;
-    let mut reading =
-        Reading::decode(value).map_err(|e| StoreError::Corrupt(format!("reading {id}: {e}")))?;
-    reading.id = id;
-    Ok(reading)
-}
 
 impl Store {
     /// Makes readings durable and returns their ids. Resolves only after the group commit that
@@ -99,21 +75,32 @@ impl Store {
         // One snapshot for index and log: retention deletes both in one batch.
         let snap = inner.db.snapshot();
         let key_len = keys::index_key_len(device_id.len());
-        let range = keys::index_key(device_id, from_ms, from_id)
-            ..=keys::index_key(device_id, to_ms, u64::MAX);
+        let range =
+            keys::index_key(device_id, from_ms, 0)..=keys::index_key(device_id, to_ms, u64::MAX);
+        // Index entries are (device time, run id): one per distinct time of a run, so each
+        // entry contributes the run's readings at exactly that time, already in id order.
         for guard in snap.range(&inner.ks.by_device, range) {
             let key = guard.key()?;
             if key.len() != key_len {
                 continue; // another device whose id extends this one past a NUL byte
             }
-            let id = keys::parse_id(&key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
-            let log_key = keys::id_key(id);
+            let run_id =
+                keys::parse_id(&key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
+            let time = keys::parse_index_time(&key)
+                .ok_or_else(|| StoreError::Corrupt("index key".into()))?;
+            let log_key = keys::id_key(run_id);
             let Some(value) = snap.get(&inner.ks.log, log_key)? else {
                 continue;
             };
-            out.push(decode(&log_key, &value)?);
-            if out.len() >= limit {
-                break;
+            let run = Run::decode(&log_key, &value)?;
+            for r in run
+                .readings()
+                .filter(|r| r.device_time_ms == time && (time, r.id) >= (from_ms, from_id))
+            {
+                out.push(r);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
             }
         }
         Ok(out)
@@ -147,11 +134,22 @@ impl Store {
         if limit == 0 {
             return Ok(out);
         }
-        for guard in self.inner.ks.log.range(keys::id_key(start)..) {
+        let log = &self.inner.ks.log;
+        // The run holding `start` may begin before it.
+        let first_key = match log.range(..=keys::id_key(start)).next_back() {
+            Some(guard) => guard.key()?.to_vec(),
+            None => keys::id_key(start).to_vec(),
+        };
+        for guard in log.range(first_key..) {
             let (key, value) = guard.into_inner()?;
-            out.push(decode(&key, &value)?);
-            if out.len() >= limit {
-                break;
+            for r in Run::decode(&key, &value)?
+                .readings()
+                .filter(|r| r.id >= start)
+            {
+                out.push(r);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
             }
         }
         Ok(out)

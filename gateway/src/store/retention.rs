@@ -3,8 +3,9 @@
 use fjall::{Keyspace, PersistMode};
 use prost::Message as _;
 
+use super::runs::Run;
 use super::{keys, Store, StoreError};
-use crate::proto::{DeadLetter, Reading};
+use crate::proto::DeadLetter;
 
 /// Deletes per write batch: small enough that the group-commit writer, which shares the journal
 /// lock, waits at most one small batch.
@@ -14,6 +15,13 @@ const CHUNK: usize = 1024;
 /// ingest, so expired records sit at the start of the log; the slack tolerates receive times
 /// that are slightly out of id order without scanning the whole store every time.
 const SLACK: usize = 10_000;
+
+/// What retention needs to know of one stored record.
+struct Expiring {
+    received_time_ms: i64,
+    records: u64,
+    index: Vec<Vec<u8>>,
+}
 
 /// What one retention pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,13 +41,26 @@ impl Store {
         let retention_ms = i64::try_from(inner.opts.retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = now_ms.saturating_sub(retention_ms);
 
-        let readings = self.expire(&inner.ks.log, cutoff, |value| {
-            let r = Reading::decode(value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            Ok((r.received_time_ms, Some((r.device_id, r.device_time_ms))))
+        let readings = self.expire(&inner.ks.log, cutoff, |key, value| {
+            let run = Run::decode(key, value)?;
+            let index = run
+                .device_times()
+                .into_iter()
+                .map(|t| keys::index_key(run.device_id(), t, run.first_id))
+                .collect();
+            Ok(Expiring {
+                received_time_ms: run.received_time_ms(),
+                records: run.len(),
+                index,
+            })
         })?;
-        let dead_letters = self.expire(&inner.ks.dead_letters, cutoff, |value| {
+        let dead_letters = self.expire(&inner.ks.dead_letters, cutoff, |_, value| {
             let dl = DeadLetter::decode(value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            Ok((dl.received_time_ms, None))
+            Ok(Expiring {
+                received_time_ms: dl.received_time_ms,
+                records: 1,
+                index: Vec::new(),
+            })
         })?;
 
         metrics::counter!("citygw_retention_deleted_total", "kind" => "reading")
@@ -58,13 +79,13 @@ impl Store {
         })
     }
 
-    /// Deletes the expired records of an id-keyed keyspace from its start; `inspect` returns a
-    /// record's receive time and, for readings, the (device, device time) of its index entry.
+    /// Deletes the expired records of an id-keyed keyspace from its start; `inspect` tells a
+    /// record's receive time, how many readings (or dead letters) it holds, and its index keys.
     fn expire(
         &self,
         ks: &Keyspace,
         cutoff: i64,
-        inspect: impl Fn(&[u8]) -> Result<(i64, Option<(String, i64)>), StoreError>,
+        inspect: impl Fn(&[u8], &[u8]) -> Result<Expiring, StoreError>,
     ) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let mut start = 0u64;
@@ -82,16 +103,13 @@ impl Store {
                     keys::parse_id(&key).ok_or_else(|| StoreError::Corrupt("id key".into()))?;
                 last = Some(id);
                 scanned += 1;
-                let (received, index) = inspect(&value)?;
-                if received < cutoff {
+                let record = inspect(&key, &value)?;
+                if record.received_time_ms < cutoff {
                     wb.remove(ks, key);
-                    if let Some((device, device_time)) = index {
-                        wb.remove(
-                            &inner.ks.by_device,
-                            keys::index_key(&device, device_time, id),
-                        );
+                    for index_key in record.index {
+                        wb.remove(&inner.ks.by_device, index_key);
                     }
-                    deleted += 1;
+                    deleted += record.records;
                 } else {
                     fresh += 1;
                 }

@@ -18,25 +18,16 @@ use fjall::{Database, PersistMode, Slice};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::feed::Feed;
+use super::runs::EncodedRun;
 use super::{keys, Keyspaces, StoreError, QUEUE_CAPACITY};
 use crate::proto::Reading;
-
-/// A reading encoded by the caller, waiting for its id.
-pub(super) struct EncodedReading {
-    /// prost-encoded `Reading` with `id = 0`.
-    pub(super) value: Slice,
-    /// `by_device` key without the trailing id, with capacity for it.
-    pub(super) index_prefix: Vec<u8>,
-    /// The reading itself, for the live feed once committed (moved, never copied).
-    pub(super) reading: Reading,
-}
 
 /// Reply channel of a durable request.
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 pub(super) enum Request {
     Readings {
-        items: Vec<EncodedReading>,
+        items: Vec<EncodedRun>,
         /// `None` for best effort: nobody waits.
         done: Option<Reply<Range<u64>>>,
     },
@@ -59,7 +50,7 @@ impl Request {
     /// Items this request adds to a commit, for `max_batch`.
     fn weight(&self) -> usize {
         match self {
-            Request::Readings { items, .. } => items.len(),
+            Request::Readings { items, .. } => items.iter().map(|run| run.readings.len()).sum(),
             Request::DeadLetter { .. } => 1,
             Request::Records { records, .. } => records.len(),
             Request::Shutdown { .. } => 0,
@@ -185,17 +176,22 @@ impl Writer {
         match req {
             Request::Readings { items, done } => {
                 let first = self.next_reading_id;
-                for (id, item) in (first..).zip(items) {
-                    let mut index_key = item.index_prefix;
-                    index_key.extend_from_slice(&id.to_be_bytes());
-                    batch.wb.insert(&self.ks.log, keys::id_key(id), item.value);
+                for run in items {
+                    let run_id = self.next_reading_id;
                     batch
                         .wb
-                        .insert(&self.ks.by_device, index_key, Slice::empty());
-                    self.next_reading_id = id + 1;
-                    let mut reading = item.reading;
-                    reading.id = id;
-                    batch.committed.push(reading);
+                        .insert(&self.ks.log, keys::id_key(run_id), run.value);
+                    for mut index_key in run.index_prefixes {
+                        index_key.extend_from_slice(&run_id.to_be_bytes());
+                        batch
+                            .wb
+                            .insert(&self.ks.by_device, index_key, Slice::empty());
+                    }
+                    for (id, mut reading) in (run_id..).zip(run.readings) {
+                        reading.id = id;
+                        batch.committed.push(reading);
+                        self.next_reading_id = id + 1;
+                    }
                 }
                 batch.readings += self.next_reading_id - first;
                 batch
