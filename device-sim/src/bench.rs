@@ -418,7 +418,7 @@ async fn produce(
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let sent_us = load.stamp.then(|| now.as_micros() as u64);
+        let sent_us = load.stamp.then_some(now.as_micros() as u64);
         payload::reading(
             &mut buf,
             seq,

@@ -1,10 +1,12 @@
 //! device-sim: the city device simulator and citygw's benchmark client.
 //!
-//! Today it carries the MQTT benchmarks of issue 2 (`bench mqtt`, `bench idle`); scenarios,
+//! Today it carries the MQTT benchmarks of issue 2 (`bench mqtt`, `bench idle`) and the agency
+//! fan-out benchmark of issue 3 (`bench fanout`, gRPC subscribers); scenarios,
 //! provisioning and end-to-end verification (issue 8) grow beside them as further subcommands.
 
 mod bench;
 mod credentials;
+mod fanout;
 mod idle;
 mod mqtt;
 mod payload;
@@ -40,6 +42,9 @@ enum BenchCommand {
     Mqtt(bench::MqttBenchArgs),
     /// Open many idle connections, hold them, report how many were connected at once.
     Idle(idle::IdleArgs),
+    /// Open many agency gRPC Subscribe streams; report readings/s per subscriber and
+    /// publish-to-subscriber latency (with `bench mqtt --stamp` publishing).
+    Fanout(fanout::FanoutArgs),
 }
 
 /// Where the broker is and who the connections log in as; shared by the MQTT benchmarks.
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Bench(BenchCommand::Mqtt(args)) => bench::run(args).await,
             Command::Bench(BenchCommand::Idle(args)) => idle::run(args).await,
+            Command::Bench(BenchCommand::Fanout(args)) => fanout::run(args).await,
         }
     });
     // Connection tasks may still be parked on sockets; do not wait for them.

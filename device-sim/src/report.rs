@@ -62,6 +62,19 @@ pub fn own_rss_kib() -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU time (user + system) this process has used, in seconds (Linux; /proc reports it in
+/// USER_HZ ticks, which Linux fixes at 100 for user space).
+pub fn own_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may contain spaces; the fields after it are space separated.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +94,10 @@ mod tests {
     #[test]
     fn rss_is_readable_here() {
         assert!(own_rss_kib().unwrap_or(1) > 0);
+    }
+
+    #[test]
+    fn cpu_is_readable_here() {
+        assert!(own_cpu_secs().unwrap_or(0.0) >= 0.0);
     }
 }

@@ -71,11 +71,16 @@ pub(super) fn encode(readings: Vec<Reading>) -> Vec<EncodedRun> {
 fn encode_run(mut readings: Vec<Reading>) -> EncodedRun {
     use prost::encoding::{int32, int64, message, string};
     let first = &readings[0];
-    let shared_location = first.location.filter(|l| readings.iter().all(|r| r.location.as_ref() == Some(l)));
+    let shared_location = first
+        .location
+        .filter(|l| readings.iter().all(|r| r.location.as_ref() == Some(l)));
     let mut times: Vec<i64> = readings.iter().map(|r| r.device_time_ms).collect();
     times.sort_unstable();
     times.dedup();
-    let index_prefixes = times.iter().map(|&t| super::keys::index_prefix(&first.device_id, t)).collect();
+    let index_prefixes = times
+        .iter()
+        .map(|&t| super::keys::index_prefix(&first.device_id, t))
+        .collect();
 
     let mut buf = Vec::with_capacity(64 + readings.iter().map(|r| r.encoded_len()).sum::<usize>());
     string::encode(1, &first.device_id, &mut buf);
@@ -97,14 +102,30 @@ fn encode_run(mut readings: Vec<Reading>) -> EncodedRun {
             std::mem::take(&mut r.received_time_ms),
             std::mem::take(&mut r.id),
         );
-        let location = if shared_location.is_some() { r.location.take() } else { None };
+        let location = if shared_location.is_some() {
+            r.location.take()
+        } else {
+            None
+        };
         message::encode(8, r, &mut buf);
-        (r.device_id, r.tenant, r.kind, r.commune_code, r.protocol, r.received_time_ms, r.id) = identity;
+        (
+            r.device_id,
+            r.tenant,
+            r.kind,
+            r.commune_code,
+            r.protocol,
+            r.received_time_ms,
+            r.id,
+        ) = identity;
         if location.is_some() {
             r.location = location;
         }
     }
-    EncodedRun { value: fjall::Slice::from(buf), index_prefixes, readings }
+    EncodedRun {
+        value: fjall::Slice::from(buf),
+        index_prefixes,
+        readings,
+    }
 }
 
 /// A decoded run: its first id and shared fields, expanded on demand.

@@ -71,7 +71,11 @@ impl GrpcServer {
                 agencies: self.agencies,
             },
         );
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Nagle's algorithm held small stream messages back ~9 ms per delivery (measured with
+        // bench/agency_fanout); tonic sets TCP_NODELAY only on sockets of its own TcpIncoming.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(std::time::Duration::from_secs(60)));
         Ok(async move {
             tonic::transport::Server::builder()
                 .add_service(health)
