@@ -11,6 +11,11 @@
 //! Used by bench/mqtt_ingest; not part of the product.
 
 use async_trait::async_trait;
+
+// The same allocator as citygw, so the ratio compares the work done, not the allocators.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
