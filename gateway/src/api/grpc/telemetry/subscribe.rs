@@ -22,6 +22,9 @@ use crate::store::{Store, StoreError};
 pub const RESUME_TRAILER: &str = "citygw-resume-after-id";
 /// Readings per store page during catch-up.
 const CATCH_UP_PAGE: usize = 1024;
+/// How long a full buffer may stay full before the client counts as too slow: a client that
+/// hiccups (a GC pause, a burst) keeps its stream; one that stopped reading is told.
+const OVERFLOW_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub type ReadingStream = Pin<Box<dyn Stream<Item = Result<Reading, Status>> + Send>>;
 
@@ -109,8 +112,13 @@ impl Subscription {
                         if wanted(r) {
                             match tx.try_send(r.clone()) {
                                 Ok(()) => streamed.increment(1),
-                                Err(mpsc::error::TrySendError::Full(_)) => {
-                                    return self.overflow(r.id - 1)
+                                Err(mpsc::error::TrySendError::Full(r)) => {
+                                    let id = r.id;
+                                    match tokio::time::timeout(OVERFLOW_GRACE, tx.send(r)).await {
+                                        Ok(Ok(())) => streamed.increment(1),
+                                        Ok(Err(_)) => return End::Quiet,
+                                        Err(_) => return self.overflow(id - 1),
+                                    }
                                 }
                                 Err(mpsc::error::TrySendError::Closed(_)) => return End::Quiet,
                             }
