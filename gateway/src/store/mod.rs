@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use tokio::sync::Semaphore;
 
-pub use feed::Committed;
+pub use feed::{Committed, FeedReading};
 pub use records::Table;
 pub use retention::RetentionReport;
 

@@ -60,17 +60,23 @@ impl GrpcServer {
             },
             auth::BearerToken::new(self.admin_token),
         );
-        let telemetry = TelemetryServer::with_interceptor(
-            telemetry::TelemetryService {
-                store,
-                registry: self.registry,
-                agencies: self.agencies.clone(),
-                subscription_buffer: self.subscription_buffer,
-            },
-            telemetry::AgencyAuth {
-                agencies: self.agencies,
-            },
-        );
+        let auth = telemetry::AgencyAuth {
+            agencies: self.agencies.clone(),
+        };
+        let service = std::sync::Arc::new(telemetry::TelemetryService {
+            store,
+            registry: self.registry,
+            agencies: self.agencies,
+            subscription_buffer: self.subscription_buffer,
+        });
+        let telemetry = telemetry::TelemetryRoutes {
+            generated: tonic::service::interceptor::InterceptedService::new(
+                TelemetryServer::from_arc(service.clone()),
+                auth.clone(),
+            ),
+            service,
+            auth,
+        };
         // Nagle's algorithm held small stream messages back ~9 ms per delivery (measured with
         // bench/agency_fanout); tonic sets TCP_NODELAY only on sockets of its own TcpIncoming.
         let incoming = tonic::transport::server::TcpIncoming::from(listener)

@@ -2,6 +2,7 @@
 //! scopes enforced on every call.
 
 mod history;
+mod routes;
 mod scope;
 mod subscribe;
 
@@ -15,6 +16,7 @@ use crate::proto::*;
 use crate::registry::agencies::{Agencies, Agency};
 use crate::registry::Registry;
 use crate::store::Store;
+pub use routes::TelemetryRoutes;
 use scope::Selection;
 pub use subscribe::RESUME_TRAILER;
 
@@ -34,14 +36,19 @@ pub struct AgencyAuth {
     pub agencies: Agencies,
 }
 
+impl AgencyAuth {
+    fn agency<T>(&self, request: &Request<T>) -> Result<Arc<Agency>, Status> {
+        use super::auth::{bearer, refused};
+        let token = bearer(request).map_err(|s| refused("telemetry", s))?;
+        self.agencies
+            .authenticate(token)
+            .ok_or_else(|| refused("telemetry", Status::unauthenticated("unknown agency token")))
+    }
+}
+
 impl tonic::service::Interceptor for AgencyAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        use super::auth::{bearer, refused};
-        let token = bearer(&request).map_err(|s| refused("telemetry", s))?;
-        let agency = self
-            .agencies
-            .authenticate(token)
-            .ok_or_else(|| refused("telemetry", Status::unauthenticated("unknown agency token")))?;
+        let agency = self.agency(&request)?;
         request.extensions_mut().insert(agency);
         Ok(request)
     }
@@ -59,20 +66,15 @@ fn observe(method: &'static str, started: Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
-#[tonic::async_trait]
-impl Telemetry for TelemetryService {
-    type SubscribeStream = subscribe::ReadingStream;
-    type QueryHistoryStream = subscribe::ReadingStream;
-
-    async fn subscribe(
+impl TelemetryService {
+    async fn subscribe_encoded(
         &self,
-        req: Request<SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let agency = agency(&req)?;
-        let r = req.into_inner();
+        agency: Arc<Agency>,
+        r: SubscribeRequest,
+    ) -> Result<subscribe::EncodedStream, Status> {
         let selection = Selection::new(&agency, r.filter, &self.registry)?;
         tracing::info!(agency = %agency.name, resume = ?r.resume, "subscription started");
-        let stream = subscribe::Subscription {
+        subscribe::Subscription {
             store: self.store.clone(),
             agencies: self.agencies.clone(),
             agency,
@@ -80,8 +82,22 @@ impl Telemetry for TelemetryService {
             buffer: self.subscription_buffer,
         }
         .start(r.resume)
-        .await?;
-        Ok(Response::new(stream))
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for TelemetryService {
+    type SubscribeStream = subscribe::ReadingStream;
+    type QueryHistoryStream = subscribe::ReadingStream;
+
+    /// Never reached: [`TelemetryRoutes`] serves Subscribe before the generated server sees it
+    /// (see routes.rs for why); the generated trait still asks for the method.
+    async fn subscribe(
+        &self,
+        _req: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::internal("Subscribe is served by TelemetryRoutes"))
     }
 
     async fn query_history(

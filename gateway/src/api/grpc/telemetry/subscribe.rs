@@ -9,10 +9,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use prost::Message as _;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
+use super::routes::Encoded;
 use super::scope::Selection;
 use crate::proto::{resume_point::Point, Reading, ResumePoint};
 use crate::registry::agencies::{Agencies, Agency};
@@ -27,6 +29,8 @@ const CATCH_UP_PAGE: usize = 1024;
 const OVERFLOW_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub type ReadingStream = Pin<Box<dyn Stream<Item = Result<Reading, Status>> + Send>>;
+/// The Subscribe stream: readings already encoded (see [`super::routes`]).
+pub type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
 
 pub struct Subscription {
     pub store: Store,
@@ -45,7 +49,7 @@ enum End {
 
 impl Subscription {
     /// Starts the subscription task and returns the stream the client reads.
-    pub async fn start(self, resume: Option<ResumePoint>) -> Result<ReadingStream, Status> {
+    pub async fn start(self, resume: Option<ResumePoint>) -> Result<EncodedStream, Status> {
         let feed = self.store.subscribe();
         let last = self.store.last_reading_id();
         let mut since = None;
@@ -88,7 +92,7 @@ impl Subscription {
         mut feed: broadcast::Receiver<crate::store::Committed>,
         mut cursor: u64,
         since: Option<i64>,
-        tx: mpsc::Sender<Reading>,
+        tx: mpsc::Sender<Encoded>,
     ) -> End {
         let wanted = |r: &Reading| {
             self.selection.matches(r) && since.is_none_or(|s| r.received_time_ms >= s)
@@ -108,13 +112,16 @@ impl Subscription {
                         return end;
                     }
                     let seen = cursor;
-                    for r in batch.iter().filter(|r| r.id > seen) {
+                    for shared in batch.iter().filter(|f| f.reading.id > seen) {
+                        let r = &shared.reading;
                         if wanted(r) {
-                            match tx.try_send(r.clone()) {
+                            let id = r.id;
+                            match tx.try_send(Encoded(shared.encoded())) {
                                 Ok(()) => streamed.increment(1),
-                                Err(mpsc::error::TrySendError::Full(r)) => {
-                                    let id = r.id;
-                                    match tokio::time::timeout(OVERFLOW_GRACE, tx.send(r)).await {
+                                Err(mpsc::error::TrySendError::Full(encoded)) => {
+                                    match tokio::time::timeout(OVERFLOW_GRACE, tx.send(encoded))
+                                        .await
+                                    {
                                         Ok(Ok(())) => streamed.increment(1),
                                         Ok(Err(_)) => return End::Quiet,
                                         Err(_) => return self.overflow(id - 1),
@@ -147,7 +154,7 @@ impl Subscription {
         &self,
         cursor: &mut u64,
         wanted: &impl Fn(&Reading) -> bool,
-        tx: &mpsc::Sender<Reading>,
+        tx: &mpsc::Sender<Encoded>,
         streamed: &metrics::Counter,
     ) -> Result<(), End> {
         loop {
@@ -160,7 +167,9 @@ impl Subscription {
                 return Ok(());
             };
             for r in page.into_iter().filter(|r| wanted(r)) {
-                tx.send(r).await.map_err(|_| End::Quiet)?;
+                tx.send(Encoded(r.encode_to_vec().into()))
+                    .await
+                    .map_err(|_| End::Quiet)?;
                 streamed.increment(1);
                 // A page can take the client a while; a revoked token stops it mid-page.
                 self.still_authorised()?;
