@@ -27,6 +27,13 @@ pub struct FeedReading {
 }
 
 impl FeedReading {
+    pub fn new(reading: Reading) -> Self {
+        Self {
+            reading,
+            encoded: OnceLock::new(),
+        }
+    }
+
     pub fn encoded(&self) -> Bytes {
         self.encoded
             .get_or_init(|| Bytes::from(self.reading.encode_to_vec()))

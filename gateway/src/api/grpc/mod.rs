@@ -64,6 +64,7 @@ impl GrpcServer {
             agencies: self.agencies.clone(),
         };
         let service = std::sync::Arc::new(telemetry::TelemetryService {
+            pages: std::sync::Arc::new(telemetry::PageCache::new(store.clone())),
             store,
             registry: self.registry,
             agencies: self.agencies,

@@ -2,6 +2,7 @@
 //! scopes enforced on every call.
 
 mod history;
+mod pages;
 mod routes;
 mod scope;
 mod subscribe;
@@ -16,6 +17,7 @@ use crate::proto::*;
 use crate::registry::agencies::{Agencies, Agency};
 use crate::registry::Registry;
 use crate::store::Store;
+pub use pages::PageCache;
 pub use routes::TelemetryRoutes;
 use scope::Selection;
 pub use subscribe::RESUME_TRAILER;
@@ -25,6 +27,7 @@ const MAX_DEVICE_PAGE: usize = 10_000;
 
 pub struct TelemetryService {
     pub store: Store,
+    pub pages: Arc<pages::PageCache>,
     pub registry: Registry,
     pub agencies: Agencies,
     pub subscription_buffer: usize,
@@ -76,6 +79,7 @@ impl TelemetryService {
         tracing::info!(agency = %agency.name, resume = ?r.resume, "subscription started");
         subscribe::Subscription {
             store: self.store.clone(),
+            pages: self.pages.clone(),
             agencies: self.agencies.clone(),
             agency,
             selection,

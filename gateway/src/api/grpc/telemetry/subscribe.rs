@@ -9,11 +9,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use prost::Message as _;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
+use super::pages::PageCache;
 use super::routes::Encoded;
 use super::scope::Selection;
 use crate::proto::{resume_point::Point, Reading, ResumePoint};
@@ -22,8 +22,6 @@ use crate::store::{Store, StoreError};
 
 /// Trailer carrying the resume point when a subscription ends early.
 pub const RESUME_TRAILER: &str = "citygw-resume-after-id";
-/// Readings per store page during catch-up.
-const CATCH_UP_PAGE: usize = 1024;
 /// How long a full buffer may stay full before the client counts as too slow: a client that
 /// hiccups (a GC pause, a burst) keeps its stream; one that stopped reading is told.
 const OVERFLOW_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
@@ -34,6 +32,7 @@ pub type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Se
 
 pub struct Subscription {
     pub store: Store,
+    pub pages: Arc<PageCache>,
     pub agencies: Agencies,
     pub agency: Arc<Agency>,
     pub selection: Selection,
@@ -159,22 +158,21 @@ impl Subscription {
     ) -> Result<(), End> {
         loop {
             self.still_authorised()?;
-            let (store, after) = (self.store.clone(), *cursor);
-            let page = blocking(move || store.readings_after(after, CATCH_UP_PAGE))
-                .await
-                .map_err(End::Tell)?;
-            let Some(last) = page.last().map(|r| r.id) else {
-                return Ok(());
-            };
-            for r in page.into_iter().filter(|r| wanted(r)) {
-                tx.send(Encoded(r.encode_to_vec().into()))
-                    .await
-                    .map_err(|_| End::Quiet)?;
-                streamed.increment(1);
-                // A page can take the client a while; a revoked token stops it mid-page.
-                self.still_authorised()?;
+            let page = self.pages.after(*cursor).await.map_err(End::Tell)?;
+            for shared in page.readings.iter().filter(|f| f.reading.id > *cursor) {
+                if wanted(&shared.reading) {
+                    tx.send(Encoded(shared.encoded()))
+                        .await
+                        .map_err(|_| End::Quiet)?;
+                    streamed.increment(1);
+                    // A page can take the client a while; a revoked token stops it mid-page.
+                    self.still_authorised()?;
+                }
             }
-            *cursor = last;
+            if page.end <= *cursor {
+                return Ok(());
+            }
+            *cursor = page.end;
         }
     }
 
