@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::mqtt::{self, ConnectProgress, Connected, Session};
-use crate::report::{self, LatencySummary};
+use crate::report::{self, LatencySummary, Window};
 use crate::{credentials, payload, TargetArgs};
 
 #[derive(Args, Debug)]
@@ -223,19 +223,6 @@ pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
         report::write_json(path, &report)?;
     }
     Ok(())
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Window {
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
-}
-
-impl Window {
-    fn measuring(&self, t: Instant) -> bool {
-        t >= self.measure_from && t < self.end
-    }
 }
 
 #[derive(Clone, Copy)]

@@ -38,7 +38,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::payload::SENT_US;
-use crate::report::{self, LatencySummary};
+use crate::report::{self, LatencySummary, Window};
 
 #[derive(Args, Debug)]
 pub struct FanoutArgs {
@@ -78,19 +78,6 @@ pub struct FanoutArgs {
     /// A name for this run in the report.
     #[arg(long)]
     pub label: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Window {
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
-}
-
-impl Window {
-    fn measuring(&self, t: Instant) -> bool {
-        t >= self.measure_from && t < self.end
-    }
 }
 
 /// Shared counters for the progress line.

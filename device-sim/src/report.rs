@@ -1,10 +1,26 @@
 //! Latency summaries and the human-readable tables the benchmarks print.
 
 use std::path::Path;
+use tokio::time::Instant;
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+/// A benchmark's time line: warm-up from `start`, measurement from `measure_from` to `end`.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub start: Instant,
+    pub measure_from: Instant,
+    pub end: Instant,
+}
+
+impl Window {
+    /// Whether `t` falls inside the measured part.
+    pub fn measuring(&self, t: Instant) -> bool {
+        t >= self.measure_from && t < self.end
+    }
+}
 
 /// Latency histogram in microseconds, 1 µs to 10 minutes, 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {

@@ -55,7 +55,7 @@ pub enum IngestError {
 pub struct Inbound<'a> {
     pub device: &'a DeviceEntry,
     pub protocol: Protocol,
-    /// None when the message named a format the gateway does not know.
+    /// `Err(name)` when the message named a format the gateway does not know.
     pub format: Result<Format, &'a str>,
     /// Where it arrived (topic, path), for the dead-letter record.
     pub address: &'a str,
