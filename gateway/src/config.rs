@@ -103,10 +103,14 @@ impl Default for Config {
     }
 }
 
+/// Our own events at info; the embedded broker and storage engine only when something is wrong
+/// (rmqtt logs every dropped connection at info, which floods the log in a reconnect storm).
+const DEFAULT_LOG_LEVEL: &str = "info,rmqtt=warn,rmqtt_net=warn,fjall=warn,lsm_tree=warn";
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            level: "info".into(),
+            level: DEFAULT_LOG_LEVEL.into(),
             format: "text".into(),
         }
     }
