@@ -309,6 +309,14 @@ mod tests {
         assert_eq!(cfg.http.listen, HttpConfig::default().listen);
     }
 
+    /// deploy/citygw.toml documents every key with its default; keep it true.
+    #[test]
+    fn example_config_states_the_defaults() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/citygw.toml");
+        let parsed: Config = toml::from_str(&std::fs::read_to_string(example).unwrap()).unwrap();
+        assert_eq!(parsed.to_toml(), Config::default().to_toml());
+    }
+
     #[test]
     fn unknown_keys_are_errors() {
         let dir = tempfile::tempdir().unwrap();
