@@ -103,25 +103,28 @@ machine_json() {
 git_commit() { git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown; }
 
 # ---------------------------------------------------------------- citygw
-start_citygw() { # start_citygw DATA_DIR LOGNAME -> $CITYGW_PID (CITYGW_* in the environment reach it)
-  local data=$1
+# start_citygw DATA_DIR LOGNAME [ARGS of `citygw run`, e.g. --config FILE] -> $CITYGW_PID
+# (CITYGW_* in the environment reach it)
+start_citygw() {
+  local data=$1 logname=$2
+  shift 2
   port_free "$MQTT_PORT"
   port_free "$GRPC_PORT"
   port_free "$HTTP_PORT"
   mkdir -p "$data"
   env CITYGW_DATA_DIR="$data" CITYGW_MQTT__LISTEN="127.0.0.1:$MQTT_PORT" \
     CITYGW_GRPC__LISTEN="127.0.0.1:$GRPC_PORT" CITYGW_HTTP__LISTEN="127.0.0.1:$HTTP_PORT" \
-    CITYGW_ADMIN__TOKEN="$TOKEN" "$CITYGW" run >"$WORK/$2.log" 2>&1 &
+    CITYGW_ADMIN__TOKEN="$TOKEN" "$CITYGW" run "$@" >"$WORK/$logname.log" 2>&1 &
   CITYGW_PID=$!
   PIDS+=("$CITYGW_PID")
-  COMMANDS+=("CITYGW_DATA_DIR=$data CITYGW_MQTT__LISTEN=127.0.0.1:$MQTT_PORT CITYGW_GRPC__LISTEN=127.0.0.1:$GRPC_PORT CITYGW_HTTP__LISTEN=127.0.0.1:$HTTP_PORT CITYGW_ADMIN__TOKEN=$TOKEN $CITYGW run &")
+  COMMANDS+=("CITYGW_DATA_DIR=$data CITYGW_MQTT__LISTEN=127.0.0.1:$MQTT_PORT CITYGW_GRPC__LISTEN=127.0.0.1:$GRPC_PORT CITYGW_HTTP__LISTEN=127.0.0.1:$HTTP_PORT CITYGW_ADMIN__TOKEN=$TOKEN $CITYGW run ${*:+$(printf '%q ' "$@")}&")
   local i
   for i in $(seq 1 300); do
-    kill -0 "$CITYGW_PID" 2>/dev/null || die "citygw exited (see $WORK/$2.log)"
+    kill -0 "$CITYGW_PID" 2>/dev/null || die "citygw exited (see $WORK/$logname.log)"
     curl -sf "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  die "citygw not ready (see $WORK/$2.log)"
+  die "citygw not ready (see $WORK/$logname.log)"
 }
 
 provision() { # provision COUNT PREFIX -> $WORK/PREFIX.secrets.csv

@@ -10,11 +10,12 @@ use crate::config::Config;
 use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
+use crate::sinks::Sinks;
 use crate::sources::{mqtt::MqttSource, Source};
 use crate::store::{Store, StoreOptions};
 
-/// How often last-seen times are written back, and retention runs.
-const LAST_SEEN_EVERY: Duration = Duration::from_secs(10);
+/// How often last-seen times are written back and gauges refreshed, and retention runs.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// Longest a listener may take to drain at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +38,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let admin_token = cfg.admin_token()?;
 
     let shutdown = CancellationToken::new();
+    let sinks = Sinks::start(&cfg.sinks, &pipeline, &shutdown)?;
     let ready = http::Readiness::default();
     let mut servers: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = vec![
         (
@@ -58,6 +60,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 registry: registry.clone(),
                 agencies,
                 pipeline: pipeline.clone(),
+                sinks: sinks.clone(),
             }
             .start(shutdown.clone())
             .await?,
@@ -76,7 +79,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for (name, server) in servers {
         tasks.spawn(async move { (name, server.await) });
     }
-    let housekeeping = tokio::spawn(housekeeping(registry.clone(), store.clone(), metrics));
+    let housekeeping = tokio::spawn(housekeeping(
+        registry.clone(),
+        store.clone(),
+        sinks,
+        metrics,
+    ));
     ready.set(true);
     tracing::info!(data_dir = %cfg.data_dir.display(), devices = registry.len(), "citygw ready");
 
@@ -113,22 +121,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 async fn housekeeping(
     registry: Registry,
     store: Store,
+    sinks: Sinks,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) {
-    let mut last_seen = tokio::time::interval(LAST_SEEN_EVERY);
+    let mut last_seen = tokio::time::interval(HOUSEKEEPING_EVERY);
     let mut retention = tokio::time::interval(RETENTION_EVERY);
     loop {
         tokio::select! {
             _ = last_seen.tick() => {
                 metrics.run_upkeep();
                 metrics::gauge!("citygw_registered_devices").set(registry.len() as f64);
+                let (s, st) = (sinks.clone(), store.clone());
+                let _ = tokio::task::spawn_blocking(move || s.export_metrics(&st)).await;
                 if let Err(e) = registry.persist_last_seen().await {
                     tracing::warn!(error = %e, "last-seen times not saved");
                 }
             }
             _ = retention.tick() => {
-                let store = store.clone();
-                match tokio::task::spawn_blocking(move || store.enforce_retention(now_ms())).await {
+                let (store, keep_after) = (store.clone(), sinks.forwarded_up_to());
+                match tokio::task::spawn_blocking(move || store.enforce_retention(now_ms(), keep_after)).await {
                     Ok(Ok(report)) => tracing::debug!(?report, "retention done"),
                     Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
                     Err(e) => tracing::warn!(error = %e, "retention task failed"),

@@ -24,6 +24,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Agencies fixed in the file; more can be added through the admin API.
     pub agencies: Vec<crate::registry::agencies::AgencyConfig>,
+    /// Time-series stores to forward every reading to.
+    pub sinks: Vec<crate::sinks::config::SinkConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +101,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
             agencies: Vec::new(),
+            sinks: Vec::new(),
         }
     }
 }
@@ -217,8 +220,20 @@ impl Config {
         Ok(())
     }
 
+    /// The configuration as TOML, with inline secrets replaced by `<redacted>`.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serialises")
+        let mut shown = self.clone();
+        let redact = |s: &mut String| {
+            if !s.is_empty() {
+                *s = "<redacted>".into();
+            }
+        };
+        redact(&mut shown.admin.token);
+        for sink in &mut shown.sinks {
+            redact(&mut sink.token);
+            redact(&mut sink.password);
+        }
+        toml::to_string_pretty(&shown).expect("config serialises")
     }
 
     /// The admin token: configured, from a file, or generated once and kept under data_dir.
@@ -315,6 +330,19 @@ mod tests {
         let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/citygw.toml");
         let parsed: Config = toml::from_str(&std::fs::read_to_string(example).unwrap()).unwrap();
         assert_eq!(parsed.to_toml(), Config::default().to_toml());
+    }
+
+    #[test]
+    fn printed_config_hides_secrets() {
+        let mut cfg = Config::default();
+        cfg.admin.token = "admin-secret".into();
+        cfg.sinks.push(toml::from_str("name = \"vm\"\nkind = \"influx2\"\nurl = \"http://x\"\norg = \"o\"\nbucket = \"b\"\ntoken = \"influx-secret\"").unwrap());
+        let text = cfg.to_toml();
+        assert!(
+            !text.contains("admin-secret") && !text.contains("influx-secret"),
+            "{text}"
+        );
+        assert!(text.contains("<redacted>"));
     }
 
     #[test]

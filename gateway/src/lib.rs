@@ -14,5 +14,6 @@ pub mod observability;
 pub mod pipeline;
 pub mod proto;
 pub mod registry;
+pub mod sinks;
 pub mod sources;
 pub mod store;

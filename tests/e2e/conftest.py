@@ -5,8 +5,11 @@
 - `gateway_factory`: start as many fresh gateways as a test needs (own data dir, own ports);
   used where a test kills, restarts or reconfigures the gateway.
 
-Gateways are killed at teardown even when a test fails, and their temp dirs removed; on failure
-the tail of each gateway's log (stderr, JSON lines) is attached to the test report.
+- `stores`: real time-series servers for the sink tests (`stores.victoria_metrics()`,
+  `stores.influxdb1()`, see support/tsdb.py).
+
+Gateways and stores are killed at teardown even when a test fails, and their temp dirs removed;
+on failure the tail of each gateway's (and store's) log is attached to the test report.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support import Gateway, GatewayFactory  # noqa: E402
+from support.tsdb import Stores  # noqa: E402
 
 
 @pytest.fixture
@@ -28,6 +32,17 @@ def gateway_factory(request):
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+def stores(request):
+    """Factory of real time-series stores (VictoriaMetrics, InfluxDB 1.x) on free loopback
+    ports; every one is killed at teardown."""
+    s = Stores(request.node.name)
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +82,12 @@ def pytest_runtest_makereport(item, call):
             state = "running" if g.running else f"exited {g.proc.returncode if g.proc else '-'}"
             rep.sections.append((f"citygw log tail: {g.name} ({state}, {g.log_path})",
                                  g.log_tail(80)))
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Stores):
+                for srv in value.servers:
+                    state = "running" if srv.running else "stopped"
+                    rep.sections.append((f"{srv.name} log tail ({state}, {srv.log_path})",
+                                         srv.log_tail(30)))
 
 
 @pytest.fixture(scope="session")

@@ -254,6 +254,16 @@ impl Client {
             .agencies)
     }
 
+    pub async fn sink_status(&mut self) -> anyhow::Result<Vec<SinkState>> {
+        Ok(self
+            .inner
+            .sink_status(SinkStatusRequest {})
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .sinks)
+    }
+
     pub async fn remove_agency(&mut self, name: &str) -> anyhow::Result<()> {
         self.inner
             .remove_agency(RemoveAgencyRequest { name: name.into() })

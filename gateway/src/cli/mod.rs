@@ -72,6 +72,9 @@ enum Command {
     /// Agencies of the Telemetry API and their scopes.
     #[command(subcommand)]
     Agency(AgencyCommand),
+    /// Forwarding to time-series stores.
+    #[command(subcommand)]
+    Sink(SinkCommand),
     /// The quantity table used for normalisation.
     Quantities,
 }
@@ -168,6 +171,12 @@ enum AgencyCommand {
     HashToken {
         token: String,
     },
+}
+
+#[derive(Subcommand)]
+enum SinkCommand {
+    /// Per sink: delivered up to which reading, lag in readings and seconds, last success.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -285,6 +294,7 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
             out.agency_added(&agency, &token);
         }
         Command::Agency(AgencyCommand::List) => out.agencies(&client.list_agencies().await?),
+        Command::Sink(SinkCommand::Status) => out.sinks(&client.sink_status().await?),
         Command::Agency(AgencyCommand::Remove { name }) => {
             client.remove_agency(&name).await?;
             println!("agency {name} removed; its token no longer works");

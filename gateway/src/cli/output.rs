@@ -7,7 +7,9 @@ use serde_json::{json, Value};
 
 use super::Format;
 use crate::pipeline::protocol_label;
-use crate::proto::{reading, AgencyInfo, DeadLetter, Device, ImportResult, Protocol, Reading};
+use crate::proto::{
+    reading, AgencyInfo, DeadLetter, Device, ImportResult, Protocol, Reading, SinkState,
+};
 
 pub struct Output {
     format: Format,
@@ -238,6 +240,38 @@ impl Output {
                             a.kinds.join(","),
                             a.kpi.to_string(),
                             if a.from_config { "config" } else { "api" }.to_string(),
+                        ]
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn sinks(&self, sinks: &[SinkState]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(
+                sinks
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "name": s.name, "kind": s.kind, "cursor": s.cursor, "last_reading_id": s.last_reading_id,
+                            "lag_readings": s.lag_readings, "lag_seconds": s.lag_seconds, "last_success_ms": s.last_success_ms,
+                        })
+                    })
+                    .collect(),
+            )),
+            Format::Table => table(
+                &["sink", "kind", "delivered up to", "lag (readings)", "lag (s)", "last success"],
+                sinks
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.name.clone(),
+                            s.kind.clone(),
+                            s.cursor.to_string(),
+                            s.lag_readings.to_string(),
+                            format!("{:.1}", s.lag_seconds),
+                            time(s.last_success_ms),
                         ]
                     })
                     .collect(),

@@ -183,6 +183,20 @@ impl Pipeline {
             .await;
     }
 
+    /// Dead-letters a stored reading that a downstream system refused (a forwarder's sink);
+    /// the record carries the reading itself, protobuf-encoded.
+    pub async fn dead_letter_reading(
+        &self,
+        r: &Reading,
+        protocol: Protocol,
+        rejection: &Rejection,
+    ) {
+        let payload = prost::Message::encode_to_vec(r);
+        let address = format!("reading {}", r.id);
+        self.dead_letter(&r.device_id, protocol, &address, Some(&payload), rejection)
+            .await;
+    }
+
     /// Records a refusal: counter, log line and a durable dead-letter record.
     async fn dead_letter(
         &self,

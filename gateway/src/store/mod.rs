@@ -94,6 +94,7 @@ pub(crate) struct Keyspaces {
     pub(crate) dead_letters: Keyspace,
     pub(crate) devices: Keyspace,
     pub(crate) agencies: Keyspace,
+    pub(crate) cursors: Keyspace,
     pub(crate) meta: Keyspace,
 }
 
@@ -102,6 +103,7 @@ impl Keyspaces {
         match table {
             Table::Devices => &self.devices,
             Table::Agencies => &self.agencies,
+            Table::Cursors => &self.cursors,
         }
     }
 
@@ -113,6 +115,7 @@ impl Keyspaces {
             dead_letters: ks(keys::DEAD_LETTERS)?,
             devices: ks(keys::DEVICES)?,
             agencies: ks(keys::AGENCIES)?,
+            cursors: ks(keys::CURSORS)?,
             meta: ks(keys::META)?,
         })
     }

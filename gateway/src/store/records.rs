@@ -11,6 +11,8 @@ use super::{Store, StoreError};
 pub enum Table {
     Devices,
     Agencies,
+    /// Forwarder cursors: sink name → last forwarded reading id.
+    Cursors,
 }
 
 impl Store {

@@ -36,13 +36,32 @@ impl Store {
     /// Deletes readings (log and index) and dead letters whose `received_time_ms` is older than
     /// `now_ms - retention`, in chunks so ingestion keeps flowing. Call it periodically from a
     /// blocking task; `now_ms` is a parameter so the caller owns the clock.
-    pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError> {
+    ///
+    /// Readings with ids above `forwarded_up_to` are kept whatever their age: a forwarder has not
+    /// delivered them yet (pass `u64::MAX` when there is none). They are counted in
+    /// `citygw_retention_held_total`, for an alert.
+    pub fn enforce_retention(
+        &self,
+        now_ms: i64,
+        forwarded_up_to: u64,
+    ) -> Result<RetentionReport, StoreError> {
         let inner = &self.inner;
         let retention_ms = i64::try_from(inner.opts.retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = now_ms.saturating_sub(retention_ms);
 
+        let mut held = 0u64;
         let readings = self.expire(&inner.ks.log, cutoff, |key, value| {
             let run = Run::decode(key, value)?;
+            if run.last_id() > forwarded_up_to {
+                if run.received_time_ms() < cutoff {
+                    held += run.len();
+                }
+                return Ok(Expiring {
+                    received_time_ms: i64::MAX,
+                    records: 0,
+                    index: Vec::new(),
+                });
+            }
             let index = run
                 .device_times()
                 .into_iter()
@@ -65,6 +84,7 @@ impl Store {
 
         metrics::counter!("citygw_retention_deleted_total", "kind" => "reading")
             .increment(readings);
+        metrics::counter!("citygw_retention_held_total").increment(held);
         metrics::counter!("citygw_retention_deleted_total", "kind" => "dead_letter")
             .increment(dead_letters);
         tracing::info!(
@@ -85,7 +105,7 @@ impl Store {
         &self,
         ks: &Keyspace,
         cutoff: i64,
-        inspect: impl Fn(&[u8], &[u8]) -> Result<Expiring, StoreError>,
+        mut inspect: impl FnMut(&[u8], &[u8]) -> Result<Expiring, StoreError>,
     ) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let mut start = 0u64;

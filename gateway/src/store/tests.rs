@@ -198,7 +198,7 @@ async fn retention_deletes_only_old_records_and_never_reuses_ids() {
     store.dead_letter(dead("d1", old)).await.unwrap();
     store.dead_letter(dead("d1", fresh)).await.unwrap();
 
-    let report = store.enforce_retention(now).unwrap();
+    let report = store.enforce_retention(now, u64::MAX).unwrap();
     assert_eq!(
         report,
         RetentionReport {
@@ -218,12 +218,12 @@ async fn retention_deletes_only_old_records_and_never_reuses_ids() {
     let dls = store.dead_letters(None, 0, 10).unwrap();
     assert_eq!(dls.iter().map(|d| d.id).collect::<Vec<_>>(), vec![2]);
     assert_eq!(
-        store.enforce_retention(now).unwrap(),
+        store.enforce_retention(now, u64::MAX).unwrap(),
         RetentionReport::default()
     );
 
     // Everything expires; ids must still continue after a restart.
-    let report = store.enforce_retention(now + 3_600_000).unwrap();
+    let report = store.enforce_retention(now + 3_600_000, u64::MAX).unwrap();
     assert_eq!(
         report,
         RetentionReport {
@@ -258,7 +258,7 @@ async fn retention_walks_many_chunks() {
         .append(vec![reading("d", -1, 10_000_000_000)])
         .await
         .unwrap();
-    let report = store.enforce_retention(10_000_000_000).unwrap();
+    let report = store.enforce_retention(10_000_000_000, u64::MAX).unwrap();
     assert_eq!(report.readings, n as u64);
     assert_eq!(store.readings_after(0, 10).unwrap().len(), 1);
     assert_eq!(
@@ -489,4 +489,25 @@ async fn crash_child() {
         writeln!(out, "acked {} {}", ids.start, ids.end).unwrap();
         out.flush().unwrap();
     }
+}
+
+#[tokio::test]
+async fn retention_keeps_what_a_forwarder_has_not_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let old = 1_000;
+    store
+        .append((1..=6).map(|t| reading("d1", t, old)).collect())
+        .await
+        .unwrap();
+    // Readings 1..=6 are one run (same identity); deliver-up-to inside it keeps the whole run.
+    assert_eq!(
+        store.enforce_retention(10_000_000_000, 3).unwrap().readings,
+        0
+    );
+    store.append(vec![reading("d2", 7, old)]).await.unwrap();
+    let report = store.enforce_retention(10_000_000_000, 6).unwrap();
+    assert_eq!(report.readings, 6);
+    assert_eq!(ids(&store.readings_after(0, 10).unwrap()), vec![7]);
+    store.close().await;
 }

@@ -693,6 +693,28 @@ def publish_json(gw: Gateway, device: Device, *payloads: Any, version: int = 311
     assert p.returncode == 0, f"mosquitto_pub for {device} exited {p.returncode}: {p.stderr}"
 
 
+def publish_json_parallel(gw: Gateway, per_device: dict[Device, list[Any]], version: int = 311,
+                          timeout: float = 120.0) -> None:
+    """`publish_json` for several devices at once: one mosquitto_pub process (one connection,
+    in order, QoS 1) per device, all running concurrently; returns once every one exited 0, so
+    every message is PUBACKed (stored)."""
+    errors: list[str] = []
+
+    def run(device: Device, payloads: list[Any]) -> None:
+        try:
+            publish_json(gw, device, *payloads, version=version, timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(f"{device}: {e}")
+
+    threads = [threading.Thread(target=run, args=(d, p), daemon=True) for d, p in per_device.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    assert not any(t.is_alive() for t in threads), "a mosquitto_pub publisher did not finish"
+    assert not errors, errors
+
+
 # --------------------------------------------------------------------------------------------
 # SenML (RFC 8428)
 

@@ -19,6 +19,7 @@ pub struct AdminService {
     pub registry: Registry,
     pub agencies: Agencies,
     pub store: Store,
+    pub sinks: crate::sinks::Sinks,
 }
 
 fn agency_info(a: &Agency) -> AgencyInfo {
@@ -232,5 +233,17 @@ impl Admin for AdminService {
             .await
             .map_err(status)?;
         Ok(Response::new(RemoveAgencyResponse {}))
+    }
+
+    async fn sink_status(
+        &self,
+        _req: Request<SinkStatusRequest>,
+    ) -> Result<Response<SinkStatusResponse>, Status> {
+        let (sinks, store) = (self.sinks.clone(), self.store.clone());
+        let sinks = tokio::task::spawn_blocking(move || sinks.status(&store))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        Ok(Response::new(SinkStatusResponse { sinks }))
     }
 }

@@ -24,6 +24,7 @@ pub struct GrpcServer {
     pub registry: Registry,
     pub agencies: Agencies,
     pub pipeline: Pipeline,
+    pub sinks: crate::sinks::Sinks,
 }
 
 impl GrpcServer {
@@ -57,6 +58,7 @@ impl GrpcServer {
                 registry: self.registry.clone(),
                 agencies: self.agencies.clone(),
                 store: store.clone(),
+                sinks: self.sinks,
             },
             auth::BearerToken::new(self.admin_token),
         );
