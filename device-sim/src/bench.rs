@@ -505,15 +505,5 @@ fn print_report(r: &MqttBenchReport) {
     if r.unmatched_acks > 0 {
         rows.push(("unmatched PUBACKs", r.unmatched_acks.to_string()));
     }
-    let title = format!(
-        "device-sim bench mqtt{}",
-        r.label
-            .as_deref()
-            .map(|l| format!(" — {l}"))
-            .unwrap_or_default()
-    );
-    report::print_table(&title, &rows);
-    for e in &r.error_samples {
-        println!("  error: {e}");
-    }
+    report::print_report("mqtt", r.label.as_deref(), &rows, &r.error_samples);
 }

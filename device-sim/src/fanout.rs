@@ -621,17 +621,7 @@ fn print_report(r: &FanoutReport) {
     if let Some(cpu) = r.client_cpu_secs {
         rows.push(("client CPU", format!("{cpu:.1} s")));
     }
-    let title = format!(
-        "device-sim bench fanout{}",
-        r.label
-            .as_deref()
-            .map(|l| format!(" — {l}"))
-            .unwrap_or_default()
-    );
-    report::print_table(&title, &rows);
-    for e in &r.error_samples {
-        println!("  error: {e}");
-    }
+    report::print_report("fanout", r.label.as_deref(), &rows, &r.error_samples);
 }
 
 #[cfg(test)]

@@ -55,6 +55,18 @@ impl LatencySummary {
 }
 
 /// Two-column table: label, value.
+/// A benchmark report: its table under `device-sim bench KIND — LABEL`, then sampled errors.
+pub fn print_report(kind: &str, label: Option<&str>, rows: &[(&str, String)], errors: &[String]) {
+    let title = format!(
+        "device-sim bench {kind}{}",
+        label.map(|l| format!(" — {l}")).unwrap_or_default()
+    );
+    print_table(&title, rows);
+    for e in errors {
+        println!("  error: {e}");
+    }
+}
+
 pub fn print_table(title: &str, rows: &[(&str, String)]) {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     println!("{title}");

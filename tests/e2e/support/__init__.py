@@ -194,6 +194,25 @@ class Agency:
         return f"Agency({self.name!r})"
 
 
+def kill_process(proc: subprocess.Popen | None) -> None:
+    """Kill a server we started, if it still runs (teardown, also after a failed test)."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def tail_file(path: Path, lines: int) -> str:
+    """The last lines of a log file, for failure reports."""
+    try:
+        data = path.read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(data[-lines:])
+
+
 class Gateway:
     """One `citygw run` process with its own data dir and loopback ports.
 
@@ -307,19 +326,10 @@ class Gateway:
         return self.start(timeout)
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_process(self.proc)
 
     def log_tail(self, lines: int = 60) -> str:
-        try:
-            data = self.log_path.read_bytes().decode("utf-8", "replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(data[-lines:])
+        return tail_file(self.log_path, lines)
 
     # -- HTTP
     def http_get(self, path: str) -> requests.Response:

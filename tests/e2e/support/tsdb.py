@@ -28,7 +28,7 @@ from typing import Any
 
 import requests
 
-from . import Gateway, free_port, wait_until
+from . import Gateway, free_port, kill_process, tail_file, wait_until
 
 VM_BIN = "/usr/bin/victoria-metrics"
 
@@ -91,19 +91,10 @@ class ServerProcess:
             raise AssertionError(f"{self.name} did not exit within {timeout}s of SIGTERM") from None
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_process(self.proc)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            data = self.log_path.read_bytes().decode("utf-8", "replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(data[-lines:])
+        return tail_file(self.log_path, lines)
 
 
 class VictoriaMetrics(ServerProcess):
