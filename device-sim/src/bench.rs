@@ -490,15 +490,9 @@ fn print_report(r: &MqttBenchReport) {
         ),
         ("throughput", format!("{:.0} msgs/s", r.msgs_per_sec)),
     ];
-    if let Some(l) = &r.latency {
-        rows.push((
-            "latency ms p50/p90/p99",
-            format!("{:.3} / {:.3} / {:.3}", l.p50_ms, l.p90_ms, l.p99_ms),
-        ));
-        rows.push((
-            "latency ms p99.9/max",
-            format!("{:.3} / {:.3}", l.p99_9_ms, l.max_ms),
-        ));
+    if let Some((percentiles, tail)) = r.latency.as_ref().map(LatencySummary::cells) {
+        rows.push(("latency ms p50/p90/p99", percentiles));
+        rows.push(("latency ms p99.9/max", tail));
     }
     rows.push(("connect failures", format!("{:?}", r.connect_failures)));
     rows.push(("disconnects", r.disconnects.to_string()));

@@ -587,15 +587,9 @@ fn print_report(r: &FanoutReport) {
             ),
         ),
     ];
-    if let Some(l) = &r.latency {
-        rows.push((
-            "publish->subscriber ms p50/p90/p99",
-            format!("{:.3} / {:.3} / {:.3}", l.p50_ms, l.p90_ms, l.p99_ms),
-        ));
-        rows.push((
-            "publish->subscriber ms p99.9/max",
-            format!("{:.3} / {:.3} ({} stamped)", l.p99_9_ms, l.max_ms, l.count),
-        ));
+    if let Some((percentiles, tail)) = r.latency.as_ref().map(LatencySummary::cells) {
+        rows.push(("publish->subscriber ms p50/p90/p99", percentiles));
+        rows.push(("publish->subscriber ms p99.9/max", tail));
     }
     rows.push((
         "overflows (RESOURCE_EXHAUSTED)",

@@ -55,6 +55,22 @@ impl LatencySummary {
 }
 
 /// Two-column table: label, value.
+impl LatencySummary {
+    /// The two latency cells of a report table: "p50 / p90 / p99" and "p99.9 / max (n samples)".
+    pub fn cells(&self) -> (String, String) {
+        (
+            format!(
+                "{:.3} / {:.3} / {:.3}",
+                self.p50_ms, self.p90_ms, self.p99_ms
+            ),
+            format!(
+                "{:.3} / {:.3} ({} samples)",
+                self.p99_9_ms, self.max_ms, self.count
+            ),
+        )
+    }
+}
+
 /// A benchmark report: its table under `device-sim bench KIND — LABEL`, then sampled errors.
 pub fn print_report(kind: &str, label: Option<&str>, rows: &[(&str, String)], errors: &[String]) {
     let title = format!(

@@ -194,6 +194,18 @@ class Agency:
         return f"Agency({self.name!r})"
 
 
+def stop_process(proc: subprocess.Popen | None, name: str, timeout: float) -> int:
+    """SIGTERM and wait; returns the exit code, fails the test if the server does not exit."""
+    assert proc is not None
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{name} did not exit within {timeout}s of SIGTERM") from None
+
+
 def kill_process(proc: subprocess.Popen | None) -> None:
     """Kill a server we started, if it still runs (teardown, also after a failed test)."""
     if proc is not None and proc.poll() is None:
@@ -306,14 +318,7 @@ class Gateway:
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; returns the exit code (fails the test if it does not exit)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"citygw did not exit within {timeout}s of SIGTERM") from None
+        return stop_process(self.proc, "citygw", timeout)
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import requests
 
-from . import Gateway, free_port, kill_process, tail_file, wait_until
+from . import Gateway, free_port, kill_process, stop_process, tail_file, wait_until
 
 VM_BIN = "/usr/bin/victoria-metrics"
 
@@ -81,14 +80,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait for the exit (the port and the data dir are free afterwards)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"{self.name} did not exit within {timeout}s of SIGTERM") from None
+        return stop_process(self.proc, self.name, timeout)
 
     def close(self) -> None:
         kill_process(self.proc)
