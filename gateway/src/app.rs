@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
+use crate::kpi::Kpi;
 use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
@@ -35,6 +36,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let registry = Registry::load(store.clone())?;
     let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
+    let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
 
     let shutdown = CancellationToken::new();
@@ -45,8 +47,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "http",
             http::start(
                 cfg.http.listen,
-                metrics.clone(),
-                ready.clone(),
+                http::Api {
+                    metrics: metrics.clone(),
+                    ready: ready.clone(),
+                    agencies: agencies.clone(),
+                    admin_token: admin_token.clone(),
+                    kpi: kpi.clone(),
+                },
                 shutdown.clone(),
             )
             .await?,
@@ -61,6 +68,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 agencies,
                 pipeline: pipeline.clone(),
                 sinks: sinks.clone(),
+                kpi: kpi.clone(),
             }
             .start(shutdown.clone())
             .await?,
@@ -79,6 +87,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for (name, server) in servers {
         tasks.spawn(async move { (name, server.await) });
     }
+    let kpi_refresh = tokio::spawn(kpi.run(shutdown.clone()));
     let housekeeping = tokio::spawn(housekeeping(
         registry.clone(),
         store.clone(),
@@ -105,6 +114,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     .await;
     tasks.abort_all();
     housekeeping.abort();
+    kpi_refresh.abort();
     if let Err(e) = registry.persist_last_seen().await {
         tracing::warn!(error = %e, "last-seen times not saved");
     }

@@ -26,6 +26,8 @@ pub struct Config {
     pub agencies: Vec<crate::registry::agencies::AgencyConfig>,
     /// Time-series stores to forward every reading to.
     pub sinks: Vec<crate::sinks::config::SinkConfig>,
+    /// IoT connections per resident.
+    pub kpi: crate::kpi::KpiConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +104,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             agencies: Vec::new(),
             sinks: Vec::new(),
+            kpi: crate::kpi::KpiConfig::default(),
         }
     }
 }
@@ -217,6 +220,7 @@ impl Config {
             self.mqtt.max_payload_bytes as u64 <= self.mqtt.max_packet_bytes as u64,
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
         );
+        self.kpi.validate()?;
         Ok(())
     }
 
@@ -265,7 +269,7 @@ impl Config {
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN
 /// for the CLI, CITYGW_CONFIG) are not configuration and must not trip `deny_unknown_fields`.
 fn config_env() -> config::Map<String, String> {
-    const SECTIONS: &[&str] = &["log", "mqtt", "grpc", "http", "admin", "store"];
+    const SECTIONS: &[&str] = &["log", "mqtt", "grpc", "http", "admin", "store", "kpi"];
     std::env::vars()
         .filter(|(k, _)| {
             let Some(key) = k.strip_prefix("CITYGW_") else {

@@ -1,17 +1,23 @@
-//! HTTP for operators and orchestrators: `/metrics` (Prometheus), `/healthz`, `/readyz`.
+//! HTTP for operators and orchestrators: `/metrics` (Prometheus), `/healthz`, `/readyz`, and the
+//! connections KPI as JSON at `/api/v1/kpi`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::kpi::{Kpi, KpiError};
+use crate::registry::agencies::Agencies;
+use crate::registry::secret::constant_time_eq;
 
 /// Set once every listener is up; cleared when shutdown begins so load balancers drain us.
 #[derive(Clone, Default)]
@@ -23,16 +29,21 @@ impl Readiness {
     }
 }
 
+/// What the HTTP routes serve from.
 #[derive(Clone)]
-struct AppState {
-    metrics: PrometheusHandle,
-    ready: Readiness,
+pub struct Api {
+    pub metrics: PrometheusHandle,
+    pub ready: Readiness,
+    /// `/api/v1/kpi` accepts an agency token with the KPI scope...
+    pub agencies: Agencies,
+    /// ...or the operator's admin token.
+    pub admin_token: String,
+    pub kpi: Kpi,
 }
 
 pub async fn start(
     listen: SocketAddr,
-    metrics: PrometheusHandle,
-    ready: Readiness,
+    api: Api,
     shutdown: CancellationToken,
 ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -43,7 +54,8 @@ pub async fn start(
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, ready });
+        .route("/api/v1/kpi", get(kpi))
+        .with_state(api);
     Ok(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -53,14 +65,71 @@ pub async fn start(
     .boxed())
 }
 
-async fn render_metrics(State(state): State<AppState>) -> String {
+async fn render_metrics(State(state): State<Api>) -> String {
     state.metrics.render()
 }
 
-async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+async fn readyz(State(state): State<Api>) -> (StatusCode, &'static str) {
     if state.ready.0.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct KpiQuery {
+    #[serde(default)]
+    city: String,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut r = (
+        status,
+        Json(serde_json::json!({"error": message.into()})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+    }
+    r
+}
+
+/// `GET /api/v1/kpi[?city=01]` with `Authorization: Bearer <token>`: 401 without a known token,
+/// 403 for an agency without the KPI scope.
+async fn kpi(State(state): State<Api>, headers: HeaderMap, query: Query<KpiQuery>) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else {
+        metrics::counter!("citygw_api_auth_failures_total", "api" => "http").increment(1);
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <token>",
+        );
+    };
+    if !constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) {
+        match state.agencies.authenticate(token) {
+            None => {
+                metrics::counter!("citygw_api_auth_failures_total", "api" => "http").increment(1);
+                return error(StatusCode::UNAUTHORIZED, "unknown token");
+            }
+            Some(agency) if !agency.kpi => {
+                metrics::counter!("citygw_api_denied_total", "api" => "http").increment(1);
+                return error(
+                    StatusCode::FORBIDDEN,
+                    format!("agency {:?} may not read the connections KPI", agency.name),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    match state.kpi.report_async(query.0.city).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e @ KpiError::UnknownCity(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -127,6 +127,14 @@ impl DeviceEntry {
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
+    /// Registered position as (lat, lon).
+    pub fn position(&self) -> Option<(f64, f64)> {
+        Some((self.record.lat?, self.record.lon?))
+    }
+    /// Receive time of the last accepted reading, Unix milliseconds; 0 when never seen.
+    pub fn last_seen_ms(&self) -> i64 {
+        self.last_seen_ms.load(Ordering::Relaxed)
+    }
 
     /// Records that the device delivered an accepted reading.
     pub fn touch(&self, now_ms: i64) {
@@ -281,6 +289,13 @@ impl Registry {
             .take(limit)
             .cloned()
             .collect()
+    }
+
+    /// Calls `f` for every device, in id order, under the read lock (so keep `f` short: it
+    /// holds back registrations, not authentication or ingest).
+    pub fn for_each(&self, f: impl FnMut(&DeviceEntry)) {
+        let devices = self.inner.devices.read().expect("registry lock");
+        devices.values().map(|e| &**e).for_each(f);
     }
 
     /// Registers one device; returns it with its secret (shown once, stored hashed).

@@ -19,6 +19,8 @@ pub(super) const DEVICES: &str = "devices";
 pub(super) const AGENCIES: &str = "agencies";
 /// Name of the keyspace holding forwarder cursors.
 pub(super) const CURSORS: &str = "cursors";
+/// Name of the keyspace holding daily KPI snapshots.
+pub(super) const KPI_SNAPSHOTS: &str = "kpi_snapshots";
 /// Name of the keyspace holding small store-wide values.
 pub(super) const META: &str = "meta";
 

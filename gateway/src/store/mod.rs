@@ -95,6 +95,7 @@ pub(crate) struct Keyspaces {
     pub(crate) devices: Keyspace,
     pub(crate) agencies: Keyspace,
     pub(crate) cursors: Keyspace,
+    pub(crate) kpi_snapshots: Keyspace,
     pub(crate) meta: Keyspace,
 }
 
@@ -104,6 +105,7 @@ impl Keyspaces {
             Table::Devices => &self.devices,
             Table::Agencies => &self.agencies,
             Table::Cursors => &self.cursors,
+            Table::KpiSnapshots => &self.kpi_snapshots,
         }
     }
 
@@ -116,6 +118,7 @@ impl Keyspaces {
             devices: ks(keys::DEVICES)?,
             agencies: ks(keys::AGENCIES)?,
             cursors: ks(keys::CURSORS)?,
+            kpi_snapshots: ks(keys::KPI_SNAPSHOTS)?,
             meta: ks(keys::META)?,
         })
     }

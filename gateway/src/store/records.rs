@@ -13,6 +13,8 @@ pub enum Table {
     Agencies,
     /// Forwarder cursors: sink name → last forwarded reading id.
     Cursors,
+    /// Daily KPI snapshots: `{city}/{YYYY-MM-DD}` → figures (one small row per city and day).
+    KpiSnapshots,
 }
 
 impl Store {

@@ -20,6 +20,7 @@ pub struct AdminService {
     pub agencies: Agencies,
     pub store: Store,
     pub sinks: crate::sinks::Sinks,
+    pub kpi: crate::kpi::Kpi,
 }
 
 fn agency_info(a: &Agency) -> AgencyInfo {
@@ -245,5 +246,33 @@ impl Admin for AdminService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_status)?;
         Ok(Response::new(SinkStatusResponse { sinks }))
+    }
+
+    async fn get_connection_kpi(
+        &self,
+        req: Request<ConnectionKpiRequest>,
+    ) -> Result<Response<ConnectionKpi>, Status> {
+        let report = self
+            .kpi
+            .report_async(req.into_inner().city_code)
+            .await
+            .map_err(super::telemetry::kpi_status)?;
+        Ok(Response::new(report))
+    }
+
+    async fn put_kpi_snapshots(
+        &self,
+        req: Request<PutKpiSnapshotsRequest>,
+    ) -> Result<Response<PutKpiSnapshotsResponse>, Status> {
+        let snapshots = req.into_inner().snapshots;
+        let stored = self
+            .kpi
+            .put_snapshots(snapshots)
+            .await
+            .map_err(super::telemetry::kpi_status)?;
+        tracing::info!(stored, "kpi snapshots stored");
+        Ok(Response::new(PutKpiSnapshotsResponse {
+            stored: stored as u32,
+        }))
     }
 }

@@ -25,6 +25,7 @@ pub struct GrpcServer {
     pub agencies: Agencies,
     pub pipeline: Pipeline,
     pub sinks: crate::sinks::Sinks,
+    pub kpi: crate::kpi::Kpi,
 }
 
 impl GrpcServer {
@@ -59,6 +60,7 @@ impl GrpcServer {
                 agencies: self.agencies.clone(),
                 store: store.clone(),
                 sinks: self.sinks,
+                kpi: self.kpi.clone(),
             },
             auth::BearerToken::new(self.admin_token),
         );
@@ -71,6 +73,7 @@ impl GrpcServer {
             registry: self.registry,
             agencies: self.agencies,
             subscription_buffer: self.subscription_buffer,
+            kpi: self.kpi,
         });
         let telemetry = telemetry::TelemetryRoutes {
             generated: tonic::service::interceptor::InterceptedService::new(

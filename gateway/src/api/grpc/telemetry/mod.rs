@@ -31,6 +31,7 @@ pub struct TelemetryService {
     pub registry: Registry,
     pub agencies: Agencies,
     pub subscription_buffer: usize,
+    pub kpi: crate::kpi::Kpi,
 }
 
 /// Resolves `authorization: Bearer <agency token>` to the agency, for the handlers.
@@ -182,5 +183,37 @@ impl Telemetry for TelemetryService {
                 agency.name
             ))),
         }
+    }
+
+    async fn get_connection_kpi(
+        &self,
+        req: Request<ConnectionKpiRequest>,
+    ) -> Result<Response<ConnectionKpi>, Status> {
+        let started = Instant::now();
+        let agency = agency(&req)?;
+        if !agency.kpi {
+            metrics::counter!("citygw_api_denied_total", "api" => "telemetry").increment(1);
+            return Err(Status::permission_denied(format!(
+                "agency {:?} may not read the connections KPI",
+                agency.name
+            )));
+        }
+        let report = self
+            .kpi
+            .report_async(req.into_inner().city_code)
+            .await
+            .map_err(kpi_status)?;
+        observe("get_connection_kpi", started);
+        Ok(Response::new(report))
+    }
+}
+
+pub(crate) fn kpi_status(e: crate::kpi::KpiError) -> Status {
+    use crate::kpi::KpiError;
+    match e {
+        KpiError::UnknownCity(_) | KpiError::InvalidSnapshot(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        KpiError::Store(e) => Status::unavailable(format!("store: {e}")),
     }
 }
