@@ -264,6 +264,27 @@ impl Client {
             .sinks)
     }
 
+    pub async fn connection_kpi(&mut self, city: &str) -> anyhow::Result<ConnectionKpi> {
+        Ok(self
+            .inner
+            .get_connection_kpi(ConnectionKpiRequest {
+                city_code: city.into(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner())
+    }
+
+    pub async fn put_kpi_snapshots(&mut self, snapshots: Vec<KpiSnapshot>) -> anyhow::Result<u32> {
+        Ok(self
+            .inner
+            .put_kpi_snapshots(PutKpiSnapshotsRequest { snapshots })
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .stored)
+    }
+
     pub async fn remove_agency(&mut self, name: &str) -> anyhow::Result<()> {
         self.inner
             .remove_agency(RemoveAgencyRequest { name: name.into() })

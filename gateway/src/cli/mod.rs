@@ -2,6 +2,7 @@
 //! gateway's admin API, so provisioning works the same against a local or a remote node.
 
 mod client;
+mod kpi;
 mod output;
 
 use std::path::PathBuf;
@@ -77,6 +78,26 @@ enum Command {
     Sink(SinkCommand),
     /// The quantity table used for normalisation.
     Quantities,
+    /// IoT connections per resident against the city plan's targets.
+    #[command(subcommand)]
+    Kpi(KpiCommand),
+}
+
+#[derive(Subcommand)]
+enum KpiCommand {
+    /// City, communes and kinds: active and registered devices, per resident, target,
+    /// attainment, trend and projected dates.
+    Report {
+        /// Province-level code (default: kpi.city).
+        #[arg(long, default_value = "")]
+        city: String,
+        /// Default: table, or json with --output json.
+        #[arg(long, value_enum)]
+        format: Option<kpi::ReportFormat>,
+    },
+    /// Store daily snapshots from a CSV file with header city_code,date,active,registered (history
+    /// kept before citygw); a day already stored is replaced.
+    Backfill { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -295,6 +316,22 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
         }
         Command::Agency(AgencyCommand::List) => out.agencies(&client.list_agencies().await?),
         Command::Sink(SinkCommand::Status) => out.sinks(&client.sink_status().await?),
+        Command::Kpi(KpiCommand::Report { city, format }) => {
+            let format = format.unwrap_or(match conn.output {
+                Format::Table => kpi::ReportFormat::Table,
+                Format::Json => kpi::ReportFormat::Json,
+            });
+            kpi::print(&client.connection_kpi(&city).await?, format)?;
+        }
+        Command::Kpi(KpiCommand::Backfill { file }) => {
+            let stored = client
+                .put_kpi_snapshots(kpi::read_snapshots(&file)?)
+                .await?;
+            match conn.output {
+                Format::Json => println!("{}", serde_json::json!({"stored": stored})),
+                Format::Table => println!("{stored} snapshots stored"),
+            }
+        }
         Command::Agency(AgencyCommand::Remove { name }) => {
             client.remove_agency(&name).await?;
             println!("agency {name} removed; its token no longer works");

@@ -112,7 +112,8 @@ impl Geo {
                 name: r[3].to_string(),
                 lat: num(5),
                 lon: num(6),
-                area_km2: num(7),
+                // A few units of the source have no area; 0 means unknown (no density).
+                area_km2: r[7].parse().unwrap_or(0.0),
                 population: None,
             });
         }

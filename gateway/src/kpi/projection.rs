@@ -125,8 +125,8 @@ mod tests {
             snap("2026-03-03", 13),
             snap("2026-03-04", 17),
         ];
-        // x = 0..3, y = 10,14,13,17: slope = sum((x-1.5)(y-13.5)) / 5 = 10.5 / 5.
-        assert!((growth_per_day(&h).unwrap() - 2.1).abs() < 1e-9);
+        // x = 0..3, y = 10,14,13,17: slope = sum((x-1.5)(y-13.5)) / sum((x-1.5)^2) = 10 / 5.
+        assert!((growth_per_day(&h).unwrap() - 2.0).abs() < 1e-9);
     }
 
     #[test]

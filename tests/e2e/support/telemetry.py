@@ -24,7 +24,7 @@ import grpc
 
 from . import ROOT, Gateway, hostport, wait_until
 
-PROTO_MODULES = ("reading", "device", "deadletter", "admin", "telemetry")
+PROTO_MODULES = ("reading", "device", "deadletter", "admin", "telemetry", "kpi")
 
 # Channel options of a client that reads slowly: grpc-core's BDP probing would otherwise grow
 # the HTTP/2 receive windows to megabytes and soak up thousands of readings the application never
@@ -239,6 +239,10 @@ class TelemetryClient:
     def get_device(self, device_id: str, timeout: float = 10.0) -> Any:
         return self.stub.GetDevice(self.pb.AgencyGetDeviceRequest(id=device_id),
                                    metadata=self.metadata, timeout=timeout)
+
+    def connection_kpi(self, city_code: str = "", timeout: float = 30.0) -> Any:
+        return self.stub.GetConnectionKpi(self.api.kpi_pb2.ConnectionKpiRequest(city_code=city_code),
+                                          metadata=self.metadata, timeout=timeout)
 
     def close(self) -> None:
         for s in self._subs:
