@@ -99,4 +99,45 @@ fn describe() {
         "Records deleted by retention, by kind"
     );
     describe_gauge!("citygw_registered_devices", "Devices in the registry");
+    describe_counter!(
+        "citygw_api_denied_total",
+        "Authenticated API calls refused for lack of scope, by api"
+    );
+    describe_gauge!(
+        "citygw_kpi_city_devices",
+        "Devices of the KPI city by state (active, silent, disabled)"
+    );
+    describe_gauge!(
+        "citygw_kpi_city_connections_per_resident",
+        "Active IoT connections per resident of the KPI city"
+    );
+    describe_gauge!(
+        "citygw_kpi_city_target_per_resident",
+        "Target in force, connections per resident"
+    );
+    describe_gauge!(
+        "citygw_kpi_city_attainment_ratio",
+        "Connections per resident over the target in force"
+    );
+    describe_gauge!(
+        "citygw_kpi_city_devices_needed",
+        "Active devices still needed for the target in force"
+    );
+    describe_gauge!(
+        "citygw_kpi_kind_devices",
+        "Devices of the KPI city by kind and state (active, silent)"
+    );
+    describe_gauge!(
+        "citygw_kpi_commune_devices",
+        "Devices by commune of the KPI city and state; only communes with devices"
+    );
+    describe_gauge!(
+        "citygw_kpi_commune_connections_per_resident",
+        "Active connections per resident, communes with a known population"
+    );
+    describe_histogram!(
+        "citygw_kpi_compute_seconds",
+        Unit::Seconds,
+        "One KPI computation (registry scan, snapshots, projection)"
+    );
 }

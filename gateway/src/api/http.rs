@@ -84,11 +84,7 @@ struct KpiQuery {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let mut r = (
-        status,
-        Json(serde_json::json!({"error": message.into()})),
-    )
-        .into_response();
+    let mut r = (status, Json(serde_json::json!({"error": message.into()}))).into_response();
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));

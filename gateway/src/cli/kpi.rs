@@ -113,7 +113,11 @@ fn table_report(r: &ConnectionKpi) {
     let with_devices: Vec<_> = r
         .communes
         .iter()
-        .filter(|c| c.figures.as_ref().is_some_and(|f| f.registered + f.disabled > 0))
+        .filter(|c| {
+            c.figures
+                .as_ref()
+                .is_some_and(|f| f.registered + f.disabled > 0)
+        })
         .collect();
     println!(
         "\ncommunes with devices ({} of {}; * = some placed by nearest centroid, an approximation)",
@@ -155,7 +159,13 @@ fn table_report(r: &ConnectionKpi) {
         &["date", "active", "registered"],
         r.history[skip..]
             .iter()
-            .map(|s| vec![s.date.clone(), s.active.to_string(), s.registered.to_string()])
+            .map(|s| {
+                vec![
+                    s.date.clone(),
+                    s.active.to_string(),
+                    s.registered.to_string(),
+                ]
+            })
             .collect(),
     );
     println!("\nprojection (at the recent growth rate)");
@@ -262,8 +272,8 @@ fn csv_report(r: &ConnectionKpi) -> anyhow::Result<()> {
 
 /// Reads `city_code,date,active,registered` rows.
 pub fn read_snapshots(path: &Path) -> anyhow::Result<Vec<KpiSnapshot>> {
-    let mut rows = csv::Reader::from_path(path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut rows =
+        csv::Reader::from_path(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, row) in rows.deserialize::<KpiSnapshot>().enumerate() {
         out.push(row.map_err(|e| anyhow::anyhow!("{} row {}: {e}", path.display(), i + 2))?);

@@ -74,7 +74,12 @@ impl Counts {
 }
 
 /// The figures of an area from its summed tally.
-pub fn figures(t: Tally, population: Option<u64>, area_km2: f64, target: Option<f64>) -> KpiFigures {
+pub fn figures(
+    t: Tally,
+    population: Option<u64>,
+    area_km2: f64,
+    target: Option<f64>,
+) -> KpiFigures {
     let per_resident = population
         .filter(|p| *p > 0)
         .map(|p| t.active as f64 / p as f64);

@@ -75,7 +75,8 @@ impl KpiConfig {
         for (city, schedule) in &self.targets {
             for (year, target) in schedule {
                 anyhow::ensure!(
-                    year.parse::<i32>().is_ok_and(|y| (2000..=2100).contains(&y)),
+                    year.parse::<i32>()
+                        .is_ok_and(|y| (2000..=2100).contains(&y)),
                     "kpi.targets.{city}: {year:?} is not a year"
                 );
                 anyhow::ensure!(

@@ -81,11 +81,12 @@ impl Geo {
     ) -> anyhow::Result<Geo> {
         let mut geo = Geo::embedded(max_centroid_km);
         if let Some(path) = commune_population {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("kpi.commune_population_file {}: {e}", path.display()))?;
-            let n = geo
-                .set_populations(&text)
-                .map_err(|e| anyhow::anyhow!("kpi.commune_population_file {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("kpi.commune_population_file {}: {e}", path.display())
+            })?;
+            let n = geo.set_populations(&text).map_err(|e| {
+                anyhow::anyhow!("kpi.commune_population_file {}: {e}", path.display())
+            })?;
             tracing::info!(communes = n, "commune populations loaded");
         }
         if let Some(path) = boundaries {
@@ -133,8 +134,11 @@ impl Geo {
             });
         }
         // Provinces without an official population row still get a name and an area.
-        let mut seen: HashMap<String, usize> =
-            cities.iter().enumerate().map(|(i, c)| (c.code.clone(), i)).collect();
+        let mut seen: HashMap<String, usize> = cities
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.code.clone(), i))
+            .collect();
         let mut names = csv::Reader::from_reader(COMMUNES_CSV.as_bytes());
         let mut area: HashMap<String, f64> = HashMap::new();
         for c in &communes {
@@ -152,9 +156,12 @@ impl Geo {
                 });
             }
         }
-        let centroids = Grid::build(communes.iter().enumerate().map(|(i, c)| {
-            (i as u32, (c.lon, c.lat, c.lon, c.lat))
-        }));
+        let centroids = Grid::build(
+            communes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i as u32, (c.lon, c.lat, c.lon, c.lat))),
+        );
         Geo {
             communes,
             by_code,
@@ -237,15 +244,12 @@ impl Geo {
         for (line, row) in rows.records().enumerate() {
             let r = row?;
             let code = r.get(code_col).unwrap_or("").trim();
-            let i = self
-                .by_code(code)
-                .ok_or_else(|| anyhow::anyhow!("row {}: unknown commune code {code:?}", line + 2))?;
-            let pop: u64 = r
-                .get(pop_col)
-                .unwrap_or("")
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("row {}: population is not a whole number", line + 2))?;
+            let i = self.by_code(code).ok_or_else(|| {
+                anyhow::anyhow!("row {}: unknown commune code {code:?}", line + 2)
+            })?;
+            let pop: u64 = r.get(pop_col).unwrap_or("").trim().parse().map_err(|_| {
+                anyhow::anyhow!("row {}: population is not a whole number", line + 2)
+            })?;
             self.communes[i as usize].population = Some(pop);
             n += 1;
         }
@@ -434,7 +438,10 @@ mod tests {
         assert_eq!(city.name, "Thành phố Hà Nội");
         assert!(geo.city("79").unwrap().population.is_some());
         assert_eq!(geo.city("31").unwrap().population, None);
-        assert_eq!(geo.commune(geo.by_code("00004").unwrap()).name, "Phường Ba Đình");
+        assert_eq!(
+            geo.commune(geo.by_code("00004").unwrap()).name,
+            "Phường Ba Đình"
+        );
         assert_eq!(geo.by_code("99999"), None);
         assert_eq!(geo.by_code("4"), None);
     }
@@ -513,19 +520,29 @@ mod tests {
             geo.attribute("", Some((20.9, 105.85))),
             Attribution::Centroid(_)
         ));
-        assert!(geo.set_boundaries(r#"{"features":[{"properties":{"code":"12345"}}]}"#).is_err());
+        assert!(geo
+            .set_boundaries(r#"{"features":[{"properties":{"code":"12345"}}]}"#)
+            .is_err());
     }
 
     #[test]
     fn commune_populations() {
         let mut geo = Geo::embedded(25.0);
         assert_eq!(
-            geo.set_populations("commune_code,name,population\n00004,Ba Đình,65000\n").unwrap(),
+            geo.set_populations("commune_code,name,population\n00004,Ba Đình,65000\n")
+                .unwrap(),
             1
         );
-        assert_eq!(geo.commune(geo.by_code("00004").unwrap()).population, Some(65_000));
-        assert!(geo.set_populations("commune_code,population\n12345,1\n").is_err());
-        assert!(geo.set_populations("commune_code,population\n00004,many\n").is_err());
+        assert_eq!(
+            geo.commune(geo.by_code("00004").unwrap()).population,
+            Some(65_000)
+        );
+        assert!(geo
+            .set_populations("commune_code,population\n12345,1\n")
+            .is_err());
+        assert!(geo
+            .set_populations("commune_code,population\n00004,many\n")
+            .is_err());
         assert!(geo.set_populations("code,pop\n").is_err());
     }
 }

@@ -269,8 +269,14 @@ fn export_gauges(r: &ConnectionKpi) {
             .set(n as f64);
     }
     let optional = [
-        ("citygw_kpi_city_connections_per_resident", city.connections_per_resident),
-        ("citygw_kpi_city_target_per_resident", city.target_per_resident),
+        (
+            "citygw_kpi_city_connections_per_resident",
+            city.connections_per_resident,
+        ),
+        (
+            "citygw_kpi_city_target_per_resident",
+            city.target_per_resident,
+        ),
         (
             "citygw_kpi_city_attainment_ratio",
             city.attainment_percent.map(|p| p / 100.0),

@@ -30,10 +30,7 @@ pub fn growth_per_day(history: &[KpiSnapshot]) -> Option<f64> {
     let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
     let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
     let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
-    let sxy: f64 = points
-        .iter()
-        .map(|p| (p.0 - mean_x) * (p.1 - mean_y))
-        .sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
@@ -73,7 +70,9 @@ pub fn project(
             }
             match (slope, latest) {
                 (Some(slope), Some((base_date, base_active))) if slope > 0.0 => {
-                    let days = ((required as f64 - base_active as f64) / slope).ceil().max(0.0);
+                    let days = ((required as f64 - base_active as f64) / slope)
+                        .ceil()
+                        .max(0.0);
                     let date = base_date
                         .checked_add_days(chrono::Days::new(days.min(3_000_000.0) as u64))
                         .unwrap_or(NaiveDate::MAX)
@@ -116,7 +115,11 @@ mod tests {
             growth_per_day(&[snap("2026-01-01", 5), snap("2026-01-01", 9)]),
             None
         );
-        let h = [snap("2026-01-01", 100), snap("2026-01-11", 200), snap("2026-01-21", 300)];
+        let h = [
+            snap("2026-01-01", 100),
+            snap("2026-01-11", 200),
+            snap("2026-01-21", 300),
+        ];
         assert!((growth_per_day(&h).unwrap() - 10.0).abs() < 1e-9);
         // Noise around 2/day: the fit, not the end points.
         let h = [
@@ -137,7 +140,14 @@ mod tests {
         assert_eq!(slope, Some(10.0));
         // Population 1500: 2026 needs 1500 (400 more from 1100 at 10/day = 40 days after
         // 2026-01-11), 2030 needs 6000 (490 days).
-        let p = project(&schedule, Some(1500), 1100, d("2026-01-11"), &history, slope);
+        let p = project(
+            &schedule,
+            Some(1500),
+            1100,
+            d("2026-01-11"),
+            &history,
+            slope,
+        );
         assert_eq!(p[0].status, "projected");
         assert_eq!(p[0].projected_date, "2026-02-20");
         assert!(p[0].on_time);
@@ -147,7 +157,14 @@ mod tests {
         assert!(p[1].on_time);
         // Slow growth: too late for the deadline.
         let history = [snap("2026-01-01", 1000), snap("2026-12-01", 1001)];
-        let p = project(&schedule, Some(1500), 1001, d("2026-12-01"), &history, growth_per_day(&history));
+        let p = project(
+            &schedule,
+            Some(1500),
+            1001,
+            d("2026-12-01"),
+            &history,
+            growth_per_day(&history),
+        );
         assert_eq!(p[0].status, "projected");
         assert!(!p[0].on_time);
     }
@@ -159,7 +176,10 @@ mod tests {
         let falling = [snap("2026-01-01", 10), snap("2026-01-05", 8)];
         let today = d("2026-01-05");
         let p = project(&schedule, Some(10), 10, today, &flat, growth_per_day(&flat));
-        assert_eq!((p[0].status.as_str(), p[0].devices_still_needed), ("reached", 0));
+        assert_eq!(
+            (p[0].status.as_str(), p[0].devices_still_needed),
+            ("reached", 0)
+        );
         for h in [&flat[..], &falling[..]] {
             let p = project(&schedule, Some(100), 10, today, h, growth_per_day(h));
             assert_eq!(p[0].status, "not_at_current_pace");
