@@ -1,7 +1,9 @@
-//! Compiles proto/citygw/v1 with protox (pure Rust), so no system `protoc` is needed.
+//! Compiles proto/citygw/v1 with protox (pure Rust), so no system `protoc` is needed, and the
+//! subset of ChirpStack's integration schema the LoRaWAN bridge decodes (proto/chirpstack).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Run time, not env!(): a build-script binary shared between checkouts must read its own.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     let files: Vec<_> = std::fs::read_dir(root.join("citygw/v1"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
@@ -14,6 +16,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure().compile_fds(fds)?;
+
+    let chirpstack = root.join("chirpstack");
+    let fds = protox::compile(
+        [
+            "integration/integration.proto",
+            "gw/gw.proto",
+            "common/common.proto",
+        ],
+        [&chirpstack],
+    )?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(fds)?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

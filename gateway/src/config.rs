@@ -26,6 +26,8 @@ pub struct Config {
     pub agencies: Vec<crate::registry::agencies::AgencyConfig>,
     /// Time-series stores to forward every reading to.
     pub sinks: Vec<crate::sinks::config::SinkConfig>,
+    /// LoRaWAN network server brokers to bridge (ChirpStack v4, The Things Stack v3).
+    pub lorawan: Vec<crate::sources::lorawan::config::LorawanConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +104,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             agencies: Vec::new(),
             sinks: Vec::new(),
+            lorawan: Vec::new(),
         }
     }
 }
@@ -217,6 +220,15 @@ impl Config {
             self.mqtt.max_payload_bytes as u64 <= self.mqtt.max_packet_bytes as u64,
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
         );
+        let mut names = std::collections::HashSet::new();
+        for l in &self.lorawan {
+            l.validate()?;
+            anyhow::ensure!(
+                names.insert(&l.name),
+                "lorawan name {:?} is used twice",
+                l.name
+            );
+        }
         Ok(())
     }
 
@@ -232,6 +244,9 @@ impl Config {
         for sink in &mut shown.sinks {
             redact(&mut sink.token);
             redact(&mut sink.password);
+        }
+        for server in &mut shown.lorawan {
+            redact(&mut server.password);
         }
         toml::to_string_pretty(&shown).expect("config serialises")
     }
