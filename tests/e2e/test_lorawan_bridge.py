@@ -16,7 +16,8 @@ from cayennelpp import LppFrame
 
 from support import by_quantity, now_ms, unique_id, wait_until
 from support.lorawan import (as_json, chirpstack_topic, chirpstack_uplink, lorawan_toml,
-                             new_dev_eui, tts_topic, tts_uplink, wait_bridge_connected)
+                             new_dev_eui, tts_topic, tts_uplink, wait_bridge_connected,
+                             wait_readings)
 
 
 @pytest.fixture
@@ -26,13 +27,6 @@ def bridge(brokers, gateway_factory):
     gw = gateway_factory(config_toml=lorawan_toml(broker, tenant="hanoi"))
     wait_bridge_connected(gw)
     return broker, gw, brokers.publisher(broker)
-
-
-def readings_of(gw, device, at_least: int, timeout: float = 15.0) -> dict[str, list[dict]]:
-    def enough():
-        rs = gw.readings(device.id)
-        return rs if len(rs) >= at_least else None
-    return by_quantity(wait_until(enough, timeout, desc=f"{at_least} readings of {device}"))
 
 
 def lpp(*adds) -> bytes:
@@ -62,7 +56,7 @@ def test_chirpstack_uplink_with_lpp_payload(bridge, marshaler):
                            frequency=923_400_000)
     ns.publish(chirpstack_topic(eui), up.SerializeToString() if marshaler == "protobuf" else as_json(up))
 
-    rs = readings_of(gw, dev, 9)
+    rs = wait_readings(gw, dev, 9)
     temp, hum = one(rs, "temperature"), one(rs, "humidity")
     assert (temp["value"], temp["unit"]) == (27.5, "Cel")
     assert (hum["value"], hum["unit"]) == (61.5, "%RH")
@@ -70,7 +64,7 @@ def test_chirpstack_uplink_with_lpp_payload(bridge, marshaler):
         assert r["location"] == {"lat": 21.0285, "lon": 105.8542, "alt_m": 12.5}
     # Radio metadata: best RSSI and SNR over the three gateways.
     expect = {"rssi": (-71, "dBm"), "snr": (6.5, "dB"), "spreading_factor": (9, ""),
-              "data_rate": (3, ""), "frequency": (923_400_000, "Hz"), "frame_counter": (42, ""),
+              "data_rate": (3, ""), "radio_frequency": (923_400_000, "Hz"), "frame_counter": (42, ""),
               "gateway_count": (3, "count")}
     for q, (value, unit) in expect.items():
         r = one(rs, q)
@@ -118,7 +112,7 @@ def test_chirpstack_decoded_object_join_status_and_log(bridge):
     txack.device_info.dev_eui = eui
     ns.publish(chirpstack_topic(eui, "txack"), txack.SerializeToString())
 
-    rs = readings_of(gw, dev, 14)
+    rs = wait_readings(gw, dev, 14)
     moisture = one(rs, "soil_moisture")
     assert moisture["value"] == 31.5
     assert moisture["location"] == {"lat": 10.77, "lon": 106.7, "alt_m": None}
@@ -141,7 +135,7 @@ def test_raw_codec_keeps_the_bytes(bridge):
     up = chirpstack_uplink(eui, f_cnt=1, time_ms=now_ms(), data=bytes.fromhex("00ff10a5"),
                            obj={"ignored": 1})
     ns.publish(chirpstack_topic(eui), up.SerializeToString())
-    rs = readings_of(gw, dev, 8)
+    rs = wait_readings(gw, dev, 8)
     assert one(rs, "payload")["value"] == "00ff10a5"
     assert "ignored" not in rs, "a device codec wins over the network server's object"
 
@@ -160,13 +154,13 @@ def test_tts_documented_uplinks(brokers, gateway_factory):
                      decoded={"water_level": 1.42, "alarm": False},
                      gateways=[(-35, 5.2), (-88, -4.0)], sf=10, frequency=923_200_000)
     ns.publish(tts_topic("flood-gauge-7"), json.dumps(msg))
-    rs = readings_of(gw, flood, 8)
+    rs = wait_readings(gw, flood, 8)
     wl = one(rs, "water_level")
     assert (wl["value"], wl["unit"], wl["device_time_ms"]) == (1.42, "m", t)
     assert one(rs, "alarm")["value"] is False
     assert one(rs, "rssi")["value"] == -35 and one(rs, "snr")["value"] == 5.2
     assert one(rs, "spreading_factor")["value"] == 10
-    assert one(rs, "frequency")["value"] == 923_200_000
+    assert one(rs, "radio_frequency")["value"] == 923_200_000
     assert one(rs, "gateway_count")["value"] == 2
     assert one(rs, "frame_counter")["value"] == 2
 
@@ -176,7 +170,7 @@ def test_tts_documented_uplinks(brokers, gateway_factory):
     msg = tts_uplink("bin-12", eui2, f_cnt=0, time_ms=t,
                      frm_payload=lpp(("add_percentage", (1, 73)), ("add_gps", (2, 21.0, 105.8, 9.0))))
     ns.publish(tts_topic("bin-12"), json.dumps(msg))
-    rs = readings_of(gw, bin_, 7)
+    rs = wait_readings(gw, bin_, 7)
     pct = one(rs, "percentage")
     assert pct["value"] == 73 and pct["location"] == {"lat": 21.0, "lon": 105.8, "alt_m": 9.0}
     assert one(rs, "frame_counter")["value"] == 0
@@ -185,7 +179,7 @@ def test_tts_documented_uplinks(brokers, gateway_factory):
     abp = gw.add_device(unique_id("abp"), kind="parking")
     msg = tts_uplink(abp.id, None, f_cnt=5, time_ms=t, decoded={"occupied": True})
     ns.publish(tts_topic(abp.id), json.dumps(msg))
-    assert one(readings_of(gw, abp, 7), "occupied")["value"] is True
+    assert one(wait_readings(gw, abp, 7), "occupied")["value"] is True
 
     # A join.
     join = {"end_device_ids": {"device_id": "bin-12", "dev_eui": eui2.upper(),

@@ -606,9 +606,11 @@ fn validate(d: &mut NewDevice) -> Result<(), RegistryError> {
     } else {
         match crate::codec::Format::from_name(codec) {
             Some(f) => d.codec = f.name().to_string(),
-            None => return invalid(format!(
+            None => {
+                return invalid(format!(
                 "codec {codec:?}: one of lpp, raw, json, senml+json, senml+cbor, proto (or empty)"
-            )),
+            ))
+            }
         }
     }
     Ok(())

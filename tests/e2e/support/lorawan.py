@@ -248,3 +248,17 @@ def tts_uplink(device_id: str, dev_eui: str | None, f_cnt: int, time_ms: int,
         up["decoded_payload"] = decoded
     return {"end_device_ids": ids, "correlation_ids": ["as:up:01E0ZQ9BPXC8DFMG9FXDF0PAB4"],
             "received_at": rfc3339(time_ms + 5), "uplink_message": up}
+
+
+# --------------------------------------------------------------------------------------------
+# gateway side
+
+
+def wait_readings(gw: Gateway, device, at_least: int, timeout: float = 15.0) -> dict[str, list[dict]]:
+    """The device's readings by quantity, once there are at least `at_least` of them."""
+    from . import by_quantity, wait_until
+
+    def enough():
+        rs = gw.readings(device.id)
+        return rs if len(rs) >= at_least else None
+    return by_quantity(wait_until(enough, timeout, desc=f"{at_least} readings of {device}"))

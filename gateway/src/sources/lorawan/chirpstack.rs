@@ -368,15 +368,24 @@ fn from_json(event: &str, payload: &[u8]) -> Result<Fields, Rejection> {
 pub(super) mod lenient {
     use serde::{de::Error, Deserialize, Deserializer};
 
-    #[derive(Deserialize)]
-    #[serde(untagged)]
     enum Num {
         N(serde_json::Number),
         S(String),
     }
 
+    fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Num>, D::Error> {
+        match Option::<serde_json::Value>::deserialize(d)? {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Number(n)) => Ok(Some(Num::N(n))),
+            Some(serde_json::Value::String(s)) => Ok(Some(Num::S(s))),
+            Some(other) => Err(D::Error::custom(format!(
+                "expected a number or a numeric string, found {other}"
+            ))),
+        }
+    }
+
     fn num<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Number>, D::Error> {
-        match Option::<Num>::deserialize(d)? {
+        match raw(d)? {
             None => Ok(None),
             Some(Num::N(n)) => Ok(Some(n)),
             Some(Num::S(s)) => s
@@ -407,7 +416,7 @@ pub(super) mod lenient {
 
     /// Non-finite values ("NaN", "Infinity") are no measurement: `None`.
     pub fn f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-        match Option::<Num>::deserialize(d)? {
+        match raw(d)? {
             None => Ok(None),
             Some(Num::N(n)) => Ok(n.as_f64()),
             Some(Num::S(s)) => match s.trim() {

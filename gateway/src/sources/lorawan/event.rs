@@ -191,7 +191,7 @@ pub fn readings(
                 push("data_rate", f64::from(v), "");
             }
             if let Some(v) = r.frequency {
-                push("frequency", v as f64, "Hz");
+                push("radio_frequency", v as f64, "Hz");
             }
             push("gateway_count", r.gateways as f64, "count");
         }

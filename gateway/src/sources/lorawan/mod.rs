@@ -41,9 +41,13 @@ use event::{bridge_reason, Event, Malformed, Parsed};
 
 /// How long in-flight uplinks get to become durable and be acknowledged at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest event accepted from a broker; a LoRaWAN payload is at most 242 bytes, an event with
-/// its metadata a few KiB.
-const MAX_PACKET_BYTES: usize = 1 << 20;
+/// Largest event read: a LoRaWAN payload is at most 242 bytes, an event with its metadata a few
+/// KiB. Anything larger is dead-lettered as `payload_too_large`.
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Largest packet the MQTT client accepts. Far above [`MAX_EVENT_BYTES`] on purpose: a packet
+/// over the client's limit drops the connection, the broker redelivers it on reconnect, and the
+/// bridge would be stuck; below this limit an oversized event is dead-lettered and acknowledged.
+const MAX_PACKET_BYTES: usize = 256 * 1024 * 1024;
 
 /// One network server bridge.
 pub struct LorawanSource {
@@ -232,11 +236,21 @@ impl Bridge {
     /// Handles one message; returns whether to acknowledge it (false: the store is unavailable,
     /// so the broker keeps it for a redelivery).
     async fn handle(&self, publish: &Publish) -> bool {
-        let parsed = match self.server_type {
-            ServerType::ChirpstackV4 => {
-                chirpstack::parse(&publish.topic, &publish.payload, self.marshaler)
+        let parsed = if publish.payload.len() > MAX_EVENT_BYTES {
+            Err(Malformed {
+                device: Default::default(),
+                rejection: Rejection::new(
+                    "payload_too_large",
+                    format!("{} bytes, limit {MAX_EVENT_BYTES}", publish.payload.len()),
+                ),
+            })
+        } else {
+            match self.server_type {
+                ServerType::ChirpstackV4 => {
+                    chirpstack::parse(&publish.topic, &publish.payload, self.marshaler)
+                }
+                ServerType::TtnV3 => tts::parse(&publish.topic, &publish.payload),
             }
-            ServerType::TtnV3 => tts::parse(&publish.topic, &publish.payload),
         };
         let (event_label, result) = match parsed {
             Ok(Parsed::Ignored(kind)) => (kind, Ok(Outcome::Ignored)),
@@ -265,18 +279,13 @@ impl Bridge {
     async fn record(&self, publish: &Publish, event: &Event) -> Result<Outcome, IngestError> {
         let device = match self.device(event) {
             Ok(d) => d,
-            Err(rejection) => {
+            Err((device_id, rejection)) => {
                 if rejection.reason == bridge_reason::UNKNOWN_DEVICE {
                     metrics::counter!("citygw_lorawan_unknown_devices_total", "server" => self.name.clone())
                         .increment(1);
                 }
-                self.dead_letter(
-                    event.device.claimed(),
-                    publish,
-                    &publish.payload,
-                    &rejection,
-                )
-                .await;
+                self.dead_letter(&device_id, publish, &publish.payload, &rejection)
+                    .await;
                 return Ok(Outcome::DeadLetter);
             }
         };
@@ -314,7 +323,9 @@ impl Bridge {
         })
     }
 
-    fn device(&self, event: &Event) -> Result<Arc<DeviceEntry>, Rejection> {
+    /// The registered device of an event, or the id to file the dead letter under (the
+    /// device's own when it is registered, else the DevEUI or TTS id it was named by) and why.
+    fn device(&self, event: &Event) -> Result<Arc<DeviceEntry>, (String, Rejection)> {
         let r = &event.device;
         let found = if r.dev_eui.is_empty() {
             // TTS without a DevEUI (ABP devices may have none): the TTS device id.
@@ -323,7 +334,7 @@ impl Bridge {
             self.registry.by_dev_eui(&r.dev_eui)
         };
         let device = found.ok_or_else(|| {
-            Rejection::new(
+            let rejection = Rejection::new(
                 bridge_reason::UNKNOWN_DEVICE,
                 format!(
                     "no device registered with {} {}",
@@ -334,16 +345,18 @@ impl Bridge {
                     },
                     r.claimed()
                 ),
-            )
+            );
+            (r.claimed().to_string(), rejection)
         })?;
+        let refuse = |rejection| Err((device.id().to_string(), rejection));
         if !device.enabled() {
-            return Err(Rejection::new(
+            return refuse(Rejection::new(
                 bridge_reason::DISABLED_DEVICE,
                 format!("device {} is disabled", device.id()),
             ));
         }
         if !self.tenant.is_empty() && device.tenant() != self.tenant {
-            return Err(Rejection::new(
+            return refuse(Rejection::new(
                 bridge_reason::TENANT_MISMATCH,
                 format!(
                     "device {} belongs to tenant {}, this network server to {}",
