@@ -13,6 +13,7 @@ network server's broker, events built with ChirpStack's own published classes (t
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import socket
 import tempfile
@@ -36,7 +37,10 @@ class Mosquitto(ServerProcess):
         self.data_dir = self.workdir / "mosquitto-data"
         self.data_dir.mkdir(exist_ok=True)
         self.conf = self.workdir / "mosquitto.conf"
-        self.conf.write_text(
+        # Started as root, mosquitto switches to the user "mosquitto", who cannot write the
+        # persistence file into our temp dir: stay who we are.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(user +
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
@@ -141,7 +145,6 @@ def wait_bridge_connected(gw: Gateway, name: str = "ns1", connects: int = 1,
 
 
 def new_dev_eui() -> str:
-    import os
     return os.urandom(8).hex()
 
 
