@@ -1,4 +1,5 @@
-//! Compiles proto/citygw/v1 with protox (pure Rust), so no system `protoc` is needed.
+//! Compiles proto/citygw/v1 with protox (pure Rust), so no system `protoc` is needed, and the
+//! subset of ChirpStack's integration schema the LoRaWAN bridge decodes (proto/chirpstack).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The runtime variable, not env!(): a build script binary reused from another checkout must
@@ -31,6 +32,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     builder.compile_fds(fds)?;
+
+    let chirpstack = root.join("chirpstack");
+    let fds = protox::compile(
+        [
+            "integration/integration.proto",
+            "gw/gw.proto",
+            "common/common.proto",
+        ],
+        [&chirpstack],
+    )?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(fds)?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

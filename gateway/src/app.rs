@@ -12,7 +12,7 @@ use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
 use crate::sinks::Sinks;
-use crate::sources::{mqtt::MqttSource, Source};
+use crate::sources::{lorawan::LorawanSource, mqtt::MqttSource, Source};
 use crate::store::{Store, StoreOptions};
 
 /// How often last-seen times are written back and gauges refreshed, and retention runs.
@@ -74,11 +74,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .await?,
         ),
     ];
-    let sources: Vec<Box<dyn Source>> = vec![Box::new(MqttSource {
+    let mut sources: Vec<Box<dyn Source>> = vec![Box::new(MqttSource {
         config: cfg.mqtt.clone(),
         registry: registry.clone(),
         pipeline: pipeline.clone(),
     })];
+    for server in &cfg.lorawan {
+        sources.push(Box::new(LorawanSource {
+            config: server.clone(),
+            registry: registry.clone(),
+            pipeline: pipeline.clone(),
+        }));
+    }
     for source in sources {
         let name = source.name();
         servers.push((name, source.start(shutdown.clone())?));

@@ -28,6 +28,8 @@ pub struct Config {
     pub sinks: Vec<crate::sinks::config::SinkConfig>,
     /// IoT connections per resident.
     pub kpi: crate::kpi::KpiConfig,
+    /// LoRaWAN network server brokers to bridge (ChirpStack v4, The Things Stack v3).
+    pub lorawan: Vec<crate::sources::lorawan::config::LorawanConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +107,7 @@ impl Default for Config {
             agencies: Vec::new(),
             sinks: Vec::new(),
             kpi: crate::kpi::KpiConfig::default(),
+            lorawan: Vec::new(),
         }
     }
 }
@@ -221,6 +224,15 @@ impl Config {
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
         );
         self.kpi.validate()?;
+        let mut names = std::collections::HashSet::new();
+        for l in &self.lorawan {
+            l.validate()?;
+            anyhow::ensure!(
+                names.insert(&l.name),
+                "lorawan name {:?} is used twice",
+                l.name
+            );
+        }
         Ok(())
     }
 
@@ -236,6 +248,9 @@ impl Config {
         for sink in &mut shown.sinks {
             redact(&mut sink.token);
             redact(&mut sink.password);
+        }
+        for server in &mut shown.lorawan {
+            redact(&mut server.password);
         }
         toml::to_string_pretty(&shown).expect("config serialises")
     }

@@ -5,6 +5,8 @@
 - `gateway_factory`: start as many fresh gateways as a test needs (own data dir, own ports);
   used where a test kills, restarts or reconfigures the gateway.
 
+- `brokers`: real Mosquitto brokers for the LoRaWAN bridge tests (see support/lorawan.py).
+
 - `stores`: real time-series servers for the sink tests (`stores.victoria_metrics()`,
   `stores.influxdb1()`, see support/tsdb.py).
 
@@ -22,6 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support import Gateway, GatewayFactory  # noqa: E402
+from support.lorawan import Brokers  # noqa: E402
 from support.tsdb import Stores  # noqa: E402
 
 
@@ -43,6 +46,17 @@ def stores(request):
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def brokers(request):
+    """Factory of real Mosquitto brokers (`brokers.mosquitto()`, persistence on) standing in for
+    LoRaWAN network servers' brokers, and their publishers; all killed at teardown."""
+    b = Brokers(request.node.name)
+    try:
+        yield b
+    finally:
+        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +97,7 @@ def pytest_runtest_makereport(item, call):
             rep.sections.append((f"citygw log tail: {g.name} ({state}, {g.log_path})",
                                  g.log_tail(80)))
         for value in getattr(item, "funcargs", {}).values():
-            if isinstance(value, Stores):
+            if isinstance(value, (Stores, Brokers)):
                 for srv in value.servers:
                     state = "running" if srv.running else "stopped"
                     rep.sections.append((f"{srv.name} log tail ({state}, {srv.log_path})",

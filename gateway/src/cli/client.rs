@@ -79,6 +79,8 @@ impl Client {
                 lat: a.lat,
                 lon: a.lon,
                 name: a.name,
+                dev_eui: a.dev_eui,
+                codec: a.codec,
                 ..Default::default()
             }),
             secret: a.secret.unwrap_or_default(),
@@ -309,7 +311,8 @@ fn admin_token(cfg: &Config) -> anyhow::Result<String> {
         })
 }
 
-/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret (optional, any order).
+/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret,dev_eui,codec (optional,
+/// any order).
 fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
     #[derive(serde::Deserialize)]
     struct Row {
@@ -326,6 +329,10 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
         name: String,
         #[serde(default)]
         secret: String,
+        #[serde(default)]
+        dev_eui: String,
+        #[serde(default)]
+        codec: String,
     }
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
@@ -346,6 +353,8 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
                     lat: r.lat,
                     lon: r.lon,
                     name: r.name,
+                    dev_eui: r.dev_eui,
+                    codec: r.codec,
                     ..Default::default()
                 }),
                 secret: r.secret,

@@ -126,7 +126,7 @@ enum DeviceCommand {
     Disable { id: String },
     /// Enable a device again.
     Enable { id: String },
-    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret].
+    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret,dev_eui,codec].
     Import {
         file: PathBuf,
         /// Write id,secret of every registered device here (mode 0600).
@@ -154,6 +154,14 @@ pub struct AddArgs {
     /// Choose the secret instead of letting the gateway generate one (hashed with Argon2id).
     #[arg(long)]
     pub secret: Option<String>,
+    /// LoRaWAN DevEUI (16 hex digits; case, '-' and ':' ignored): uplinks from the network servers
+    /// with this DevEUI become this device's readings.
+    #[arg(long, default_value = "")]
+    pub dev_eui: String,
+    /// Decoder of the raw LoRaWAN payload: lpp (Cayenne LPP), raw, json, senml+json, senml+cbor,
+    /// proto; empty: the network server's decoded object, else raw.
+    #[arg(long, default_value = "")]
+    pub codec: String,
 }
 
 #[derive(Args)]

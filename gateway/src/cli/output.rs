@@ -20,6 +20,7 @@ fn device_json(d: &Device) -> Value {
         "id": d.id, "tenant": d.tenant, "kind": d.kind, "commune_code": d.commune_code,
         "lat": d.lat, "lon": d.lon, "enabled": d.enabled, "created_time_ms": d.created_time_ms,
         "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online,
+        "dev_eui": d.dev_eui, "codec": d.codec,
     })
 }
 

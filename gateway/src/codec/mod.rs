@@ -13,6 +13,7 @@
 //! (see [`reason`]) that becomes a metrics label and the dead-letter reason, so an operator can see
 //! why a device's data is missing without reading gateway logs.
 
+pub mod cayenne_lpp;
 pub mod json;
 pub mod protobuf;
 pub mod senml;
@@ -34,15 +35,18 @@ pub enum Format {
     SenmlCbor,
     /// A protobuf `citygw.v1.ReadingBatch`, for devices and bridges that already speak the schema.
     Proto,
+    /// Cayenne LPP, the binary format of off-the-shelf LoRaWAN sensors, see [`cayenne_lpp`].
+    Lpp,
 }
 
 impl Format {
     /// Every format, for listings and tests.
-    pub const ALL: [Format; 4] = [
+    pub const ALL: [Format; 5] = [
         Format::Json,
         Format::SenmlJson,
         Format::SenmlCbor,
         Format::Proto,
+        Format::Lpp,
     ];
 
     /// From an MQTT topic suffix.
@@ -61,6 +65,8 @@ impl Format {
             ("proto", Format::Proto),
             ("pb", Format::Proto),
             ("protobuf", Format::Proto),
+            ("lpp", Format::Lpp),
+            ("cayenne", Format::Lpp),
         ];
         NAMES
             .iter()
@@ -106,6 +112,7 @@ impl Format {
             Format::SenmlJson => "senml+json",
             Format::SenmlCbor => "senml+cbor",
             Format::Proto => "proto",
+            Format::Lpp => "lpp",
         }
     }
 }
@@ -179,6 +186,8 @@ pub mod reason {
     pub const UNSUPPORTED_VALUE: &str = "unsupported_value";
     /// A valid document carrying zero values.
     pub const NO_READINGS: &str = "no_readings";
+    /// A Cayenne LPP frame with an unknown type or a value cut short.
+    pub const MALFORMED_LPP: &str = "malformed_lpp";
 
     /// Every code, so metrics can be pre-registered at zero.
     pub const ALL: &[&str] = &[
@@ -192,6 +201,7 @@ pub mod reason {
         BAD_LOCATION,
         UNSUPPORTED_VALUE,
         NO_READINGS,
+        MALFORMED_LPP,
     ];
 }
 
@@ -209,11 +219,13 @@ pub fn decoder(format: Format) -> &'static dyn Decoder {
     static SENML_JSON: senml::SenmlJsonDecoder = senml::SenmlJsonDecoder;
     static SENML_CBOR: senml::SenmlCborDecoder = senml::SenmlCborDecoder;
     static PROTO: protobuf::ProtoDecoder = protobuf::ProtoDecoder;
+    static LPP: cayenne_lpp::LppDecoder = cayenne_lpp::LppDecoder;
     match format {
         Format::Json => &JSON,
         Format::SenmlJson => &SENML_JSON,
         Format::SenmlCbor => &SENML_CBOR,
         Format::Proto => &PROTO,
+        Format::Lpp => &LPP,
     }
 }
 

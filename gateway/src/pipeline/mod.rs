@@ -108,14 +108,55 @@ impl Pipeline {
                 return Err(rejection.into());
             }
         };
+        self.store_readings(
+            msg.device,
+            protocol,
+            readings,
+            msg.delivery,
+            now_ms,
+            started,
+        )
+        .await
+    }
+
+    /// Stores values a source decoded itself (a bridge whose events carry several kinds of
+    /// values, e.g. a LoRaWAN uplink's payload and its radio metadata), with the same identity,
+    /// normalisation and durability as [`Pipeline::ingest`]. Counted as one received message of
+    /// `size` bytes; refusals before this point go through [`Pipeline::refuse`].
+    pub async fn ingest_decoded(
+        &self,
+        device: &DeviceEntry,
+        protocol: Protocol,
+        size: usize,
+        decoded: Vec<codec::Decoded>,
+        delivery: Delivery,
+    ) -> Result<usize, IngestError> {
+        let started = Instant::now();
+        count_received(protocol_label(protocol), size);
+        let now_ms = now_ms();
+        let readings = to_readings(device, protocol, decoded, now_ms);
+        let label = protocol_label(protocol);
+        self.store_readings(device, label, readings, delivery, now_ms, started)
+            .await
+    }
+
+    async fn store_readings(
+        &self,
+        device: &DeviceEntry,
+        protocol: &'static str,
+        readings: Vec<Reading>,
+        delivery: Delivery,
+        now_ms: i64,
+        started: Instant,
+    ) -> Result<usize, IngestError> {
         let n = readings.len();
-        match msg.delivery {
+        match delivery {
             Delivery::Durable => {
                 self.inner.store.append(readings).await?;
             }
             Delivery::BestEffort => self.inner.store.append_best_effort(readings),
         }
-        msg.device.touch(now_ms);
+        device.touch(now_ms);
         metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol)
             .record(started.elapsed().as_secs_f64());
         Ok(n)
@@ -141,30 +182,7 @@ impl Pipeline {
                 reason: e.reason,
                 detail: e.detail,
             })?;
-        let device = msg.device;
-        let device_location = device.location();
-        Ok(decoded
-            .into_iter()
-            .map(|d| {
-                let (quantity, unit) = normalise::canonical(&d.quantity, &d.unit);
-                Reading {
-                    id: 0,
-                    device_id: device.id().to_string(),
-                    tenant: device.tenant().to_string(),
-                    quantity: quantity.into_owned(),
-                    value: Some(d.value),
-                    unit: unit.into_owned(),
-                    device_time_ms: d.time_ms.unwrap_or(now_ms),
-                    received_time_ms: now_ms,
-                    protocol: msg.protocol as i32,
-                    location: d.location.or(device_location),
-                    commune_code: device.commune_code().to_string(),
-                    device_seq: d.seq,
-                    kind: device.kind().to_string(),
-                    aggregate: None,
-                }
-            })
-            .collect())
+        Ok(to_readings(msg.device, msg.protocol, decoded, now_ms))
     }
 
     /// Refuses a message before decoding (wrong topic, spoofed identity): counted as received,
@@ -227,6 +245,38 @@ impl Pipeline {
             tracing::error!(error = %e, device = device_id, "could not store dead letter");
         }
     }
+}
+
+/// Decoded values become readings: identity from the registry, names through the quantity table.
+fn to_readings(
+    device: &DeviceEntry,
+    protocol: Protocol,
+    decoded: Vec<codec::Decoded>,
+    now_ms: i64,
+) -> Vec<Reading> {
+    let device_location = device.location();
+    decoded
+        .into_iter()
+        .map(|d| {
+            let (quantity, unit) = normalise::canonical(&d.quantity, &d.unit);
+            Reading {
+                id: 0,
+                device_id: device.id().to_string(),
+                tenant: device.tenant().to_string(),
+                quantity: quantity.into_owned(),
+                value: Some(d.value),
+                unit: unit.into_owned(),
+                device_time_ms: d.time_ms.unwrap_or(now_ms),
+                received_time_ms: now_ms,
+                protocol: protocol as i32,
+                location: d.location.or(device_location),
+                commune_code: device.commune_code().to_string(),
+                device_seq: d.seq,
+                kind: device.kind().to_string(),
+                aggregate: None,
+            }
+        })
+        .collect()
 }
 
 fn count_received(protocol: &'static str, bytes: usize) {

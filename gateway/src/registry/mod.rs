@@ -8,7 +8,7 @@
 pub mod agencies;
 pub mod secret;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -61,7 +61,16 @@ pub struct NewDevice {
     pub name: String,
     /// None: the gateway generates one.
     pub secret: Option<String>,
+    /// LoRaWAN DevEUI, any case, '-' or ':' separators allowed; "" when none.
+    pub dev_eui: String,
+    /// LoRaWAN payload codec (see [`CODECS`]); "" for the network server's decoding.
+    pub codec: String,
 }
+
+/// Codecs a device's raw LoRaWAN payload can be decoded with, besides the payload formats of
+/// [`crate::codec::Format`]: "" takes the network server's decoded object (else raw), "raw" keeps
+/// the bytes as they came.
+pub const CODEC_RAW: &str = "raw";
 
 /// The persisted form of a device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,6 +89,11 @@ struct Record {
     #[serde(default)]
     name: String,
     secret_hash: String,
+    // Records written before LoRaWAN support have neither field.
+    #[serde(default)]
+    dev_eui: String,
+    #[serde(default)]
+    codec: String,
 }
 
 /// One device as the hot path sees it: immutable identity plus atomically updated live state.
@@ -123,6 +137,14 @@ impl DeviceEntry {
             lon: self.record.lon?,
             alt_m: None,
         })
+    }
+    /// LoRaWAN DevEUI, 16 lower-case hex digits, "" when none.
+    pub fn dev_eui(&self) -> &str {
+        &self.record.dev_eui
+    }
+    /// LoRaWAN payload codec, "" for the network server's decoding.
+    pub fn codec(&self) -> &str {
+        &self.record.codec
     }
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
@@ -168,6 +190,8 @@ impl DeviceEntry {
             last_seen_time_ms: self.last_seen_ms.load(Ordering::Relaxed),
             name: r.name.clone(),
             online: self.sessions.load(Ordering::Relaxed) > 0,
+            dev_eui: r.dev_eui.clone(),
+            codec: r.codec.clone(),
         }
     }
 
@@ -213,6 +237,8 @@ pub struct Registry {
 struct Inner {
     store: Store,
     devices: RwLock<BTreeMap<String, Arc<DeviceEntry>>>,
+    /// DevEUI -> device, for LoRaWAN uplinks. Entries are only ever added with their device.
+    by_dev_eui: RwLock<HashMap<String, Arc<DeviceEntry>>>,
     events: broadcast::Sender<RegistryEvent>,
 }
 
@@ -220,10 +246,15 @@ impl Registry {
     /// Loads every device from the store.
     pub fn load(store: Store) -> anyhow::Result<Registry> {
         let mut devices = BTreeMap::new();
+        let mut by_dev_eui = HashMap::new();
         for (id, bytes) in store.load_records(Table::Devices)? {
             let record: Record = serde_json::from_slice(&bytes)
                 .map_err(|e| anyhow::anyhow!("device record {id:?} is corrupt: {e}"))?;
-            devices.insert(id, Arc::new(DeviceEntry::new(record)));
+            let entry = Arc::new(DeviceEntry::new(record));
+            if !entry.dev_eui().is_empty() {
+                by_dev_eui.insert(entry.dev_eui().to_string(), entry.clone());
+            }
+            devices.insert(id, entry);
         }
         tracing::info!(devices = devices.len(), "registry loaded");
         let (events, _) = broadcast::channel(1024);
@@ -231,6 +262,7 @@ impl Registry {
             inner: Arc::new(Inner {
                 store,
                 devices: RwLock::new(devices),
+                by_dev_eui: RwLock::new(by_dev_eui),
                 events,
             }),
         })
@@ -246,6 +278,16 @@ impl Registry {
             .read()
             .expect("registry lock")
             .get(id)
+            .cloned()
+    }
+
+    /// The device registered with this DevEUI (16 lower-case hex digits).
+    pub fn by_dev_eui(&self, dev_eui: &str) -> Option<Arc<DeviceEntry>> {
+        self.inner
+            .by_dev_eui
+            .read()
+            .expect("registry lock")
+            .get(dev_eui)
             .cloned()
     }
 
@@ -317,8 +359,8 @@ impl Registry {
         // Hashing (Argon2 for chosen secrets) is CPU work: keep it off the async threads.
         let prepared = tokio::task::spawn_blocking(move || {
             news.into_iter()
-                .map(|new| {
-                    validate(&new)?;
+                .map(|mut new| {
+                    validate(&mut new)?;
                     let (secret, generated) = match new.secret {
                         Some(s) => (s, false),
                         None => (secret::generate(), true),
@@ -335,6 +377,8 @@ impl Registry {
                         created_time_ms: now_ms,
                         last_seen_time_ms: 0,
                         name: new.name,
+                        dev_eui: new.dev_eui,
+                        codec: new.codec,
                     };
                     Ok((record, secret))
                 })
@@ -347,13 +391,25 @@ impl Registry {
         let mut accepted = Vec::new();
         {
             let devices = self.inner.devices.read().expect("registry lock");
+            let euis = self.inner.by_dev_eui.read().expect("registry lock");
             let mut seen = std::collections::HashSet::new();
+            let mut seen_euis = std::collections::HashSet::new();
             for item in prepared {
                 results.push(match item {
                     Ok((record, _))
                         if devices.contains_key(&record.id) || !seen.insert(record.id.clone()) =>
                     {
                         Err(RegistryError::Exists(record.id))
+                    }
+                    Ok((record, _))
+                        if !record.dev_eui.is_empty()
+                            && (euis.contains_key(&record.dev_eui)
+                                || !seen_euis.insert(record.dev_eui.clone())) =>
+                    {
+                        Err(RegistryError::Invalid(format!(
+                            "dev_eui {} is already registered to another device",
+                            record.dev_eui
+                        )))
                     }
                     Ok((record, secret)) => {
                         accepted.push(record.clone());
@@ -376,11 +432,15 @@ impl Registry {
             self.inner.store.put_records(Table::Devices, rows).await?;
         }
         let mut devices = self.inner.devices.write().expect("registry lock");
+        let mut euis = self.inner.by_dev_eui.write().expect("registry lock");
         Ok(results
             .into_iter()
             .map(|r| {
                 r.map(|(record, secret)| {
                     let entry = Arc::new(DeviceEntry::new(record));
+                    if !entry.dev_eui().is_empty() {
+                        euis.insert(entry.dev_eui().to_string(), entry.clone());
+                    }
                     let proto = entry.to_proto();
                     devices.insert(proto.id.clone(), entry);
                     (proto, secret)
@@ -482,7 +542,20 @@ impl Registry {
     }
 }
 
-fn validate(d: &NewDevice) -> Result<(), RegistryError> {
+/// A DevEUI as stored: 16 lower-case hex digits. Accepts any case and the '-' / ':' separators
+/// consoles print.
+pub fn normalise_dev_eui(s: &str) -> Option<String> {
+    let hex: String = s
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    (hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+/// Checks a device and puts its DevEUI and codec into their stored spelling.
+fn validate(d: &mut NewDevice) -> Result<(), RegistryError> {
     let invalid = |m: String| Err(RegistryError::Invalid(m));
     // The id is an MQTT topic level and a CoAP path segment, so it must not contain separators
     // or wildcards.
@@ -534,6 +607,25 @@ fn validate(d: &NewDevice) -> Result<(), RegistryError> {
     if let Some(s) = &d.secret {
         if s.len() < 8 || s.len() > 256 {
             return invalid("secret: 8 to 256 characters".into());
+        }
+    }
+    if !d.dev_eui.is_empty() {
+        match normalise_dev_eui(&d.dev_eui) {
+            Some(eui) => d.dev_eui = eui,
+            None => return invalid(format!("dev_eui {:?}: 16 hex digits", d.dev_eui)),
+        }
+    }
+    let codec = d.codec.trim();
+    if codec.is_empty() || codec.eq_ignore_ascii_case(CODEC_RAW) {
+        d.codec = codec.to_ascii_lowercase();
+    } else {
+        match crate::codec::Format::from_name(codec) {
+            Some(f) => d.codec = f.name().to_string(),
+            None => {
+                return invalid(format!(
+                "codec {codec:?}: one of lpp, raw, json, senml+json, senml+cbor, proto (or empty)"
+            ))
+            }
         }
     }
     Ok(())
@@ -646,8 +738,44 @@ mod tests {
     #[test]
     fn ids_must_be_safe_topic_levels() {
         for bad in ["", "a/b", "a+b", "a#", "a b", "ä"] {
-            assert!(validate(&new(bad)).is_err(), "{bad:?}");
+            assert!(validate(&mut new(bad)).is_err(), "{bad:?}");
         }
-        assert!(validate(&new("HN-aq_01.x:1")).is_ok());
+        assert!(validate(&mut new("HN-aq_01.x:1")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn dev_eui_is_normalised_unique_and_survives_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut a = new("lw-1");
+        a.dev_eui = "70-B3-D5-7E-D0-00-00-01".into();
+        a.codec = "LPP".into();
+        let mut dup = new("lw-2");
+        dup.dev_eui = "70b3d57ed0000001".into();
+        let mut bad = new("lw-3");
+        bad.dev_eui = "70b3d57ed00000".into();
+        let mut bad_codec = new("lw-4");
+        bad_codec.codec = "xml".into();
+        let results = reg.import(vec![a, dup, bad, bad_codec], 0).await.unwrap();
+        let dev = &results[0].as_ref().unwrap().0;
+        assert_eq!(
+            (dev.dev_eui.as_str(), dev.codec.as_str()),
+            ("70b3d57ed0000001", "lpp")
+        );
+        for r in &results[1..] {
+            assert!(matches!(r, Err(RegistryError::Invalid(_))), "{r:?}");
+        }
+        assert_eq!(reg.by_dev_eui("70b3d57ed0000001").unwrap().id(), "lw-1");
+        drop(reg);
+        let reg = registry(dir.path()).await;
+        assert_eq!(reg.by_dev_eui("70b3d57ed0000001").unwrap().codec(), "lpp");
+    }
+
+    #[test]
+    fn records_without_lorawan_fields_still_load() {
+        let old = r#"{"id":"aq-0","tenant":"hanoi","kind":"air_quality","lat":null,"lon":null,
+            "enabled":true,"created_time_ms":1,"secret_hash":"x"}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!((r.dev_eui.as_str(), r.codec.as_str()), ("", ""));
     }
 }

@@ -396,9 +396,14 @@ class Gateway:
     def add_device(self, device_id: str | None = None, tenant: str = "hanoi",
                    kind: str = "air_quality", commune: str | None = None,
                    lat: float | None = None, lon: float | None = None, name: str | None = None,
-                   secret: str | None = None) -> Device:
+                   secret: str | None = None, dev_eui: str | None = None,
+                   codec: str | None = None) -> Device:
         device_id = device_id or unique_id("dev")
         args = ["device", "add", device_id, "--tenant", tenant, "--kind", kind]
+        if dev_eui is not None:
+            args += ["--dev-eui", dev_eui]
+        if codec is not None:
+            args += ["--codec", codec]
         if commune is not None:
             args += ["--commune", commune]
         if lat is not None:

@@ -52,6 +52,8 @@ fn new_device(req: AddDeviceRequest) -> Result<NewDevice, Status> {
         lat: d.lat,
         lon: d.lon,
         name: d.name,
+        dev_eui: d.dev_eui,
+        codec: d.codec,
         secret: Some(req.secret).filter(|s| !s.is_empty()),
     })
 }

@@ -1,0 +1,167 @@
+//! `[[lorawan]]` entries of the config file: one per network server broker.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerType {
+    /// ChirpStack v4 MQTT integration.
+    #[serde(rename = "chirpstack_v4")]
+    ChirpstackV4,
+    /// The Things Stack v3 (The Things Network, TTS Cloud, self-hosted) MQTT server.
+    #[serde(rename = "ttn_v3")]
+    TtnV3,
+}
+
+/// How ChirpStack events are marshaled; TTS always sends JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Marshaler {
+    /// Per message: JSON when it starts with `{`, else binary protobuf.
+    #[default]
+    Auto,
+    Json,
+    Protobuf,
+}
+
+/// One network server broker to bridge. Secrets come inline (development), from an environment
+/// variable or a file, and are never logged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LorawanConfig {
+    /// Names the bridge in logs, metrics labels and dead letters.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub server_type: ServerType,
+    pub host: String,
+    /// 0: 1883, or 8883 with TLS.
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM CA bundle to trust instead of the system roots (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password: String,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Fixed client id of the persistent session; "" means `citygw-<name>`. Two gateways
+    /// bridging the same broker need different ids (and then each stores every uplink).
+    #[serde(default)]
+    pub client_id: String,
+    /// Topic filters; empty: every event (`application/+/device/+/event/+` for ChirpStack,
+    /// `v3/+/devices/#` for TTS).
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// citygw tenant whose devices this server may report for ("" = any): an uplink naming a
+    /// device of another tenant is dead-lettered as `tenant_mismatch`.
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub marshaler: Marshaler,
+    /// How long an uplink's (DevEUI, frame counter, time) is remembered in memory to drop a
+    /// redelivery; after a restart the store itself answers.
+    #[serde(default = "default_dedup_window_secs")]
+    pub dedup_window_secs: u64,
+    /// Uplinks being stored at once (each waits for its group commit before its ack).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    #[serde(default = "default_backoff_min_ms")]
+    pub backoff_min_ms: u64,
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_dedup_window_secs() -> u64 {
+    3600
+}
+fn default_max_inflight() -> usize {
+    1024
+}
+fn default_keep_alive_secs() -> u64 {
+    30
+}
+fn default_backoff_min_ms() -> u64 {
+    200
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+
+impl LorawanConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let n = &self.name;
+        anyhow::ensure!(
+            !n.is_empty()
+                && n.len() <= 64
+                && n.bytes().all(|b| b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'-' | b'_')),
+            "lorawan name {n:?}: 1-64 characters of a-z 0-9 - _"
+        );
+        anyhow::ensure!(!self.host.is_empty(), "lorawan {n}: host is required");
+        anyhow::ensure!(
+            self.max_inflight > 0 && self.max_inflight <= 65_535,
+            "lorawan {n}: max_inflight must be 1..=65535"
+        );
+        anyhow::ensure!(
+            self.topics.iter().all(|t| !t.is_empty()),
+            "lorawan {n}: empty topic filter"
+        );
+        anyhow::ensure!(
+            self.ca_file.is_none() || self.tls,
+            "lorawan {n}: ca_file needs tls = true"
+        );
+        Ok(())
+    }
+
+    pub fn port(&self) -> u16 {
+        match (self.port, self.tls) {
+            (0, false) => 1883,
+            (0, true) => 8883,
+            (p, _) => p,
+        }
+    }
+
+    pub fn client_id(&self) -> String {
+        if self.client_id.is_empty() {
+            format!("citygw-{}", self.name)
+        } else {
+            self.client_id.clone()
+        }
+    }
+
+    pub fn topics(&self) -> Vec<String> {
+        if !self.topics.is_empty() {
+            return self.topics.clone();
+        }
+        vec![match self.server_type {
+            ServerType::ChirpstackV4 => super::chirpstack::DEFAULT_TOPIC.to_string(),
+            ServerType::TtnV3 => super::tts::DEFAULT_TOPIC.to_string(),
+        }]
+    }
+
+    pub fn password(&self) -> anyhow::Result<String> {
+        let n = &self.name;
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("lorawan {n}: environment variable {var} is not set")
+            });
+        }
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("lorawan {n}: {}: {e}", path.display()))?;
+            return Ok(text.trim().to_string());
+        }
+        Ok(self.password.clone())
+    }
+}

@@ -1,0 +1,433 @@
+//! LoRaWAN backhaul: bridges to the MQTT brokers of LoRaWAN network servers.
+//!
+//! A network server (ChirpStack v4, The Things Stack v3) handles radio, keys and its own
+//! de-duplication across gateways, then publishes each device event on its broker. For every
+//! `[[lorawan]]` entry the gateway connects to that broker as an MQTT client (rumqttc) with a
+//! fixed client id and a persistent session (clean_session = false), subscribes at QoS 1, and
+//! turns each event into readings of the registered device with that DevEUI:
+//!
+//! ```text
+//!  broker --PUBLISH--> chirpstack.rs / tts.rs --Event--> registry (DevEUI -> device)
+//!         <--PUBACK--  (after the readings are fsync'd)   event.rs: payload codec + radio metadata
+//!                                                         dedup.rs: stored once -> pipeline
+//! ```
+//!
+//! Acknowledgements are manual: the PUBACK goes out only after the readings (or the dead letter)
+//! are durable, so a crash never loses an uplink the broker handed over; the broker redelivers
+//! what was not acknowledged, and [`dedup`] stores each event once.
+
+pub mod chirpstack;
+pub mod config;
+pub mod dedup;
+pub mod event;
+pub mod tts;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
+use crate::proto::Protocol;
+use crate::registry::{DeviceEntry, Registry};
+
+use config::{LorawanConfig, ServerType};
+use dedup::{Dedup, Key, Stored};
+use event::{bridge_reason, Event, Malformed, Parsed};
+
+/// How long in-flight uplinks get to become durable and be acknowledged at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest event read: a LoRaWAN payload is at most 242 bytes, an event with its metadata a few
+/// KiB. Anything larger is dead-lettered as `payload_too_large`.
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Largest packet the MQTT client accepts. Far above [`MAX_EVENT_BYTES`] on purpose: a packet
+/// over the client's limit drops the connection, the broker redelivers it on reconnect, and the
+/// bridge would be stuck; below this limit an oversized event is dead-lettered and acknowledged.
+const MAX_PACKET_BYTES: usize = 256 * 1024 * 1024;
+
+/// One network server bridge.
+pub struct LorawanSource {
+    pub config: LorawanConfig,
+    pub registry: Registry,
+    pub pipeline: Pipeline,
+}
+
+impl super::Source for LorawanSource {
+    fn name(&self) -> &'static str {
+        "lorawan"
+    }
+
+    fn start(
+        self: Box<Self>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
+        let cfg = &self.config;
+        cfg.validate()?;
+        let mut opts = MqttOptions::new(cfg.client_id(), cfg.host.clone(), cfg.port());
+        opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(5)))
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        if !cfg.username.is_empty() {
+            opts.set_credentials(cfg.username.clone(), cfg.password()?);
+        }
+        if cfg.tls {
+            opts.set_transport(tls::transport(cfg)?);
+        }
+        // Room for every in-flight ack plus the subscriptions, so acking never waits on the loop.
+        let (client, eventloop) = AsyncClient::new(opts, cfg.max_inflight + 64);
+        let bridge = Arc::new(Bridge {
+            name: cfg.name.clone(),
+            server_type: cfg.server_type,
+            marshaler: cfg.marshaler,
+            tenant: cfg.tenant.clone(),
+            registry: self.registry.clone(),
+            pipeline: self.pipeline.clone(),
+            dedup: Dedup::new(Duration::from_secs(cfg.dedup_window_secs)),
+        });
+        describe_metrics();
+        tracing::info!(server = %cfg.name, host = %cfg.host, port = cfg.port(), tls = cfg.tls,
+            client_id = %cfg.client_id(), "lorawan bridge starting");
+        Ok(Box::pin(run(
+            bridge,
+            client,
+            eventloop,
+            self.config,
+            shutdown,
+        )))
+    }
+}
+
+struct Bridge {
+    name: String,
+    server_type: ServerType,
+    marshaler: config::Marshaler,
+    tenant: String,
+    registry: Registry,
+    pipeline: Pipeline,
+    dedup: Dedup,
+}
+
+async fn run(
+    bridge: Arc<Bridge>,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    cfg: LorawanConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let server = cfg.name.clone();
+    let inflight = Arc::new(Semaphore::new(cfg.max_inflight));
+    let mut tasks = JoinSet::new();
+    let backoff_min = Duration::from_millis(cfg.backoff_min_ms.max(1));
+    let backoff_max = Duration::from_millis(cfg.backoff_max_ms).max(backoff_min);
+    let mut backoff = backoff_min;
+    let topics = cfg.topics();
+    let connected = metrics::gauge!("citygw_lorawan_connected", "server" => server.clone());
+    loop {
+        // Finished tasks are only reaped here; their results are their own metrics.
+        while tasks.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = inflight.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let polled = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            e = eventloop.poll() => e,
+        };
+        match polled {
+            Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
+                let (bridge, client) = (bridge.clone(), client.clone());
+                tasks.spawn(async move {
+                    let ack = bridge.handle(&publish).await;
+                    drop(permit);
+                    if ack {
+                        // Fails only when the event loop is gone (shutdown); the broker then
+                        // redelivers, and dedup stores nothing twice.
+                        let _ = client.ack(&publish).await;
+                    }
+                });
+            }
+            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                backoff = backoff_min;
+                connected.set(1.0);
+                metrics::counter!("citygw_lorawan_connects_total", "server" => server.clone())
+                    .increment(1);
+                tracing::info!(server = %server, session_present = ack.session_present, "lorawan broker connected");
+                // Subscribing again on a kept session only refreshes it; a lost session (broker
+                // restarted without persistence) needs it.
+                for topic in &topics {
+                    client
+                        .subscribe(topic.clone(), QoS::AtLeastOnce)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("lorawan {server}: subscribe: {e}"))?;
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    tracing::error!(server = %server, "lorawan broker refused a subscription (check the topic filters and ACLs)");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                connected.set(0.0);
+                metrics::counter!("citygw_lorawan_connection_errors_total", "server" => server.clone())
+                    .increment(1);
+                tracing::warn!(server = %server, error = %e, retry_in_ms = backoff.as_millis() as u64, "lorawan broker connection failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(backoff_max);
+            }
+        }
+    }
+    // Let in-flight uplinks become durable and their acks go out; publishes that arrive now are
+    // left unacknowledged for the broker to redeliver to the next run.
+    let drain = async {
+        loop {
+            tokio::select! {
+                done = tasks.join_next() => if done.is_none() { break },
+                e = eventloop.poll() => if e.is_err() { break },
+            }
+        }
+        let _ = client.disconnect().await;
+        while let Ok(e) = eventloop.poll().await {
+            if matches!(e, MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    tasks.abort_all();
+    connected.set(0.0);
+    tracing::info!(server = %server, "lorawan bridge stopped");
+    Ok(())
+}
+
+/// What became of one message, for `citygw_lorawan_messages_total`.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Stored,
+    Duplicate,
+    DeadLetter,
+    Ignored,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Stored => "stored",
+            Outcome::Duplicate => "duplicate",
+            Outcome::DeadLetter => "dead_letter",
+            Outcome::Ignored => "ignored",
+        }
+    }
+}
+
+impl Bridge {
+    /// Handles one message; returns whether to acknowledge it (false: the store is unavailable,
+    /// so the broker keeps it for a redelivery).
+    async fn handle(&self, publish: &Publish) -> bool {
+        let parsed = if publish.payload.len() > MAX_EVENT_BYTES {
+            Err(Malformed {
+                device: Default::default(),
+                rejection: Rejection::new(
+                    "payload_too_large",
+                    format!("{} bytes, limit {MAX_EVENT_BYTES}", publish.payload.len()),
+                ),
+            })
+        } else {
+            match self.server_type {
+                ServerType::ChirpstackV4 => {
+                    chirpstack::parse(&publish.topic, &publish.payload, self.marshaler)
+                }
+                ServerType::TtnV3 => tts::parse(&publish.topic, &publish.payload),
+            }
+        };
+        let (event_label, result) = match parsed {
+            Ok(Parsed::Ignored(kind)) => (kind, Ok(Outcome::Ignored)),
+            Ok(Parsed::Event(event)) => (event.kind.label(), self.record(publish, &event).await),
+            Err(Malformed { device, rejection }) => {
+                self.dead_letter(device.claimed(), publish, &publish.payload, &rejection)
+                    .await;
+                ("malformed", Ok(Outcome::DeadLetter))
+            }
+        };
+        match result {
+            Ok(outcome) => {
+                metrics::counter!("citygw_lorawan_messages_total", "server" => self.name.clone(),
+                    "event" => event_label, "outcome" => outcome.label())
+                .increment(1);
+                true
+            }
+            Err(e) => {
+                tracing::error!(server = %self.name, topic = %publish.topic, error = %e,
+                    "lorawan event not stored; left unacknowledged for redelivery");
+                false
+            }
+        }
+    }
+
+    async fn record(&self, publish: &Publish, event: &Event) -> Result<Outcome, IngestError> {
+        let device = match self.device(event) {
+            Ok(d) => d,
+            Err((device_id, rejection)) => {
+                if rejection.reason == bridge_reason::UNKNOWN_DEVICE {
+                    metrics::counter!("citygw_lorawan_unknown_devices_total", "server" => self.name.clone())
+                        .increment(1);
+                }
+                self.dead_letter(&device_id, publish, &publish.payload, &rejection)
+                    .await;
+                return Ok(Outcome::DeadLetter);
+            }
+        };
+        let now = now_ms();
+        let decoded = match event::readings(&device, event, now) {
+            Ok(d) => d,
+            Err((rejection, bytes)) => {
+                self.dead_letter(device.id(), publish, &bytes, &rejection)
+                    .await;
+                return Ok(Outcome::DeadLetter);
+            }
+        };
+        let (marker, seq) = event.kind.marker();
+        let key = Key {
+            device_id: device.id().to_string(),
+            marker,
+            // Without the server's time a redelivery cannot be told from a new event by the
+            // store; memory still catches it within the window.
+            time_ms: event.time_ms.unwrap_or(i64::MIN),
+            seq,
+        };
+        let size = publish.payload.len();
+        let stored = self
+            .dedup
+            .once(self.pipeline.store(), key, || async {
+                self.pipeline
+                    .ingest_decoded(&device, Protocol::Lorawan, size, decoded, Delivery::Durable)
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
+        Ok(match stored {
+            Stored::Now => Outcome::Stored,
+            Stored::Before => Outcome::Duplicate,
+        })
+    }
+
+    /// The registered device of an event, or the id to file the dead letter under (the
+    /// device's own when it is registered, else the DevEUI or TTS id it was named by) and why.
+    fn device(&self, event: &Event) -> Result<Arc<DeviceEntry>, (String, Rejection)> {
+        let r = &event.device;
+        let found = if r.dev_eui.is_empty() {
+            // TTS without a DevEUI (ABP devices may have none): the TTS device id.
+            self.registry.get(&r.device_id)
+        } else {
+            self.registry.by_dev_eui(&r.dev_eui)
+        };
+        let device = found.ok_or_else(|| {
+            let rejection = Rejection::new(
+                bridge_reason::UNKNOWN_DEVICE,
+                format!(
+                    "no device registered with {} {}",
+                    if r.dev_eui.is_empty() {
+                        "id"
+                    } else {
+                        "dev_eui"
+                    },
+                    r.claimed()
+                ),
+            );
+            (r.claimed().to_string(), rejection)
+        })?;
+        let refuse = |rejection| Err((device.id().to_string(), rejection));
+        if !device.enabled() {
+            return refuse(Rejection::new(
+                bridge_reason::DISABLED_DEVICE,
+                format!("device {} is disabled", device.id()),
+            ));
+        }
+        if !self.tenant.is_empty() && device.tenant() != self.tenant {
+            return refuse(Rejection::new(
+                bridge_reason::TENANT_MISMATCH,
+                format!(
+                    "device {} belongs to tenant {}, this network server to {}",
+                    device.id(),
+                    device.tenant(),
+                    self.tenant
+                ),
+            ));
+        }
+        Ok(device)
+    }
+
+    async fn dead_letter(
+        &self,
+        device_id: &str,
+        publish: &Publish,
+        bytes: &[u8],
+        rejection: &Rejection,
+    ) {
+        metrics::counter!("citygw_lorawan_dead_letters_total", "server" => self.name.clone(),
+            "reason" => rejection.reason)
+        .increment(1);
+        let address = format!("{}: {}", self.name, publish.topic);
+        self.pipeline
+            .refuse(
+                device_id,
+                Protocol::Lorawan,
+                &address,
+                Some(bytes),
+                publish.payload.len(),
+                rejection,
+            )
+            .await;
+    }
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        "citygw_lorawan_connected",
+        "1 while the bridge is connected to the network server's broker, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_connects_total",
+        "Successful connections to network server brokers, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_connection_errors_total",
+        "Lost or failed connections to network server brokers, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_messages_total",
+        "Network server events, by server, event type and outcome (stored, duplicate, dead_letter, ignored)"
+    );
+    describe_counter!(
+        "citygw_lorawan_dead_letters_total",
+        "Network server events dead-lettered, by server and reason"
+    );
+    describe_counter!(
+        "citygw_lorawan_unknown_devices_total",
+        "Events naming a DevEUI no device is registered with, by server"
+    );
+}
+
+mod tls {
+    use super::LorawanConfig;
+
+    /// rustls on ring (already the gateway's crypto provider through its dependencies), trusting
+    /// the system roots or the configured CA file.
+    pub fn transport(cfg: &LorawanConfig) -> anyhow::Result<rumqttc::Transport> {
+        let _ = cfg;
+        anyhow::bail!("lorawan {}: TLS is not built into this gateway", cfg.name)
+    }
+}
