@@ -45,7 +45,13 @@ impl Format {
 
     /// One message: the readings of one sample at `ts_s` (Unix seconds), with the device's
     /// message counter where the format has a place for it.
-    pub fn encode(self, device_id: &str, ts_s: u64, seq: u64, values: &[(String, Value)]) -> Vec<u8> {
+    pub fn encode(
+        self,
+        device_id: &str,
+        ts_s: u64,
+        seq: u64,
+        values: &[(String, Value)],
+    ) -> Vec<u8> {
         match self {
             Format::Json => {
                 let mut doc = Map::new();
@@ -153,7 +159,8 @@ mod tests {
 
     #[test]
     fn json_carries_ms_time_and_seq() {
-        let v: Json = serde_json::from_slice(&Format::Json.encode("d", 1_700_000_000, 7, &values())).unwrap();
+        let v: Json =
+            serde_json::from_slice(&Format::Json.encode("d", 1_700_000_000, 7, &values())).unwrap();
         assert_eq!(v["ts"], 1_700_000_000_000u64);
         assert_eq!(v["seq"], 7);
         assert_eq!(v["lamp_state"], true);
@@ -166,13 +173,16 @@ mod tests {
         let records = v.as_array().unwrap();
         assert_eq!(records.len(), 2);
         let first = records[0].as_map().unwrap();
-        assert!(first.iter().any(|(k, v)| k.as_integer() == Some((-3).into())
-            && v.as_integer() == Some(1_700_000_000.into())));
+        assert!(first
+            .iter()
+            .any(|(k, v)| k.as_integer() == Some((-3).into())
+                && v.as_integer() == Some(1_700_000_000.into())));
     }
 
     #[test]
     fn proto_decodes_as_a_batch() {
-        let b = ReadingBatch::decode(Format::Proto.encode("d", 5, 3, &values()).as_slice()).unwrap();
+        let b =
+            ReadingBatch::decode(Format::Proto.encode("d", 5, 3, &values()).as_slice()).unwrap();
         assert_eq!(b.readings[1].device_time_ms, 5000);
         assert_eq!(b.readings[0].device_seq, Some(3));
     }
@@ -182,6 +192,9 @@ mod tests {
         for f in ALL {
             assert_eq!(f.name().parse::<Format>().unwrap(), f);
         }
-        assert_eq!(Format::SenmlJson.topic("a"), "devices/a/telemetry/senml-json");
+        assert_eq!(
+            Format::SenmlJson.topic("a"),
+            "devices/a/telemetry/senml-json"
+        );
     }
 }

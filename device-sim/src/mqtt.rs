@@ -229,7 +229,10 @@ pub async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
 }
 
 /// The same for an MQTT 5 connection.
-pub async fn disconnect_v5(client: &rumqttc::v5::AsyncClient, eventloop: &mut rumqttc::v5::EventLoop) {
+pub async fn disconnect_v5(
+    client: &rumqttc::v5::AsyncClient,
+    eventloop: &mut rumqttc::v5::EventLoop,
+) {
     if client.try_disconnect().is_err() {
         return;
     }

@@ -226,7 +226,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (ack_tx, ack_writer) = match &args.ack_log {
         Some(path) => {
             let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some(tokio::spawn(write_ack_log(path.clone(), rx))))
+            (
+                Some(tx),
+                Some(tokio::spawn(write_ack_log(path.clone(), rx))),
+            )
         }
         None => (None, None),
     };

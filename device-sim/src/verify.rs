@@ -318,7 +318,10 @@ mod tests {
         seen.insert(key("a", 1, "y"), 3);
         seen.insert(key("c", 9, "x"), 1);
         let r = compare(&expected, 2, &seen);
-        assert_eq!((r.missing, r.duplicated, r.unacknowledged_delivered), (1, 2, 1));
+        assert_eq!(
+            (r.missing, r.duplicated, r.unacknowledged_delivered),
+            (1, 2, 1)
+        );
         assert_eq!(r.delivered_readings, 5);
         assert_eq!(r.missing_samples, vec!["b t=2 x".to_string()]);
     }

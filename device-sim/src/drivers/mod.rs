@@ -110,7 +110,8 @@ mod tests {
 
     #[test]
     fn unimplemented_protocol_is_refused_with_its_line() {
-        let text = "name = \"t\"\ntenant = \"x\"\nprovince = \"01\"\ndevices = 10\nduration_secs = 5\n\
+        let text =
+            "name = \"t\"\ntenant = \"x\"\nprovince = \"01\"\ndevices = 10\nduration_secs = 5\n\
                     [profiles]\nnoise = 1\n[protocols]\nmqtt = 1\ncoap = 1\n";
         let s = Scenario::parse("s.toml", text, default_profiles()).unwrap();
         let e = check_available(&s).unwrap_err().to_string();

@@ -224,7 +224,11 @@ impl Scenario {
             let protocol = pname
                 .parse::<Protocol>()
                 .map_err(|e| at(w.span(), e.to_string()))?;
-            protocol_mix.push((protocol, weight(pname, w)?, line_col(text, w.span().start).0));
+            protocol_mix.push((
+                protocol,
+                weight(pname, w)?,
+                line_col(text, w.span().start).0,
+            ));
         }
         if protocol_mix.is_empty() {
             protocol_mix.push((Protocol::Mqtt, 1.0, 0));
@@ -249,7 +253,10 @@ impl Scenario {
             if v >= 1.0 {
                 Ok(v)
             } else {
-                Err(at(w.span(), format!("interval must be at least 1 s, not {v}")))
+                Err(at(
+                    w.span(),
+                    format!("interval must be at least 1 s, not {v}"),
+                ))
             }
         };
         for (pname, secs) in &f.intervals {
@@ -266,9 +273,15 @@ impl Scenario {
         }
 
         let province = f.province.get_ref();
-        let all = communes::of_province(province).map_err(|e| at(f.province.span(), e.to_string()))?;
+        let all =
+            communes::of_province(province).map_err(|e| at(f.province.span(), e.to_string()))?;
         let province_name = all[0].province_name.clone();
-        let by_area = match f.placement.weights.as_ref().map(|w| (w.get_ref().as_str(), w)) {
+        let by_area = match f
+            .placement
+            .weights
+            .as_ref()
+            .map(|w| (w.get_ref().as_str(), w))
+        {
             None | Some(("area", _)) => true,
             Some(("equal", _)) => false,
             Some((other, w)) => {
@@ -292,12 +305,15 @@ impl Scenario {
         } else {
             let mut chosen = Vec::new();
             for (code, w) in &f.placement.communes {
-                let c = all.iter().find(|c| &c.commune_code == code).ok_or_else(|| {
-                    at(
-                        w.span(),
-                        format!("commune {code:?} is not in province {province}"),
-                    )
-                })?;
+                let c = all
+                    .iter()
+                    .find(|c| &c.commune_code == code)
+                    .ok_or_else(|| {
+                        at(
+                            w.span(),
+                            format!("commune {code:?} is not in province {province}"),
+                        )
+                    })?;
                 chosen.push((c.clone(), weight(code, w)?));
             }
             chosen
@@ -528,7 +544,10 @@ street_light = 1
         let e = parse(&BASE.replace("street_light = 1", "street_lamp = 1"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("s.toml:8:") && e.contains("street_lamp"), "{e}");
+        assert!(
+            e.starts_with("s.toml:8:") && e.contains("street_lamp"),
+            "{e}"
+        );
         let e = parse(&format!("{BASE}[formats]\nxml = 1\n"))
             .unwrap_err()
             .to_string();

@@ -130,7 +130,11 @@ impl Generator {
             .iter()
             .map(|q| {
                 if q.kind == QuantityType::Counter {
-                    let hi = if q.max.is_finite() { q.max / 10.0 } else { 1000.0 };
+                    let hi = if q.max.is_finite() {
+                        q.max / 10.0
+                    } else {
+                        1000.0
+                    };
                     let lo = if q.min.is_finite() { q.min } else { 0.0 };
                     round(lo + rng.random::<f64>() * (hi - lo).max(0.0), 3)
                 } else {
@@ -252,9 +256,12 @@ mod tests {
 
     #[test]
     fn profile_errors_are_line_numbered() {
-        let e = parse("p.toml", "[a]\nkind = \"noise\"\ninterval_secs = \"x\"\nquantities = []\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse(
+            "p.toml",
+            "[a]\nkind = \"noise\"\ninterval_secs = \"x\"\nquantities = []\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("p.toml:3:"), "{e}");
     }
 }
