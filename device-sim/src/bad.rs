@@ -364,7 +364,8 @@ impl Target {
         opts.set_credentials(c.id.clone(), c.secret.clone())
             .set_keep_alive(Duration::from_secs(60))
             .set_connection_timeout(self.timeout.as_secs().max(1))
-            .set_max_packet_size(Some(32 << 20));
+            .set_max_packet_size(Some(32 << 20))
+            .set_outgoing_inflight_upper_limit(4);
         let (client, mut el) = AsyncClient::new(opts, 4);
         match tokio::time::timeout(self.timeout, el.poll()).await {
             Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {

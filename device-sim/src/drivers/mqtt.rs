@@ -42,6 +42,9 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
         .set_keep_alive(Duration::from_secs(60))
         .set_clean_start(true)
         .set_request_channel_capacity(8)
+        // rumqttc sizes its in-flight table by this (u16::MAX slots by default: megabytes per
+        // connection); a device reporting every few seconds needs a handful.
+        .set_outgoing_inflight_upper_limit(16)
         .set_connection_timeout(ctx.connect_timeout.as_secs().max(1));
     let mut net = opts.network_options();
     net.set_tcp_nodelay(true);
