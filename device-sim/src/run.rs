@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
+use crate::drivers::{lorawan, Protocol};
 use crate::report::{self, LatencySummary};
 use crate::scenario::{profiles, Scenario};
 use crate::{credentials, drivers};
@@ -61,6 +62,18 @@ pub struct RunArgs {
     /// Write the summary as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// LoRaWAN (ChirpStack) devices: the network server's MQTT broker, host:port, where their
+    /// uplink events are published (citygw's bridge subscribes there).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub lorawan_broker: String,
+    #[arg(long, env = "DEVICE_SIM_LORAWAN_USERNAME")]
+    pub lorawan_username: Option<String>,
+    #[arg(long, env = "DEVICE_SIM_LORAWAN_PASSWORD", hide_env_values = true)]
+    pub lorawan_password: Option<String>,
+    /// ChirpStack application id in the event topics
+    /// (`application/{id}/device/{devEUI}/event/up`).
+    #[arg(long, default_value = "device-sim")]
+    pub chirpstack_application_id: String,
     /// Seconds between progress lines (0: none).
     #[arg(long, default_value_t = 1.0)]
     pub progress_every: f64,
@@ -173,6 +186,9 @@ pub struct DriverContext {
     pub connect_permits: Arc<Semaphore>,
     pub connect_timeout: Duration,
     pub drain: Duration,
+    /// The network server's broker connection, when the scenario has LoRaWAN devices.
+    pub lorawan_hub: std::sync::OnceLock<Arc<lorawan::Hub>>,
+    pub lorawan_application_id: String,
 }
 
 impl DriverContext {
@@ -248,7 +264,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_permits: Arc::new(Semaphore::new(args.connect_concurrency.max(1))),
         connect_timeout: Duration::from_secs(args.connect_timeout),
         drain: Duration::from_secs(args.drain),
+        lorawan_hub: std::sync::OnceLock::new(),
+        lorawan_application_id: args.chirpstack_application_id.clone(),
     });
+    if plan
+        .iter()
+        .any(|d| d.protocol == Protocol::LorawanChirpstack)
+    {
+        let (host, port) = args
+            .lorawan_broker
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?)))
+            .with_context(|| format!("--lorawan-broker {:?}: host:port", args.lorawan_broker))?;
+        let broker = lorawan::Broker {
+            host,
+            port,
+            username: args.lorawan_username.clone(),
+            password: args.lorawan_password.clone(),
+        };
+        let hub = lorawan::Hub::start(&broker, ctx.clone()).await?;
+        let _ = ctx.lorawan_hub.set(hub);
+    }
     eprintln!(
         "scenario {} ({}): {devices} devices in {} ({}), ramp-up {:.0} s, {:.0} s of reporting",
         scenario.name,

@@ -5,14 +5,19 @@ counters (read here independently) agree; scenario mistakes are reported with th
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import os
+import shutil
+import socket
 import subprocess
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
-from support import ROOT, wait_until
+from support import ROOT, free_port, kill_process, wait_until
 
 DEVICE_SIM = Path(os.environ.get("DEVICE_SIM_BIN", ROOT / "target" / "debug" / "device-sim"))
 SMOKE = ROOT / "device-sim" / "scenarios" / "smoke.toml"
@@ -174,3 +179,79 @@ def test_scenario_mistakes_are_reported_with_their_line(tmp_path):
     p = device_sim("provision", str(bad), "--token", "x", "--out", str(tmp_path / "c.csv"))
     assert p.returncode != 0
     assert f"{bad}:10:" in p.stderr and '"lwm2m" has no driver' in p.stderr, p.stderr
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real Mosquitto 2 broker on a free loopback port, standing in for a LoRaWAN network
+    server's broker (ChirpStack publishes its integration events there)."""
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(up, timeout=10)
+        yield port
+    finally:
+        kill_process(proc)
+
+
+def test_lorawan_chirpstack_uplinks_reach_the_network_server_broker(gw, mosquitto, tmp_path):
+    """The ChirpStack driver publishes one v4 JSON uplink event per report on
+    application/{app}/device/{devEUI}/event/up; every uplink the broker acknowledged is in the
+    ack log, and a real subscriber receives exactly those events."""
+    scenario = tmp_path / "lorawan.toml"
+    scenario.write_text('name = "lw"\ntenant = "sim-lw"\nprovince = "79"\ndevices = 20\n'
+                        'duration_secs = 4\ninterval_secs = 1\n'
+                        '[profiles]\nwater_meter = 1\nparking = 1\n'
+                        '[protocols]\nlorawan-chirpstack = 1\n')
+    creds = tmp_path / "creds.csv"
+    p = device_sim("provision", str(scenario), "--grpc", gw.grpc_url, "--out", str(creds),
+                   env={"DEVICE_SIM_ADMIN_TOKEN": gw.token})
+    assert p.returncode == 0, p.stderr
+
+    received: list[tuple[str, dict]] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="network-server-listener")
+    sub.on_message = lambda c, u, m: received.append((m.topic, json.loads(m.payload)))
+    sub.connect("127.0.0.1", mosquitto)
+    sub.subscribe("application/+/device/+/event/up", qos=1)
+    sub.loop_start()
+    try:
+        wait_until(lambda: sub.is_connected(), timeout=10)
+        ack_log = tmp_path / "acks.log"
+        run = device_sim("run", str(scenario), "--credentials", str(creds),
+                         "--lorawan-broker", f"127.0.0.1:{mosquitto}",
+                         "--chirpstack-application-id", "app-7", "--ack-log", str(ack_log),
+                         "--json", str(tmp_path / "run.json"))
+        assert run.returncode == 0, run.stderr
+        acked = ack_log.read_text().splitlines()
+        r = json.loads((tmp_path / "run.json").read_text())
+        assert r["acked"] == len(acked) >= 20 * 3 and r["rejected"] == 0, r
+        wait_until(lambda: len(received) >= len(acked), timeout=10)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+
+    assert len(received) == len(acked)
+    topic, event = received[0]
+    info = event["deviceInfo"]
+    assert topic == f"application/app-7/device/{info['devEui']}/event/up"
+    assert info["applicationId"] == "app-7" and info["deviceName"].startswith("lw-")
+    assert set(event) >= {"deduplicationId", "time", "devAddr", "fCnt", "fPort", "data",
+                          "object", "rxInfo", "txInfo"}
+    assert json.loads(base64.b64decode(event["data"])) == event["object"]
+    # The ack log and the broker agree on every (device, time).
+    sent = {(e["deviceInfo"]["deviceName"], e["time"]) for _, e in received}
+    logged = {(line.split(",")[0], line.split(",")[1]) for line in acked}
+    as_ms = {(d, str(int(dt.datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() * 1000)))
+             for d, t in sent}
+    assert as_ms == logged

@@ -6,6 +6,7 @@
 //! interval, count what happened in [`crate::run::RunStats`], and hand every acknowledged
 //! message to the ack log (what `verify` later checks against the agency stream).
 
+pub mod lorawan;
 pub mod mqtt;
 
 use std::str::FromStr;
@@ -49,7 +50,7 @@ impl Protocol {
 
     /// Whether this build has a driver for the protocol.
     pub fn implemented(self) -> bool {
-        matches!(self, Protocol::Mqtt)
+        matches!(self, Protocol::Mqtt | Protocol::LorawanChirpstack)
     }
 }
 
@@ -94,6 +95,17 @@ pub fn check_available(s: &Scenario) -> anyhow::Result<()> {
 pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>) {
     match dev.protocol {
         Protocol::Mqtt => mqtt::run_device(dev, secret, ctx).await,
+        // One shared connection to the network server's broker, opened by `run` when the
+        // scenario has LoRaWAN devices.
+        Protocol::LorawanChirpstack => match ctx.lorawan_hub.get() {
+            Some(hub) => {
+                let (hub, app) = (hub.clone(), ctx.lorawan_application_id.clone());
+                lorawan::run_device(dev, hub, app, ctx).await
+            }
+            None => ctx
+                .stats
+                .note_error(format!("{}: no LoRaWAN broker connection", dev.id)),
+        },
         // `run` checks the scenario first (check_available), so no device gets here.
         other => ctx.stats.note_error(format!(
             "{}: protocol {} has no driver in this build",
