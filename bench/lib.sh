@@ -104,7 +104,8 @@ git_commit() { git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unkn
 
 # ---------------------------------------------------------------- citygw
 # start_citygw DATA_DIR LOGNAME [ARGS of `citygw run`, e.g. --config FILE] -> $CITYGW_PID
-# (CITYGW_* in the environment reach it)
+# (CITYGW_* in the environment reach it; MQTT_BIND, default 127.0.0.1, is the MQTT listen address:
+# 0.0.0.0 lets clients spread over 127.0.0.x)
 start_citygw() {
   local data=$1 logname=$2
   shift 2
@@ -112,12 +113,12 @@ start_citygw() {
   port_free "$GRPC_PORT"
   port_free "$HTTP_PORT"
   mkdir -p "$data"
-  env CITYGW_DATA_DIR="$data" CITYGW_MQTT__LISTEN="127.0.0.1:$MQTT_PORT" \
+  env CITYGW_DATA_DIR="$data" CITYGW_MQTT__LISTEN="${MQTT_BIND:-127.0.0.1}:$MQTT_PORT" \
     CITYGW_GRPC__LISTEN="127.0.0.1:$GRPC_PORT" CITYGW_HTTP__LISTEN="127.0.0.1:$HTTP_PORT" \
     CITYGW_ADMIN__TOKEN="$TOKEN" "$CITYGW" run "$@" >"$WORK/$logname.log" 2>&1 &
   CITYGW_PID=$!
   PIDS+=("$CITYGW_PID")
-  COMMANDS+=("CITYGW_DATA_DIR=$data CITYGW_MQTT__LISTEN=127.0.0.1:$MQTT_PORT CITYGW_GRPC__LISTEN=127.0.0.1:$GRPC_PORT CITYGW_HTTP__LISTEN=127.0.0.1:$HTTP_PORT CITYGW_ADMIN__TOKEN=$TOKEN $CITYGW run ${*:+$(printf '%q ' "$@")}&")
+  COMMANDS+=("CITYGW_DATA_DIR=$data CITYGW_MQTT__LISTEN=${MQTT_BIND:-127.0.0.1}:$MQTT_PORT CITYGW_GRPC__LISTEN=127.0.0.1:$GRPC_PORT CITYGW_HTTP__LISTEN=127.0.0.1:$HTTP_PORT CITYGW_ADMIN__TOKEN=$TOKEN $CITYGW run ${*:+$(printf '%q ' "$@")}&")
   local i
   for i in $(seq 1 300); do
     kill -0 "$CITYGW_PID" 2>/dev/null || die "citygw exited (see $WORK/$logname.log)"

@@ -1,16 +1,23 @@
 //! device-sim: the city device simulator and citygw's benchmark client.
 //!
-//! Today it carries the MQTT benchmarks of issue 2 (`bench mqtt`, `bench idle`) and the agency
-//! fan-out benchmark of issue 3 (`bench fanout`, gRPC subscribers); scenarios,
-//! provisioning and end-to-end verification (issue 8) grow beside them as further subcommands.
+//! City scenarios (`provision`, `run`, `verify`: scenario/, drivers/), bad-input modes
+//! (`bad`), and the benchmarks: MQTT ingest (`bench mqtt`, `bench idle`) and agency fan-out
+//! (`bench fanout`).
 
+mod bad;
 mod bench;
 mod credentials;
+mod drivers;
 mod fanout;
+mod format;
 mod idle;
 mod mqtt;
 mod payload;
+mod provision;
 mod report;
+mod run;
+mod scenario;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +37,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Register a scenario's devices in citygw (admin API, bulk) and write their credentials.
+    Provision(provision::ProvisionArgs),
+    /// Run a scenario: every device reports on its interval; live progress, then a summary.
+    Run(run::RunArgs),
+    /// Prove that every reading a run had acknowledged reached the agency API exactly once.
+    Verify(verify::VerifyArgs),
+    /// Send bad input (wrong credentials, spoofed topics, malformed or oversize payloads, a
+    /// connection storm) and check the gateway refuses and counts exactly that.
+    Bad(bad::BadArgs),
     /// Benchmarks: throughput and latency, idle connection capacity.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -87,6 +103,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Provision(args) => provision::run(args).await,
+            Command::Run(args) => run::run(args).await,
+            Command::Verify(args) => verify::run(args).await,
+            Command::Bad(args) => bad::run(args).await,
             Command::Bench(BenchCommand::Mqtt(args)) => bench::run(args).await,
             Command::Bench(BenchCommand::Idle(args)) => idle::run(args).await,
             Command::Bench(BenchCommand::Fanout(args)) => fanout::run(args).await,

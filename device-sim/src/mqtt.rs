@@ -228,6 +228,25 @@ pub async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
     .await;
 }
 
+/// The same for an MQTT 5 connection.
+pub async fn disconnect_v5(
+    client: &rumqttc::v5::AsyncClient,
+    eventloop: &mut rumqttc::v5::EventLoop,
+) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,136 @@
+//! `device-sim provision SCENARIO`: registers every device of the scenario in citygw through the
+//! admin API's bulk `ImportDevices` (kind, tenant, commune, position), and writes the secrets
+//! the gateway generated to a credentials CSV (`id,secret,kind,commune_code,protocol,format`)
+//! that `device-sim run` reads. Secrets are shown once by the gateway, so the file is created
+//! with mode 0600.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use citygw::proto::admin_client::AdminClient;
+use citygw::proto::{AddDeviceRequest, Device, ImportDevicesRequest};
+use clap::Args;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+use tonic::Request;
+
+use crate::drivers;
+use crate::run::load_scenario;
+
+#[derive(Args, Debug)]
+pub struct ProvisionArgs {
+    /// Scenario file (TOML).
+    pub scenario: PathBuf,
+    /// citygw's gRPC endpoint (admin API).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub grpc: String,
+    /// Admin bearer token (citygw's `admin.token`, or the generated data/admin.token).
+    #[arg(long, env = "DEVICE_SIM_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Where to write the credentials CSV.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sensor profiles file replacing the embedded one.
+    #[arg(long)]
+    pub profiles: Option<PathBuf>,
+    /// Devices per ImportDevices call.
+    #[arg(long, default_value_t = 1000)]
+    pub chunk: usize,
+}
+
+pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
+    let scenario = load_scenario(&args.scenario, args.profiles.as_deref())?;
+    drivers::check_available(&scenario)?;
+    let plan = scenario.plan();
+    let channel = Endpoint::from_shared(args.grpc.clone())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach citygw at {}", args.grpc))?;
+    let header: MetadataValue<_> = format!("Bearer {}", args.token)
+        .parse()
+        .context("token is not a valid header value")?;
+    let mut admin = AdminClient::with_interceptor(channel, move |mut req: Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    });
+
+    let mut out = csv_file(&args.out)?;
+    writeln!(out, "id,secret,kind,commune_code,protocol,format")?;
+    let (mut ok, mut failed) = (0usize, Vec::new());
+    for chunk in plan.chunks(args.chunk.max(1)) {
+        let devices = chunk
+            .iter()
+            .map(|d| AddDeviceRequest {
+                device: Some(Device {
+                    id: d.id.clone(),
+                    tenant: scenario.tenant.clone(),
+                    kind: d.kind.clone(),
+                    commune_code: d.commune_code.clone(),
+                    lat: Some(d.lat),
+                    lon: Some(d.lon),
+                    enabled: true,
+                    name: format!("{} {}, {}", scenario.name, d.profile, d.commune_name),
+                    ..Default::default()
+                }),
+                secret: String::new(),
+            })
+            .collect();
+        let results = admin
+            .import_devices(ImportDevicesRequest { devices })
+            .await
+            .map_err(|s| anyhow::anyhow!("ImportDevices: {:?}: {}", s.code(), s.message()))?
+            .into_inner()
+            .results;
+        for (d, r) in chunk.iter().zip(results) {
+            if r.ok {
+                ok += 1;
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{}",
+                    d.id,
+                    r.secret,
+                    d.kind,
+                    d.commune_code,
+                    d.protocol.name(),
+                    d.format.name()
+                )?;
+            } else {
+                failed.push(format!("{}: {}", d.id, r.error));
+            }
+        }
+        if plan.len() > args.chunk {
+            eprintln!("provisioned {}/{}", ok + failed.len(), plan.len());
+        }
+    }
+    out.flush()?;
+    println!(
+        "provisioned {ok} of {} devices of scenario {} (tenant {}) -> {}",
+        plan.len(),
+        scenario.name,
+        scenario.tenant,
+        args.out.display()
+    );
+    if !failed.is_empty() {
+        for f in failed.iter().take(5) {
+            eprintln!("  refused: {f}");
+        }
+        anyhow::bail!(
+            "{} devices were refused (already registered ones keep their old secret: remove them \
+             or change the scenario's id_prefix)",
+            failed.len()
+        );
+    }
+    Ok(())
+}
+
+fn csv_file(path: &PathBuf) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let file = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    Ok(std::io::BufWriter::new(file))
+}

@@ -1,0 +1,257 @@
+"""device-sim against the real gateway: the smoke scenario is provisioned through the admin API,
+run over MQTT 5 (every sensor profile, every payload format) and verified end to end through the
+agency API; the bad-input modes get exactly the refusals they intend, and the gateway's own
+counters (read here independently) agree; scenario mistakes are reported with their line."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from support import ROOT, free_port, kill_process, wait_until
+
+DEVICE_SIM = Path(os.environ.get("DEVICE_SIM_BIN", ROOT / "target" / "debug" / "device-sim"))
+SMOKE = ROOT / "device-sim" / "scenarios" / "smoke.toml"
+
+
+def device_sim(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+               **kw) -> subprocess.CompletedProcess:
+    if not DEVICE_SIM.exists():
+        raise FileNotFoundError(f"{DEVICE_SIM} missing: cargo build --workspace")
+    return subprocess.run([str(DEVICE_SIM), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke(gw, tmp_path_factory):
+    """The smoke scenario provisioned in the module's gateway: (credentials file, agency)."""
+    work = tmp_path_factory.mktemp("smoke")
+    creds = work / "creds.csv"
+    p = device_sim("provision", str(SMOKE), "--grpc", gw.grpc_url, "--out", str(creds),
+                   env={"DEVICE_SIM_ADMIN_TOKEN": gw.token})
+    assert p.returncode == 0, p.stderr
+    assert "provisioned 300 of 300" in p.stdout
+    agency = gw.add_agency(tenants=["sim-smoke"])
+    return creds, agency
+
+
+def test_provision_registers_the_scenario_with_place_and_kind(gw, smoke):
+    creds, _ = smoke
+    rows = creds.read_text().splitlines()
+    assert rows[0] == "id,secret,kind,commune_code,protocol,format"
+    assert len(rows) == 301
+    assert oct(creds.stat().st_mode & 0o777) == "0o600"
+    first = rows[1].split(",")
+    dev = gw.cli("device", "show", first[0])
+    dev = dev.get("device", dev)
+    assert dev["tenant"] == "sim-smoke"
+    assert dev["kind"] == first[2]
+    assert dev["commune_code"] == first[3]
+    assert 20.5 < dev["lat"] < 21.5 and 105 < dev["lon"] < 106.5  # Hà Nội
+    kinds = {r.split(",")[2] for r in rows[1:]}
+    formats = {r.split(",")[5] for r in rows[1:]}
+    assert len(kinds) == 13, kinds
+    assert formats == {"json", "senml-json", "senml-cbor", "proto"}
+
+
+def test_smoke_scenario_every_acknowledged_reading_arrives_exactly_once(gw, smoke, tmp_path):
+    creds, agency = smoke
+    ack_log = tmp_path / "acks.log"
+    run_json, verify_json = tmp_path / "run.json", tmp_path / "verify.json"
+    stored_before = gw.metric("citygw_readings_stored_total")
+    # verify subscribes first and follows the run live.
+    verify = subprocess.Popen(
+        [str(DEVICE_SIM), "verify", "--grpc", gw.grpc_url, "--ack-log", str(ack_log),
+         "--tenant", "sim-smoke", "--timeout", "60", "--json", str(verify_json)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "DEVICE_SIM_AGENCY_TOKEN": agency.token})
+    try:
+        run = device_sim("run", str(SMOKE), "--credentials", str(creds),
+                         "--mqtt-host", gw.host, "--mqtt-port", str(gw.mqtt_port),
+                         "--ack-log", str(ack_log), "--json", str(run_json), timeout=150)
+        assert run.returncode == 0, run.stderr[-3000:]
+        out, _ = verify.communicate(timeout=120)
+    finally:
+        verify.kill()
+    assert "connected 300/300" in run.stderr  # the live progress line
+    r = json.loads(run_json.read_text())
+    assert r["connected"] == 300 and r["connect_failed"] == 0
+    assert r["rejected"] == 0 and r["unconfirmed"] == 0, r
+    assert r["acked"] == r["sent"] and r["acked"] >= 300 * 5, r
+    assert r["latency"]["count"] == r["acked"]
+
+    assert verify.returncode == 0, out
+    v = json.loads(verify_json.read_text())
+    assert v["missing"] == 0 and v["duplicated"] == 0, v
+    assert v["acked_messages"] == r["acked"]
+    assert v["acked_readings"] == r["readings_acked"]
+    assert v["delivered_readings"] == r["readings_acked"]
+    # The gateway's own count agrees: every acknowledged reading was stored once.
+    assert gw.metric("citygw_readings_stored_total") - stored_before == r["readings_acked"]
+
+
+def test_verify_reports_missing_readings(gw, smoke, tmp_path):
+    """An ack log naming a reading the gateway never got fails verification, and says which."""
+    _, agency = smoke
+    ack_log = tmp_path / "acks.log"
+    ack_log.write_text("smoke-000000,1000,water_level\n")
+    p = device_sim("verify", "--grpc", gw.grpc_url, "--ack-log", str(ack_log),
+                   "--tenant", "sim-smoke", "--timeout", "3", "--settle", "0.5",
+                   env={"DEVICE_SIM_AGENCY_TOKEN": agency.token})
+    assert p.returncode != 0
+    assert "missing: smoke-000000 t=1000 water_level" in p.stdout
+    assert "1 acknowledged readings missing, 0 duplicated" in p.stderr
+
+
+EXPECTED = {
+    "wrong-credentials": ("connack BadUserNamePassword", "citygw_auth_failures_total",
+                          {"protocol": "mqtt", "reason": "bad_credentials"}),
+    "unknown-device": ("connack NotAuthorized", "citygw_auth_failures_total",
+                       {"protocol": "mqtt", "reason": "unknown_device"}),
+    "spoofed-topic": ("puback NotAuthorized", "citygw_messages_rejected_total",
+                      {"protocol": "mqtt", "reason": "spoofed_topic"}),
+    "malformed": ("puback PayloadFormatInvalid", "citygw_messages_rejected_total",
+                  {"protocol": "mqtt", "reason": "malformed_json"}),
+    "oversize": ("puback PayloadFormatInvalid", "citygw_messages_rejected_total",
+                 {"protocol": "mqtt", "reason": "payload_too_large"}),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED))
+def test_bad_input_mode_gets_exactly_its_refusals(gw, smoke, tmp_path, mode):
+    creds, _ = smoke
+    answer, metric, labels = EXPECTED[mode]
+    count = 12
+    before = gw.metrics()
+    out = tmp_path / "bad.json"
+    p = device_sim("bad", mode, "--credentials", str(creds), "--mqtt-host", gw.host,
+                   "--mqtt-port", str(gw.mqtt_port), "--metrics", f"{gw.http_base}/metrics",
+                   "--count", str(count), "--json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    rep = json.loads(out.read_text())
+    assert rep["answers"] == {answer: count}, rep
+    assert rep["counter_delta"] == count and rep["control_acknowledged"], rep
+    # Read independently of device-sim: the gateway counted exactly these refusals, and no other
+    # kind of refusal or auth failure moved.
+    after = gw.metrics()
+    assert after.value(metric, **labels) - before.value(metric, **labels) == count
+    for other in ("citygw_auth_failures_total", "citygw_messages_rejected_total"):
+        moved = after.value(other) - before.value(other)
+        assert moved == (count if other == metric else 0), (other, moved)
+
+
+def test_connection_storm_is_served(gw, smoke, tmp_path):
+    creds, _ = smoke
+    before = gw.metrics()
+    out = tmp_path / "storm.json"
+    p = device_sim("bad", "storm", "--credentials", str(creds), "--mqtt-host", gw.host,
+                   "--mqtt-port", str(gw.mqtt_port), "--metrics", f"{gw.http_base}/metrics",
+                   "--count", "250", "--timeout", "60", "--json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    rep = json.loads(out.read_text())
+    assert rep["answers"] == {"connack Success": 250}
+    assert rep["storm_peak_connected"] >= 250
+    after = gw.metrics()
+    assert after.value("citygw_auth_failures_total") == before.value("citygw_auth_failures_total")
+    # Every storm connection is closed again.
+    wait_until(lambda: gw.metric("citygw_connected_devices") == 0, timeout=20)
+
+
+def test_scenario_mistakes_are_reported_with_their_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\ntenant = "t"\nprovince = "01"\ndevices = 10\n'
+                   'duration_secs = 5\n[profiles]\nair_quality = 1\nstreet_lamp = 2\n')
+    p = device_sim("run", str(bad), "--credentials", str(tmp_path / "none.csv"))
+    assert p.returncode != 0
+    assert f"{bad}:8:" in p.stderr and "street_lamp" in p.stderr, p.stderr
+
+    bad.write_text('name = "x"\ntenant = "t"\nprovince = "01"\ndevices = 10\n'
+                   'duration_secs = 5\n[profiles]\nnoise = 1\n[protocols]\nmqtt = 1\nlwm2m = 1\n')
+    p = device_sim("provision", str(bad), "--token", "x", "--out", str(tmp_path / "c.csv"))
+    assert p.returncode != 0
+    assert f"{bad}:10:" in p.stderr and '"lwm2m" has no driver' in p.stderr, p.stderr
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real Mosquitto 2 broker on a free loopback port, standing in for a LoRaWAN network
+    server's broker (ChirpStack publishes its integration events there)."""
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(up, timeout=10)
+        yield port
+    finally:
+        kill_process(proc)
+
+
+def test_lorawan_chirpstack_uplinks_reach_the_network_server_broker(gw, mosquitto, tmp_path):
+    """The ChirpStack driver publishes one v4 JSON uplink event per report on
+    application/{app}/device/{devEUI}/event/up; every uplink the broker acknowledged is in the
+    ack log, and a real subscriber receives exactly those events."""
+    scenario = tmp_path / "lorawan.toml"
+    scenario.write_text('name = "lw"\ntenant = "sim-lw"\nprovince = "79"\ndevices = 20\n'
+                        'duration_secs = 4\ninterval_secs = 1\n'
+                        '[profiles]\nwater_meter = 1\nparking = 1\n'
+                        '[protocols]\nlorawan-chirpstack = 1\n')
+    creds = tmp_path / "creds.csv"
+    p = device_sim("provision", str(scenario), "--grpc", gw.grpc_url, "--out", str(creds),
+                   env={"DEVICE_SIM_ADMIN_TOKEN": gw.token})
+    assert p.returncode == 0, p.stderr
+
+    received: list[tuple[str, dict]] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="network-server-listener")
+    sub.on_message = lambda c, u, m: received.append((m.topic, json.loads(m.payload)))
+    sub.connect("127.0.0.1", mosquitto)
+    sub.subscribe("application/+/device/+/event/up", qos=1)
+    sub.loop_start()
+    try:
+        wait_until(lambda: sub.is_connected(), timeout=10)
+        ack_log = tmp_path / "acks.log"
+        run = device_sim("run", str(scenario), "--credentials", str(creds),
+                         "--lorawan-broker", f"127.0.0.1:{mosquitto}",
+                         "--chirpstack-application-id", "app-7", "--ack-log", str(ack_log),
+                         "--json", str(tmp_path / "run.json"))
+        assert run.returncode == 0, run.stderr
+        acked = ack_log.read_text().splitlines()
+        r = json.loads((tmp_path / "run.json").read_text())
+        assert r["acked"] == len(acked) >= 20 * 3 and r["rejected"] == 0, r
+        wait_until(lambda: len(received) >= len(acked), timeout=10)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+
+    assert len(received) == len(acked)
+    topic, event = received[0]
+    info = event["deviceInfo"]
+    assert topic == f"application/app-7/device/{info['devEui']}/event/up"
+    assert info["applicationId"] == "app-7" and info["deviceName"].startswith("lw-")
+    assert set(event) >= {"deduplicationId", "time", "devAddr", "fCnt", "fPort", "data",
+                          "object", "rxInfo", "txInfo"}
+    assert json.loads(base64.b64decode(event["data"])) == event["object"]
+    # The ack log and the broker agree on every (device, time).
+    sent = {(e["deviceInfo"]["deviceName"], e["time"]) for _, e in received}
+    logged = {(line.split(",")[0], line.split(",")[1]) for line in acked}
+    as_ms = {(d, str(int(dt.datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() * 1000)))
+             for d, t in sent}
+    assert as_ms == logged
