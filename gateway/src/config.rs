@@ -51,6 +51,8 @@ pub struct MqttConfig {
     /// so it is kept well above `max_payload_bytes` to let oversize payloads reach the
     /// dead-letter record where an operator can see them.
     pub max_packet_bytes: u32,
+    /// Most MQTT sessions held at once. Lowered at start to what the open-files limit leaves
+    /// after a reserve for the store, so connections can never starve it of descriptors.
     pub max_connections: usize,
     /// Concurrent CONNECT handshakes; beyond it new connections wait (connection storms).
     pub max_handshaking: usize,

@@ -5,6 +5,7 @@
 //! write before the PUBACK. Why rmqtt and not rumqttd is measured in ../shared/DESIGN.md.
 
 mod hooks;
+mod limit;
 pub mod topic;
 
 use futures::future::BoxFuture;
@@ -36,12 +37,26 @@ impl super::Source for MqttSource {
         shutdown: CancellationToken,
     ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
         let cfg = &self.config;
+        // Accepted sockets wait in rmqtt's handshake queue holding a descriptor each; bounding
+        // the queue bounds them (beyond it a new socket is closed and the device retries).
+        let pending_handshakes = cfg.max_handshaking.saturating_mul(2);
+        let open_files = limit::raise_open_files_limit();
+        let sessions = limit::SessionLimit::new(cfg.max_connections, open_files, pending_handshakes);
+        if sessions.cap() < cfg.max_connections {
+            tracing::warn!(
+                open_files,
+                max_connections = cfg.max_connections,
+                cap = sessions.cap(),
+                "mqtt sessions capped by the open-files limit; raise LimitNOFILE to hold more"
+            );
+        }
+        metrics::gauge!("citygw_mqtt_session_limit").set(sessions.cap() as f64);
         let listener = Builder::new()
             .name("mqtt")
             .laddr(cfg.listen)
             .allow_anonymous(false)
             .max_packet_size(cfg.max_packet_bytes)
-            .max_connections(cfg.max_connections)
+            .max_connections(pending_handshakes)
             .max_handshaking_limit(cfg.max_handshaking)
             .handshake_timeout(std::time::Duration::from_secs(cfg.handshake_timeout_secs))
             .nodelay(true)
@@ -59,6 +74,7 @@ impl super::Source for MqttSource {
             let hooks = hooks::Hooks {
                 registry: self.registry.clone(),
                 pipeline: self.pipeline,
+                sessions,
             };
             let register = scx.extends.hook_mgr().register();
             for typ in [
