@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -232,7 +233,7 @@ class Gateway:
     TIME_WAIT never matter)."""
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1", env: dict[str, str] | None = None,
-                 name: str = "gateway", config: Path | None = None):
+                 name: str = "gateway", config: Path | None = None, open_files: int | None = None):
         if not CITYGW_BIN.exists():
             raise FileNotFoundError(
                 f"citygw binary not found at {CITYGW_BIN}: run tests/run (it builds it) "
@@ -246,6 +247,8 @@ class Gateway:
         self.token = "adm-" + uuid.uuid4().hex
         self.extra_env = dict(env or {})
         self.config = Path(config) if config is not None else None
+        # RLIMIT_NOFILE (soft and hard) for the process, as systemd's LimitNOFILE would set it.
+        self.open_files = open_files
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.mqtt_port = self.grpc_port = self.http_port = 0
@@ -293,9 +296,13 @@ class Gateway:
                 argv += ["--config", str(self.config)]
             self.proc = subprocess.Popen(argv, env=self.env(),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         cwd=self.workdir)
+                                         cwd=self.workdir, preexec_fn=self._limits)
         self.wait_ready(timeout)
         return self
+
+    def _limits(self) -> None:
+        if self.open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -478,7 +485,8 @@ class GatewayFactory:
         self.dirs: list[Path] = []
 
     def __call__(self, host: str = "127.0.0.1", env: dict[str, str] | None = None,
-                 start: bool = True, config_toml: str | None = None) -> Gateway:
+                 start: bool = True, config_toml: str | None = None,
+                 open_files: int | None = None) -> Gateway:
         """A fresh gateway; `config_toml`, when given, is written to the gateway's dir and passed
         to `citygw run --config` (CITYGW_* overrides from `env` still apply on top)."""
         d = Path(tempfile.mkdtemp(prefix="citygw-e2e-"))
@@ -488,7 +496,7 @@ class GatewayFactory:
             config = d / "citygw.toml"
             config.write_text(config_toml)
         gw = Gateway(d, host=host, env=env, name=f"{self.name}#{len(self.gateways) + 1}",
-                     config=config)
+                     config=config, open_files=open_files)
         self.gateways.append(gw)
         if start:
             gw.start()
