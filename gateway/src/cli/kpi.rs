@@ -31,11 +31,12 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "-".into())
 }
 
+/// Per-resident figures of a young installation are tiny: keep three significant digits.
 fn ratio(v: f64) -> String {
-    if v != 0.0 && v.abs() < 0.01 {
-        format!("{v:.6}")
+    if v != 0.0 && v.abs() < 0.001 {
+        format!("{v:.2e}")
     } else {
-        format!("{v:.3}")
+        format!("{v:.4}")
     }
 }
 
@@ -51,7 +52,7 @@ fn figures_row(label: [String; 2], f: &KpiFigures) -> Vec<String> {
         opt(f.population, |p| p.to_string()),
         opt(f.connections_per_resident, ratio),
         opt(f.target_per_resident, |t| format!("{t}")),
-        opt(f.attainment_percent, |a| format!("{a:.2}%")),
+        opt(f.attainment_percent, |a| format!("{}%", ratio(a))),
         opt(f.devices_needed, |n| n.to_string()),
         format!("{:.2}", f.active_per_km2),
     ]
@@ -151,7 +152,7 @@ fn table_report(r: &ConnectionKpi) {
         "\ntrend: {} daily snapshots in the projection window; growth {}",
         r.history.len(),
         opt(r.growth_per_day, |g| format!(
-            "{g:+.1} active devices/day (least squares)"
+            "{g:+.3} active devices/day (least squares)"
         ))
     );
     let skip = r.history.len().saturating_sub(TREND_ROWS);
