@@ -89,7 +89,7 @@ fn kind_rows(kinds: &[KindFigures]) -> Vec<Vec<String>> {
 }
 
 fn table_report(r: &ConnectionKpi) {
-    let city = r.city.clone().unwrap_or_default();
+    let city = r.city.unwrap_or_default();
     println!(
         "IoT connections per resident: {} ({}), {}",
         r.city_name, r.city_code, r.date
@@ -133,7 +133,7 @@ fn table_report(r: &ConnectionKpi) {
                 let mark = if c.approximated_devices > 0 { " *" } else { "" };
                 figures_row(
                     [c.code.clone(), format!("{}{mark}", c.name)],
-                    &c.figures.clone().unwrap_or_default(),
+                    &c.figures.unwrap_or_default(),
                 )
             })
             .collect(),
@@ -238,7 +238,7 @@ fn csv_report(r: &ConnectionKpi) -> anyhow::Result<()> {
             approx.to_string(),
         ]
     };
-    let city = r.city.clone().unwrap_or_default();
+    let city = r.city.unwrap_or_default();
     w.write_record(row(
         "city",
         &r.city_code,
@@ -251,7 +251,7 @@ fn csv_report(r: &ConnectionKpi) -> anyhow::Result<()> {
             "commune",
             &c.code,
             &c.name,
-            &c.figures.clone().unwrap_or_default(),
+            &c.figures.unwrap_or_default(),
             c.approximated_devices,
         ))?;
     }

@@ -74,7 +74,7 @@ async fn counts_by_commune_kind_and_window() {
     assert_eq!((u.registered, u.active), (1, 1));
 
     let commune = |code: &str| r.communes.iter().find(|c| c.code == code).unwrap();
-    let ba_dinh = commune("00004").figures.clone().unwrap();
+    let ba_dinh = commune("00004").figures.unwrap();
     assert_eq!(
         (ba_dinh.registered, ba_dinh.active, ba_dinh.disabled),
         (3, 2, 1)
