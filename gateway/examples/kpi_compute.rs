@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
         report_secs.push(t.elapsed().as_secs_f64());
     }
     let r = last.expect("at least one run");
-    let city = r.city.clone().unwrap_or_default();
+    let city = r.city.unwrap_or_default();
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

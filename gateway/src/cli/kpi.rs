@@ -31,11 +31,12 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "-".into())
 }
 
+/// Per-resident figures of a young installation are tiny: keep three significant digits.
 fn ratio(v: f64) -> String {
-    if v != 0.0 && v.abs() < 0.01 {
-        format!("{v:.6}")
+    if v != 0.0 && v.abs() < 0.001 {
+        format!("{v:.2e}")
     } else {
-        format!("{v:.3}")
+        format!("{v:.4}")
     }
 }
 
@@ -51,7 +52,7 @@ fn figures_row(label: [String; 2], f: &KpiFigures) -> Vec<String> {
         opt(f.population, |p| p.to_string()),
         opt(f.connections_per_resident, ratio),
         opt(f.target_per_resident, |t| format!("{t}")),
-        opt(f.attainment_percent, |a| format!("{a:.2}%")),
+        opt(f.attainment_percent, |a| format!("{}%", ratio(a))),
         opt(f.devices_needed, |n| n.to_string()),
         format!("{:.2}", f.active_per_km2),
     ]
@@ -88,7 +89,7 @@ fn kind_rows(kinds: &[KindFigures]) -> Vec<Vec<String>> {
 }
 
 fn table_report(r: &ConnectionKpi) {
-    let city = r.city.clone().unwrap_or_default();
+    let city = r.city.unwrap_or_default();
     println!(
         "IoT connections per resident: {} ({}), {}",
         r.city_name, r.city_code, r.date
@@ -132,7 +133,7 @@ fn table_report(r: &ConnectionKpi) {
                 let mark = if c.approximated_devices > 0 { " *" } else { "" };
                 figures_row(
                     [c.code.clone(), format!("{}{mark}", c.name)],
-                    &c.figures.clone().unwrap_or_default(),
+                    &c.figures.unwrap_or_default(),
                 )
             })
             .collect(),
@@ -151,7 +152,7 @@ fn table_report(r: &ConnectionKpi) {
         "\ntrend: {} daily snapshots in the projection window; growth {}",
         r.history.len(),
         opt(r.growth_per_day, |g| format!(
-            "{g:+.1} active devices/day (least squares)"
+            "{g:+.3} active devices/day (least squares)"
         ))
     );
     let skip = r.history.len().saturating_sub(TREND_ROWS);
@@ -237,7 +238,7 @@ fn csv_report(r: &ConnectionKpi) -> anyhow::Result<()> {
             approx.to_string(),
         ]
     };
-    let city = r.city.clone().unwrap_or_default();
+    let city = r.city.unwrap_or_default();
     w.write_record(row(
         "city",
         &r.city_code,
@@ -250,7 +251,7 @@ fn csv_report(r: &ConnectionKpi) -> anyhow::Result<()> {
             "commune",
             &c.code,
             &c.name,
-            &c.figures.clone().unwrap_or_default(),
+            &c.figures.unwrap_or_default(),
             c.approximated_devices,
         ))?;
     }

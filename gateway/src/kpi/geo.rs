@@ -12,11 +12,10 @@ use std::path::Path;
 const COMMUNES_CSV: &str = include_str!("../../data/geo/vn-communes-2025.csv");
 const CITIES_CSV: &str = include_str!("../../data/geo/city-population-2025.csv");
 
-/// Grid cell of the spatial index, in degrees (~25 km at Vietnam's latitudes).
-const CELL_DEG: f64 = 0.25;
-/// Conservative km per degree for the grid's search radius (a degree of longitude at 24° N is
-/// ~101 km, of latitude ~111 km).
-const KM_PER_DEG_MIN: f64 = 100.0;
+/// Grid cell of the spatial index, in degrees (~11 km): a few urban communes per cell.
+const CELL_DEG: f64 = 0.1;
+/// Kilometres per degree of latitude (mean Earth radius 6371 km).
+const KM_PER_DEG: f64 = 111.195;
 
 #[derive(Debug, Clone)]
 pub struct Commune {
@@ -215,18 +214,31 @@ impl Geo {
         }
     }
 
-    /// The nearest commune centroid within `max_centroid_km`.
+    /// The nearest commune centroid within `max_centroid_km`: rings of grid cells around the
+    /// point, stopping once no unvisited cell can hold anything nearer. This runs for every
+    /// coordinates-only device in every KPI computation, hence no trigonometry per candidate.
     pub fn nearest_centroid(&self, lat: f64, lon: f64) -> Option<u32> {
-        let rings = (self.max_centroid_km / (CELL_DEG * KM_PER_DEG_MIN)).ceil() as i32;
+        let metric = Metric::at(lat);
+        let max_rings = (self.max_centroid_km / (CELL_DEG * KM_PER_DEG * metric.cos_lat))
+            .ceil()
+            .min(1000.0) as i32;
         let mut best: Option<(f64, u32)> = None;
-        self.centroids.near(lon, lat, rings, |i| {
-            let c = &self.communes[i as usize];
-            let d = distance_km(lat, lon, c.lat, c.lon);
-            if d <= self.max_centroid_km && best.is_none_or(|(bd, _)| d < bd) {
-                best = Some((d, i));
+        for ring in 0..=max_rings {
+            self.centroids.ring(lon, lat, ring, |i| {
+                let c = &self.communes[i as usize];
+                let d2 = metric.km2(lat, lon, c.lat, c.lon);
+                if best.is_none_or(|(bd, bi)| d2 < bd || (d2 == bd && i < bi)) {
+                    best = Some((d2, i));
+                }
+            });
+            // Every cell beyond this ring is at least `ring` cells away along some axis.
+            let beyond_km = ring as f64 * CELL_DEG * KM_PER_DEG * metric.cos_lat;
+            if best.is_some_and(|(d2, _)| d2 <= beyond_km * beyond_km) {
+                break;
             }
-        });
-        best.map(|(_, i)| i)
+        }
+        best.filter(|(d2, _)| *d2 <= self.max_centroid_km * self.max_centroid_km)
+            .map(|(_, i)| i)
     }
 
     /// Reads `commune_code,population`; returns how many communes got one.
@@ -299,12 +311,25 @@ impl Geo {
     }
 }
 
-/// Equirectangular distance: within tens of kilometres it is as good as the haversine.
-pub fn distance_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
-    let mean_lat = ((lat1 + lat2) / 2.0).to_radians();
-    let dx = (lon2 - lon1).to_radians() * mean_lat.cos();
-    let dy = (lat2 - lat1).to_radians();
-    6371.0 * (dx * dx + dy * dy).sqrt()
+/// Equirectangular distances around one point: within tens of kilometres as good as the
+/// haversine, and the cosine is computed once per point, not per candidate.
+struct Metric {
+    cos_lat: f64,
+}
+
+impl Metric {
+    fn at(lat: f64) -> Metric {
+        Metric {
+            cos_lat: lat.to_radians().cos().max(1e-6),
+        }
+    }
+
+    /// Squared distance in km².
+    fn km2(&self, lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+        let dx = (lon2 - lon1) * self.cos_lat * KM_PER_DEG;
+        let dy = (lat2 - lat1) * KM_PER_DEG;
+        dx * dx + dy * dy
+    }
 }
 
 /// Items by the grid cells their bounding box covers.
@@ -329,11 +354,14 @@ impl Grid {
         Grid { cells }
     }
 
-    /// Every item in the cells within `rings` cells of the point's cell.
-    fn near(&self, x: f64, y: f64, rings: i32, mut f: impl FnMut(u32)) {
+    /// Every item in the cells exactly `ring` cells (Chebyshev) from the point's cell.
+    fn ring(&self, x: f64, y: f64, ring: i32, mut f: impl FnMut(u32)) {
         let (cx, cy) = (cell(x), cell(y));
-        for dx in -rings..=rings {
-            for dy in -rings..=rings {
+        for dx in -ring..=ring {
+            for dy in -ring..=ring {
+                if dx.abs() != ring && dy.abs() != ring {
+                    continue;
+                }
                 if let Some(items) = self.cells.get(&(cx + dx, cy + dy)) {
                     items.iter().copied().for_each(&mut f);
                 }
@@ -412,7 +440,7 @@ impl Boundaries {
 
     fn containing(&self, lat: f64, lon: f64) -> Option<u32> {
         let mut found = None;
-        self.grid.near(lon, lat, 0, |i| {
+        self.grid.ring(lon, lat, 0, |i| {
             let s = &self.shapes[i as usize];
             if found.is_none() && s.contains(lon, lat) {
                 found = Some(s.commune);
@@ -475,21 +503,22 @@ mod tests {
     fn nearest_centroid_matches_a_full_scan() {
         let geo = Geo::embedded(25.0);
         let mut checked = 0;
-        for k in 0..400 {
+        for k in 0..4000 {
             let lat = 8.5 + (k as f64 * 0.0397) % 15.0;
             let lon = 102.2 + (k as f64 * 0.0713) % 7.5;
+            let metric = Metric::at(lat);
             let scan = geo
                 .communes()
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (distance_km(lat, lon, c.lat, c.lon), i as u32))
-                .filter(|(d, _)| *d <= 25.0)
-                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(i, c)| (metric.km2(lat, lon, c.lat, c.lon), i as u32))
+                .filter(|(d2, _)| *d2 <= 25.0 * 25.0)
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
                 .map(|(_, i)| i);
             assert_eq!(geo.nearest_centroid(lat, lon), scan, "{lat},{lon}");
             checked += scan.is_some() as usize;
         }
-        assert!(checked > 100);
+        assert!(checked > 1000, "{checked}");
     }
 
     #[test]

@@ -3,12 +3,15 @@
 //! Method (also in the README): the growth rate is the least-squares slope of active devices per
 //! day over the daily snapshots of the last `kpi.projection_days` days (at least two snapshots on
 //! different days). From the latest snapshot, a target needing `R` active devices is reached
-//! `ceil((R - active) / slope)` days later. A slope of zero or less gives "not at the current
-//! pace". The population is taken as constant.
+//! `ceil((R - active) / slope)` days later. A slope of zero or less, or a date more than a
+//! century away, gives "not at the current pace". The population is taken as constant.
 
 use chrono::NaiveDate;
 
 use crate::proto::{KpiSnapshot, TargetProjection};
+
+/// Beyond this many days a projected date says nothing useful.
+const HORIZON_DAYS: f64 = 36_525.0;
 
 pub fn parse_date(s: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()
@@ -69,13 +72,16 @@ pub fn project(
                 return p;
             }
             match (slope, latest) {
-                (Some(slope), Some((base_date, base_active))) if slope > 0.0 => {
+                (Some(slope), Some((base_date, base_active)))
+                    if slope > 0.0
+                        && (required as f64 - base_active as f64) / slope <= HORIZON_DAYS =>
+                {
                     let days = ((required as f64 - base_active as f64) / slope)
                         .ceil()
                         .max(0.0);
                     let date = base_date
-                        .checked_add_days(chrono::Days::new(days.min(3_000_000.0) as u64))
-                        .unwrap_or(NaiveDate::MAX)
+                        .checked_add_days(chrono::Days::new(days as u64))
+                        .expect("within the horizon")
                         .max(today);
                     p.status = "projected".into();
                     p.projected_date = date.format("%Y-%m-%d").to_string();
@@ -156,11 +162,11 @@ mod tests {
         assert_eq!(p[1].projected_date, "2027-05-16");
         assert!(p[1].on_time);
         // Slow growth: too late for the deadline.
-        let history = [snap("2026-01-01", 1000), snap("2026-12-01", 1001)];
+        let history = [snap("2026-01-01", 1000), snap("2026-12-01", 1100)];
         let p = project(
             &schedule,
             Some(1500),
-            1001,
+            1100,
             d("2026-12-01"),
             &history,
             growth_per_day(&history),
@@ -180,7 +186,15 @@ mod tests {
             (p[0].status.as_str(), p[0].devices_still_needed),
             ("reached", 0)
         );
-        for h in [&flat[..], &falling[..]] {
+        // A device a year or so: more than a century away.
+        let crawling = [
+            snap("2026-01-01", 10),
+            snap("2026-01-05", 10),
+            snap("2026-01-09", 10),
+            snap("2026-01-13", 10),
+            snap("2029-01-01", 11),
+        ];
+        for h in [&flat[..], &falling[..], &crawling[..]] {
             let p = project(&schedule, Some(100), 10, today, h, growth_per_day(h));
             assert_eq!(p[0].status, "not_at_current_pace");
             assert_eq!(p[0].projected_date, "");

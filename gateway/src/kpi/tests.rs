@@ -74,7 +74,7 @@ async fn counts_by_commune_kind_and_window() {
     assert_eq!((u.registered, u.active), (1, 1));
 
     let commune = |code: &str| r.communes.iter().find(|c| c.code == code).unwrap();
-    let ba_dinh = commune("00004").figures.clone().unwrap();
+    let ba_dinh = commune("00004").figures.unwrap();
     assert_eq!(
         (ba_dinh.registered, ba_dinh.active, ba_dinh.disabled),
         (3, 2, 1)
@@ -119,18 +119,18 @@ async fn snapshots_feed_the_trend_and_are_validated() {
         registered: active,
     };
     kpi.put_snapshots(vec![
-        snap("2026-11-01", 100),
-        snap("2026-11-11", 300),
+        snap("2026-11-01", 1_000_000),
+        snap("2026-11-11", 3_000_000),
         snap("2026-01-01", 1), // outside the 90-day window
     ])
     .await
     .unwrap();
     let r = kpi.report("01", NOW).unwrap();
     assert_eq!(r.history.len(), 2);
-    assert_eq!(r.growth_per_day, Some(20.0));
+    assert_eq!(r.growth_per_day, Some(200_000.0));
     assert_eq!(r.projections[0].status, "projected");
     // Replaced, not duplicated.
-    kpi.put_snapshots(vec![snap("2026-11-11", 100)])
+    kpi.put_snapshots(vec![snap("2026-11-11", 1_000_000)])
         .await
         .unwrap();
     let r = kpi.report("01", NOW).unwrap();
