@@ -294,10 +294,12 @@ def tts_uplink(device_id: str, dev_eui: str | None, f_cnt: int, time_ms: int,
 
 
 def wait_readings(gw: Gateway, device, at_least: int, timeout: float = 15.0) -> dict[str, list[dict]]:
-    """The device's readings by quantity, once there are at least `at_least` of them."""
+    """The readings of `device` (a Device or an id) by quantity, once there are `at_least`."""
     from . import by_quantity, wait_until
 
+    device_id = getattr(device, "id", device)
+
     def enough():
-        rs = gw.readings(device.id)
+        rs = gw.readings(device_id)
         return rs if len(rs) >= at_least else None
     return by_quantity(wait_until(enough, timeout, desc=f"{at_least} readings of {device}"))
