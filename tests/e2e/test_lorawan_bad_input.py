@@ -149,3 +149,20 @@ def test_dev_eui_is_unique_and_checked_at_registration(bridge):
         assert p.returncode != 0 and why in p.stderr, p.stderr
     p = gw.cli_raw("device", "add", "y-1", "--tenant", "hanoi", "--kind", "flood", "--codec", "xml")
     assert p.returncode != 0 and "codec" in p.stderr
+
+
+def test_csv_import_carries_dev_eui_and_codec(bridge, tmp_path):
+    gw, ns = bridge
+    a, b = new_dev_eui(), new_dev_eui()
+    csv = tmp_path / "devices.csv"
+    csv.write_text("id,tenant,kind,dev_eui,codec\n"
+                   f"lw-a-{a[:6]},hanoi,water_meter,{a.upper()},lpp\n"
+                   f"lw-b-{b[:6]},hanoi,waste_bin,{b[:8]}-{b[8:]},\n")
+    out = gw.cli("device", "import", str(csv))
+    assert all(r["ok"] for r in out), out
+    shown = gw.cli("device", "show", f"lw-a-{a[:6]}")
+    assert (shown["dev_eui"], shown["codec"]) == (a, "lpp")
+    assert gw.cli("device", "show", f"lw-b-{b[:6]}")["dev_eui"] == b
+    up = chirpstack_uplink(a, f_cnt=1, time_ms=now_ms(), data=b"\x01\x67\x00\xfa")
+    ns.publish(chirpstack_topic(a), up.SerializeToString())
+    assert wait_readings(gw, f"lw-a-{a[:6]}", 8)["temperature"][0]["value"] == 25.0

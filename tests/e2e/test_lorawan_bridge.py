@@ -189,3 +189,25 @@ def test_tts_documented_uplinks(brokers, gateway_factory):
     ns.publish(tts_topic("bin-12", "join"), json.dumps(join))
     j = wait_until(lambda: by_quantity(gw.readings(bin_.id)).get("lorawan_join"), 15)
     assert j[0]["value"] == "260B1234"
+
+
+def test_tls_broker_is_verified(brokers, gateway_factory):
+    """A network server's broker behind TLS: the bridge verifies it against the configured CA
+    (and refuses one signed by another CA, counting the failures)."""
+    pki = brokers.pki()
+    broker = brokers.mosquitto(tls=pki)
+    gw = gateway_factory(config_toml=lorawan_toml(broker, tls=True, ca_file=str(pki.ca)))
+    wait_bridge_connected(gw)
+    ns = brokers.publisher(broker)
+    eui = new_dev_eui()
+    dev = gw.add_device(kind="flood", dev_eui=eui)
+    ns.publish(chirpstack_topic(eui), chirpstack_uplink(eui, 1, now_ms(), obj={"water_level": 0.4})
+               .SerializeToString())
+    assert one(wait_readings(gw, dev, 8), "water_level")["value"] == 0.4
+
+    stranger = brokers.pki("another-ca")
+    gw2 = gateway_factory(config_toml=lorawan_toml(broker, tls=True, ca_file=str(stranger.ca),
+                                                    client_id="citygw-stranger"))
+    gw2.wait_metric("citygw_lorawan_connection_errors_total", 2, server="ns1")
+    assert gw2.metric("citygw_lorawan_connects_total", server="ns1") == 0
+    assert "certificate" in gw2.log_tail(200).lower()

@@ -103,3 +103,16 @@ def test_one_type_on_several_channels_keeps_the_channels_apart(bridge):
     assert rs["temperature_3"][0]["value"] == 27.2
     assert rs["temperature_5"][0]["value"] == 25.5
     assert rs["humidity"][0]["value"] == 40.0, "a type on one channel keeps the canonical name"
+
+
+def test_direct_mqtt_devices_can_send_lpp(gw):
+    """The decoder is a plain payload format: an MQTT device publishes LPP on `/lpp`."""
+    dev = gw.add_device(kind="weather")
+    frame = LppFrame()
+    frame.add_temperature(1, 21.5)
+    frame.add_barometer(2, 1008.4)
+    with gw.connected_client(dev) as c:
+        assert c.publish(dev.topic + "/lpp", bytes(frame)) == 0
+    rs = wait_readings(gw, dev, 2)
+    assert rs["temperature"][0]["value"] == 21.5 and rs["temperature"][0]["protocol"] == "mqtt"
+    assert (rs["pressure"][0]["value"], rs["pressure"][0]["unit"]) == (1008.4, "hPa")

@@ -31,8 +31,9 @@ MOSQUITTO_BIN = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 class Mosquitto(ServerProcess):
     name = "mosquitto"
 
-    def __init__(self, workdir: Path, max_inflight: int = 20):
+    def __init__(self, workdir: Path, max_inflight: int = 20, tls: "Pki | None" = None):
         super().__init__(workdir)
+        self.tls = tls
         self.port = free_port("127.0.0.1")       # kept across stop()/start()
         self.data_dir = self.workdir / "mosquitto-data"
         self.data_dir.mkdir(exist_ok=True)
@@ -48,7 +49,8 @@ class Mosquitto(ServerProcess):
             f"max_inflight_messages {max_inflight}\n"
             "max_queued_messages 100000\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
-            "log_dest stderr\n")
+            "log_dest stderr\n"
+            + (f"cafile {tls.ca}\ncertfile {tls.cert}\nkeyfile {tls.key}\n" if tls else ""))
 
     def argv(self) -> list[str]:
         return [MOSQUITTO_BIN, "-c", str(self.conf)]
@@ -70,6 +72,8 @@ class NetworkServer:
 
     def __init__(self, broker: Mosquitto, client_id: str):
         self.client = MqttClient("127.0.0.1", broker.port, client_id=client_id, version=311)
+        if broker.tls is not None:
+            self.client.client.tls_set(ca_certs=str(broker.tls.ca))
         rc = self.client.connect()
         assert rc == 0, f"publisher could not connect to mosquitto: {rc}"
 
@@ -95,14 +99,19 @@ class Brokers:
         self.dirs: list[Path] = []
         self.publishers: list[NetworkServer] = []
 
-    def mosquitto(self, start: bool = True, max_inflight: int = 20) -> Mosquitto:
+    def mosquitto(self, start: bool = True, max_inflight: int = 20, tls: "Pki | None" = None) -> Mosquitto:
         d = Path(tempfile.mkdtemp(prefix="citygw-mosquitto-"))
         self.dirs.append(d)
-        m = Mosquitto(d, max_inflight=max_inflight)
+        m = Mosquitto(d, max_inflight=max_inflight, tls=tls)
         self.servers.append(m)
         if start:
             m.start()
         return m
+
+    def pki(self, name: str = "city-ca") -> "Pki":
+        d = Path(tempfile.mkdtemp(prefix="citygw-pki-"))
+        self.dirs.append(d)
+        return Pki(d, name)
 
     def publisher(self, broker: Mosquitto) -> NetworkServer:
         p = broker.publisher()
@@ -116,6 +125,33 @@ class Brokers:
             s.close()
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+class Pki:
+    """A throw-away CA and a server certificate for 127.0.0.1 (SAN IP), made with openssl."""
+
+    def __init__(self, workdir: Path, name: str):
+        import subprocess
+
+        self.ca, self.ca_key = workdir / "ca.pem", workdir / "ca.key"
+        self.cert, self.key = workdir / "server.pem", workdir / "server.key"
+        csr, ext = workdir / "server.csr", workdir / "san.ext"
+        ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+                       "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature, keyEncipherment\n"
+                       "extendedKeyUsage = serverAuth\n")
+
+        def run(*argv):
+            p = subprocess.run(["openssl", *argv], capture_output=True, text=True)
+            assert p.returncode == 0, f"openssl {argv[0]}: {p.stderr}"
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-keyout", str(self.ca_key), "-out", str(self.ca))
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", str(self.key), "-out", str(csr))
+        run("x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey", str(self.ca_key),
+            "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(self.cert))
+        for f in (self.key, self.cert, self.ca):
+            f.chmod(0o644)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,10 +294,12 @@ def tts_uplink(device_id: str, dev_eui: str | None, f_cnt: int, time_ms: int,
 
 
 def wait_readings(gw: Gateway, device, at_least: int, timeout: float = 15.0) -> dict[str, list[dict]]:
-    """The device's readings by quantity, once there are at least `at_least` of them."""
+    """The readings of `device` (a Device or an id) by quantity, once there are `at_least`."""
     from . import by_quantity, wait_until
 
+    device_id = getattr(device, "id", device)
+
     def enough():
-        rs = gw.readings(device.id)
+        rs = gw.readings(device_id)
         return rs if len(rs) >= at_least else None
     return by_quantity(wait_until(enough, timeout, desc=f"{at_least} readings of {device}"))

@@ -165,3 +165,57 @@ impl LorawanConfig {
         Ok(self.password.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> LorawanConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn defaults_per_server_type() {
+        let cs = parse("name = \"cs\"\ntype = \"chirpstack_v4\"\nhost = \"h\"");
+        assert_eq!((cs.port(), cs.client_id()), (1883, "citygw-cs".to_string()));
+        assert_eq!(cs.topics(), ["application/+/device/+/event/+"]);
+        assert_eq!(cs.marshaler, Marshaler::Auto);
+        cs.validate().unwrap();
+        let tts = parse("name = \"ttn\"\ntype = \"ttn_v3\"\nhost = \"h\"\ntls = true");
+        assert_eq!(tts.port(), 8883);
+        assert_eq!(tts.topics(), ["v3/+/devices/#"]);
+    }
+
+    #[test]
+    fn refusals() {
+        for bad in [
+            "name = \"Bad Name\"\ntype = \"ttn_v3\"\nhost = \"h\"",
+            "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"\"",
+            "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"h\"\nca_file = \"/ca.pem\"",
+            "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"h\"\nmax_inflight = 0",
+        ] {
+            assert!(parse(bad).validate().is_err(), "{bad}");
+        }
+        assert!(
+            toml::from_str::<LorawanConfig>("name = \"x\"\ntype = \"loriot\"\nhost = \"h\"")
+                .is_err()
+        );
+        assert!(toml::from_str::<LorawanConfig>(
+            "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"h\"\nurl = \"u\""
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn printed_config_hides_the_password() {
+        let mut cfg = crate::config::Config::default();
+        cfg.lorawan.push(parse(
+            "name = \"cs\"\ntype = \"chirpstack_v4\"\nhost = \"h\"\npassword = \"broker-secret\"",
+        ));
+        let text = cfg.to_toml();
+        assert!(
+            !text.contains("broker-secret") && text.contains("<redacted>"),
+            "{text}"
+        );
+    }
+}
