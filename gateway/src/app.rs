@@ -11,7 +11,7 @@ use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
 use crate::sinks::Sinks;
-use crate::sources::{mqtt::MqttSource, Source};
+use crate::sources::{coap::CoapSource, mqtt::MqttSource, Source};
 use crate::store::{Store, StoreOptions};
 
 /// How often last-seen times are written back and gauges refreshed, and retention runs.
@@ -66,11 +66,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .await?,
         ),
     ];
-    let sources: Vec<Box<dyn Source>> = vec![Box::new(MqttSource {
-        config: cfg.mqtt.clone(),
-        registry: registry.clone(),
-        pipeline: pipeline.clone(),
-    })];
+    let sources: Vec<Box<dyn Source>> = vec![
+        Box::new(MqttSource {
+            config: cfg.mqtt.clone(),
+            registry: registry.clone(),
+            pipeline: pipeline.clone(),
+        }),
+        Box::new(CoapSource {
+            config: cfg.coap.clone(),
+            registry: registry.clone(),
+            pipeline: pipeline.clone(),
+        }),
+    ];
     for source in sources {
         let name = source.name();
         servers.push((name, source.start(shutdown.clone())?));

@@ -18,6 +18,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log: LogConfig,
     pub mqtt: MqttConfig,
+    pub coap: CoapConfig,
     pub grpc: GrpcConfig,
     pub http: HttpConfig,
     pub admin: AdminConfig,
@@ -52,6 +53,26 @@ pub struct MqttConfig {
     pub max_handshaking: usize,
     /// Seconds a new TCP connection has to complete CONNECT.
     pub handshake_timeout_secs: u64,
+}
+
+/// CoAP over UDP (`sources::coap`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoapConfig {
+    /// Plain (unencrypted) CoAP listener. Off by default: requests then carry the device
+    /// secret in clear text, acceptable only on a private APN (see the README).
+    pub plain_enabled: bool,
+    pub listen: SocketAddr,
+    /// Largest payload accepted, in one datagram or reassembled from Block1 transfers;
+    /// beyond it the answer is 4.13 with Size1.
+    pub max_payload_bytes: usize,
+    /// How long a message id is remembered per endpoint, so a retransmitted request is
+    /// answered again but stored once (RFC 7252 EXCHANGE_LIFETIME, 247 s).
+    pub exchange_lifetime_secs: u64,
+    /// Exchanges remembered at once; the oldest are forgotten first beyond it.
+    pub max_exchanges: usize,
+    /// Requests being processed at once; beyond it the answer is 5.03 with Max-Age.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,6 +117,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             log: LogConfig::default(),
             mqtt: MqttConfig::default(),
+            coap: CoapConfig::default(),
             grpc: GrpcConfig::default(),
             http: HttpConfig::default(),
             admin: AdminConfig::default(),
@@ -129,6 +151,25 @@ impl Default for MqttConfig {
             max_handshaking: 1_000,
             handshake_timeout_secs: 30,
         }
+    }
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            plain_enabled: false,
+            listen: "[::]:5683".parse().expect("static address"),
+            max_payload_bytes: 64 * 1024,
+            exchange_lifetime_secs: 247,
+            max_exchanges: 1_000_000,
+            max_in_flight: 10_000,
+        }
+    }
+}
+
+impl CoapConfig {
+    pub fn exchange_lifetime(&self) -> Duration {
+        Duration::from_secs(self.exchange_lifetime_secs)
     }
 }
 
@@ -217,6 +258,10 @@ impl Config {
             self.mqtt.max_payload_bytes as u64 <= self.mqtt.max_packet_bytes as u64,
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
         );
+        anyhow::ensure!(
+            self.coap.max_exchanges > 0 && self.coap.max_in_flight > 0,
+            "coap.max_exchanges and coap.max_in_flight must be positive"
+        );
         Ok(())
     }
 
@@ -265,7 +310,7 @@ impl Config {
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN
 /// for the CLI, CITYGW_CONFIG) are not configuration and must not trip `deny_unknown_fields`.
 fn config_env() -> config::Map<String, String> {
-    const SECTIONS: &[&str] = &["log", "mqtt", "grpc", "http", "admin", "store"];
+    const SECTIONS: &[&str] = &["log", "mqtt", "coap", "grpc", "http", "admin", "store"];
     std::env::vars()
         .filter(|(k, _)| {
             let Some(key) = k.strip_prefix("CITYGW_") else {

@@ -99,4 +99,24 @@ fn describe() {
         "Records deleted by retention, by kind"
     );
     describe_gauge!("citygw_registered_devices", "Devices in the registry");
+    describe_counter!(
+        "citygw_coap_datagrams_total",
+        "CoAP datagrams received (plain and decrypted CoAPS)"
+    );
+    describe_counter!(
+        "citygw_coap_responses_total",
+        "CoAP requests answered, by response code"
+    );
+    describe_counter!(
+        "citygw_coap_refused_total",
+        "CoAP requests answered with an error, by reason"
+    );
+    describe_counter!(
+        "citygw_coap_retransmissions_total",
+        "Retransmitted CoAP requests recognised (answered again, processed once)"
+    );
+    describe_counter!(
+        "citygw_coap_malformed_total",
+        "CoAP datagrams dropped or reset as malformed, by reason"
+    );
 }

@@ -102,6 +102,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -249,11 +256,16 @@ class Gateway:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.mqtt_port = self.grpc_port = self.http_port = 0
+        self.coap_port = 0
 
     # -- addresses
     @property
     def mqtt_listen(self) -> str:
         return hostport(self.host, self.mqtt_port)
+
+    @property
+    def coap_listen(self) -> str:
+        return hostport(self.host, self.coap_port)
 
     @property
     def http_base(self) -> str:
@@ -270,6 +282,8 @@ class Gateway:
             "CITYGW_MQTT__LISTEN": self.mqtt_listen,
             "CITYGW_GRPC__LISTEN": hostport(self.host, self.grpc_port),
             "CITYGW_HTTP__LISTEN": hostport(self.host, self.http_port),
+            # Plain CoAP stays off unless a test enables it (CITYGW_COAP__PLAIN_ENABLED=true).
+            "CITYGW_COAP__LISTEN": self.coap_listen,
             "CITYGW_ADMIN__TOKEN": self.token,
             "CITYGW_LOG__FORMAT": "json",
             "RUST_BACKTRACE": "1",
@@ -283,6 +297,7 @@ class Gateway:
         self.mqtt_port = free_port(self.host)
         self.grpc_port = free_port(self.host)
         self.http_port = free_port(self.host)
+        self.coap_port = free_udp_port(self.host)
         self.starts += 1
         with open(self.log_path, "ab") as log:
             log.write(f"\n----- start #{self.starts}: mqtt {self.mqtt_listen} grpc {self.grpc_port} "
