@@ -33,6 +33,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
     )?;
     let registry = Registry::load(store.clone())?;
+    registry.set_psk_sealer(crate::registry::psk::Sealer::load_or_create(
+        &cfg.coap.psk_key_path(&cfg.data_dir),
+    )?);
     let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
     let admin_token = cfg.admin_token()?;

@@ -73,6 +73,18 @@ pub struct CoapConfig {
     pub max_exchanges: usize,
     /// Requests being processed at once; beyond it the answer is 5.03 with Max-Age.
     pub max_in_flight: usize,
+    /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
+    pub dtls_enabled: bool,
+    pub dtls_listen: SocketAddr,
+    /// DTLS sessions (handshaking or established) held at once; new peers beyond it are ignored.
+    pub dtls_max_sessions: usize,
+    /// A DTLS session without traffic for this long is forgotten (the device handshakes again).
+    pub dtls_idle_secs: u64,
+    /// Seconds a peer has to complete the DTLS handshake.
+    pub dtls_handshake_timeout_secs: u64,
+    /// Key that seals device PSKs at rest; default `<data_dir>/psk.key`, created on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +175,12 @@ impl Default for CoapConfig {
             exchange_lifetime_secs: 247,
             max_exchanges: 1_000_000,
             max_in_flight: 10_000,
+            dtls_enabled: true,
+            dtls_listen: "[::]:5684".parse().expect("static address"),
+            dtls_max_sessions: 100_000,
+            dtls_idle_secs: 900,
+            dtls_handshake_timeout_secs: 30,
+            psk_key_file: None,
         }
     }
 }
@@ -170,6 +188,12 @@ impl Default for CoapConfig {
 impl CoapConfig {
     pub fn exchange_lifetime(&self) -> Duration {
         Duration::from_secs(self.exchange_lifetime_secs)
+    }
+
+    pub fn psk_key_path(&self, data_dir: &Path) -> PathBuf {
+        self.psk_key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("psk.key"))
     }
 }
 
@@ -259,8 +283,10 @@ impl Config {
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
         );
         anyhow::ensure!(
-            self.coap.max_exchanges > 0 && self.coap.max_in_flight > 0,
-            "coap.max_exchanges and coap.max_in_flight must be positive"
+            self.coap.max_exchanges > 0
+                && self.coap.max_in_flight > 0
+                && self.coap.dtls_max_sessions > 0,
+            "coap.max_exchanges, coap.max_in_flight and coap.dtls_max_sessions must be positive"
         );
         Ok(())
     }
@@ -325,7 +351,7 @@ fn config_env() -> config::Map<String, String> {
         .collect()
 }
 
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;

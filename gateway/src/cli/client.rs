@@ -69,7 +69,8 @@ impl Client {
         })
     }
 
-    pub async fn add_device(&mut self, a: AddArgs) -> anyhow::Result<(Device, String)> {
+    /// The device, its secret and its PSK (empty when none).
+    pub async fn add_device(&mut self, a: AddArgs) -> anyhow::Result<(Device, String, String)> {
         let req = AddDeviceRequest {
             device: Some(Device {
                 id: a.id,
@@ -82,9 +83,11 @@ impl Client {
                 ..Default::default()
             }),
             secret: a.secret.unwrap_or_default(),
+            psk: a.psk.unwrap_or_default(),
+            generate_psk: a.generate_psk,
         };
         let resp = self.inner.add_device(req).await.map_err(rpc)?.into_inner();
-        Ok((resp.device.unwrap_or_default(), resp.secret))
+        Ok((resp.device.unwrap_or_default(), resp.secret, resp.psk))
     }
 
     pub async fn list_devices(
@@ -328,6 +331,7 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
                     ..Default::default()
                 }),
                 secret: r.secret,
+                ..Default::default()
             })
         })
         .collect()

@@ -133,6 +133,12 @@ pub struct AddArgs {
     /// Choose the secret instead of letting the gateway generate one (hashed with Argon2id).
     #[arg(long)]
     pub secret: Option<String>,
+    /// DTLS pre-shared key for CoAPS (16-64 printable characters); identity = the device id.
+    #[arg(long, conflicts_with = "generate_psk")]
+    pub psk: Option<String>,
+    /// Let the gateway generate a DTLS pre-shared key; printed once.
+    #[arg(long)]
+    pub generate_psk: bool,
 }
 
 #[derive(Args)]
@@ -241,8 +247,8 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
     let mut client = Client::connect(cfg, conn.server, conn.token).await?;
     match command {
         Command::Device(DeviceCommand::Add(args)) => {
-            let (device, secret) = client.add_device(args).await?;
-            out.added(&device, &secret);
+            let (device, secret, psk) = client.add_device(args).await?;
+            out.added(&device, &secret, &psk);
         }
         Command::Device(DeviceCommand::List {
             tenant,

@@ -19,7 +19,7 @@ fn device_json(d: &Device) -> Value {
     json!({
         "id": d.id, "tenant": d.tenant, "kind": d.kind, "commune_code": d.commune_code,
         "lat": d.lat, "lon": d.lon, "enabled": d.enabled, "created_time_ms": d.created_time_ms,
-        "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online,
+        "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online, "has_psk": d.has_psk,
     })
 }
 
@@ -103,12 +103,23 @@ impl Output {
         );
     }
 
-    pub fn added(&self, d: &Device, secret: &str) {
+    pub fn added(&self, d: &Device, secret: &str, psk: &str) {
         match self.format {
-            Format::Json => self.json(json!({"device": device_json(d), "secret": secret})),
+            Format::Json if psk.is_empty() => {
+                self.json(json!({"device": device_json(d), "secret": secret}))
+            }
+            Format::Json => {
+                self.json(json!({"device": device_json(d), "secret": secret, "psk": psk}))
+            }
             Format::Table => {
                 self.device(d);
                 println!("\nsecret: {secret}\n(shown once; the gateway keeps only a salted hash)");
+                if !psk.is_empty() {
+                    println!(
+                        "psk: {psk}\n(DTLS identity: {}; keep it as safe as the secret)",
+                        d.id
+                    );
+                }
             }
         }
     }

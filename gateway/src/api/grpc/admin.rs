@@ -52,6 +52,11 @@ fn new_device(req: AddDeviceRequest) -> Result<NewDevice, Status> {
         lon: d.lon,
         name: d.name,
         secret: Some(req.secret).filter(|s| !s.is_empty()),
+        psk: if req.generate_psk {
+            Some(crate::registry::psk::generate())
+        } else {
+            Some(req.psk).filter(|s| !s.is_empty())
+        },
     })
 }
 
@@ -76,11 +81,13 @@ impl Admin for AdminService {
         req: Request<AddDeviceRequest>,
     ) -> Result<Response<AddDeviceResponse>, Status> {
         let new = new_device(req.into_inner())?;
+        let psk = new.psk.clone().unwrap_or_default();
         let (device, secret) = self.registry.add(new, now_ms()).await.map_err(status)?;
         tracing::info!(device = %device.id, tenant = %device.tenant, kind = %device.kind, "device added");
         Ok(Response::new(AddDeviceResponse {
             device: Some(device),
             secret,
+            psk,
         }))
     }
 

@@ -10,6 +10,7 @@
 //! (`?t=<secret>`), readable by anyone on the path.
 
 mod blockwise;
+mod dtls;
 mod exchange;
 mod handler;
 mod request;
@@ -33,7 +34,7 @@ use exchange::{Exchanges, Seen};
 use handler::{Handler, Identity, Response};
 
 /// Largest UDP payload; anything longer is truncated by the kernel and then fails to parse.
-const MAX_DATAGRAM: usize = 65_535;
+pub(crate) const MAX_DATAGRAM: usize = 65_535;
 
 pub struct CoapSource {
     pub config: CoapConfig,
@@ -51,46 +52,78 @@ impl super::Source for CoapSource {
         shutdown: CancellationToken,
     ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
         let cfg = self.config;
-        if !cfg.plain_enabled {
+        let mut listeners: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
+        if cfg.plain_enabled {
+            let socket = bind(cfg.listen, "coap")?;
+            let server = Arc::new(Server::new(
+                &cfg,
+                self.registry.clone(),
+                self.pipeline.clone(),
+            ));
+            tracing::info!(listen = %cfg.listen, "coap listening (plain, token in ?t=)");
+            listeners.push(serve_plain(socket, server, shutdown.clone()).boxed());
+        } else {
             tracing::info!("plain coap disabled (coap.plain_enabled = false)");
-            return Ok(async move {
-                shutdown.cancelled().await;
-                Ok(())
-            }
-            .boxed());
         }
-        let std_socket = std::net::UdpSocket::bind(cfg.listen)
-            .map_err(|e| anyhow::anyhow!("coap listener {}: {e}", cfg.listen))?;
-        std_socket.set_nonblocking(true)?;
-        let server = Arc::new(Server::new(&cfg, self.registry, self.pipeline));
-        tracing::info!(listen = %cfg.listen, "coap listening (plain, token in ?t=)");
+        if cfg.dtls_enabled {
+            let socket = bind(cfg.dtls_listen, "coaps")?;
+            let listener = dtls::DtlsListener {
+                context: dtls::context(self.registry.clone())
+                    .map_err(|e| anyhow::anyhow!("dtls context: {e}"))?,
+                server: Arc::new(Server::new(&cfg, self.registry, self.pipeline)),
+                max_sessions: cfg.dtls_max_sessions,
+                idle: std::time::Duration::from_secs(cfg.dtls_idle_secs),
+                handshake_timeout: std::time::Duration::from_secs(cfg.dtls_handshake_timeout_secs),
+                socket: Arc::new(socket),
+            };
+            tracing::info!(listen = %cfg.dtls_listen, "coaps listening (DTLS 1.2 PSK)");
+            listeners.push(listener.run(shutdown.clone()).boxed());
+        }
         Ok(async move {
-            let socket = Arc::new(UdpSocket::from_std(std_socket)?);
-            let mut buf = vec![0u8; MAX_DATAGRAM];
-            loop {
-                let (n, peer) = tokio::select! {
-                    r = socket.recv_from(&mut buf) => match r {
-                        Ok(x) => x,
-                        // ICMP errors of earlier sends surface here on some systems; not fatal.
-                        Err(e) => {
-                            tracing::debug!(error = %e, "coap recv");
-                            continue;
-                        }
-                    },
-                    _ = shutdown.cancelled() => return Ok(()),
-                };
-                let out = socket.clone();
-                server.on_datagram(peer, Identity::Token, &buf[..n], move |bytes| {
-                    let out = out.clone();
-                    async move {
-                        if let Err(e) = out.send_to(&bytes, peer).await {
-                            tracing::debug!(%peer, error = %e, "coap send");
-                        }
-                    }
-                });
+            if listeners.is_empty() {
+                shutdown.cancelled().await;
+                return Ok(());
             }
+            futures::future::try_join_all(listeners).await.map(|_| ())
         }
         .boxed())
+    }
+}
+
+/// Binds now, so a taken port fails the start rather than a background task.
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)
+        .map_err(|e| anyhow::anyhow!("{what} listener {addr}: {e}"))?;
+    socket.set_nonblocking(true)?;
+    // Registering with the reactor needs the runtime, which `start` runs inside.
+    Ok(UdpSocket::from_std(socket)?)
+}
+
+async fn serve_plain(
+    socket: UdpSocket,
+    server: Arc<Server>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, peer) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                // ICMP errors of earlier sends surface here on some systems; not fatal.
+                Err(e) => {
+                    tracing::debug!(error = %e, "coap recv");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let out = socket.clone();
+        server.on_datagram(peer, Identity::Token, &buf[..n], move |bytes| async move {
+            if let Err(e) = out.send_to(&bytes, peer).await {
+                tracing::debug!(%peer, error = %e, "coap send");
+            }
+        });
     }
 }
 
