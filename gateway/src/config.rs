@@ -73,6 +73,11 @@ pub struct CoapConfig {
     pub max_exchanges: usize,
     /// Requests being processed at once; beyond it the answer is 5.03 with Max-Age.
     pub max_in_flight: usize,
+    /// LwM2M register interface and information reporting on the CoAP listeners.
+    pub lwm2m_enabled: bool,
+    /// LwM2M "NoSec": on plain CoAP, trust the endpoint name of a registration that carries no
+    /// secret. Only for private networks (see the README).
+    pub lwm2m_nosec: bool,
     /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
     pub dtls_enabled: bool,
     pub dtls_listen: SocketAddr,
@@ -175,6 +180,8 @@ impl Default for CoapConfig {
             exchange_lifetime_secs: 247,
             max_exchanges: 1_000_000,
             max_in_flight: 10_000,
+            lwm2m_enabled: true,
+            lwm2m_nosec: false,
             dtls_enabled: true,
             dtls_listen: "[::]:5684".parse().expect("static address"),
             dtls_max_sessions: 100_000,

@@ -119,3 +119,4 @@ def test_openssl_s_client_negotiates_the_coap_suites(gw: Gateway, device, suite)
         input=b"", capture_output=True, timeout=20)
     out = (p.stdout + p.stderr).decode(errors="replace")
     assert f"Cipher is {suite}" in out, out
+

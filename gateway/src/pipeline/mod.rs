@@ -94,8 +94,8 @@ impl Pipeline {
         let protocol = protocol_label(msg.protocol);
         count_received(protocol, msg.payload.len());
         let now_ms = now_ms();
-        let readings = match self.readings(&msg, now_ms) {
-            Ok(r) => r,
+        let readings = match self.decode(&msg, now_ms) {
+            Ok(decoded) => self.readings(&msg, decoded, now_ms),
             Err(rejection) => {
                 self.dead_letter(
                     msg.device.id(),
@@ -108,6 +108,31 @@ impl Pipeline {
                 return Err(rejection.into());
             }
         };
+        self.commit(&msg, readings, started, now_ms).await
+    }
+
+    /// Stores values a source decoded itself (LwM2M resources, whose meaning depends on the
+    /// object path they were read from); `msg.payload` is what a dead letter would keep.
+    pub async fn ingest_decoded(
+        &self,
+        msg: Inbound<'_>,
+        decoded: Vec<codec::Decoded>,
+    ) -> Result<usize, IngestError> {
+        let started = Instant::now();
+        count_received(protocol_label(msg.protocol), msg.payload.len());
+        let now_ms = now_ms();
+        let readings = self.readings(&msg, decoded, now_ms);
+        self.commit(&msg, readings, started, now_ms).await
+    }
+
+    async fn commit(
+        &self,
+        msg: &Inbound<'_>,
+        readings: Vec<Reading>,
+        started: Instant,
+        now_ms: i64,
+    ) -> Result<usize, IngestError> {
+        let protocol = protocol_label(msg.protocol);
         let n = readings.len();
         match msg.delivery {
             Delivery::Durable => {
@@ -121,7 +146,7 @@ impl Pipeline {
         Ok(n)
     }
 
-    fn readings(&self, msg: &Inbound<'_>, now_ms: i64) -> Result<Vec<Reading>, Rejection> {
+    fn decode(&self, msg: &Inbound<'_>, now_ms: i64) -> Result<Vec<codec::Decoded>, Rejection> {
         if msg.payload.len() > self.inner.max_payload_bytes {
             return Err(Rejection::new(
                 "payload_too_large",
@@ -135,15 +160,23 @@ impl Pipeline {
         let format = msg.format.map_err(|name| {
             Rejection::new("unknown_format", format!("unknown payload format {name:?}"))
         })?;
-        let decoded = codec::decoder(format)
+        codec::decoder(format)
             .decode(msg.payload, now_ms)
             .map_err(|e| Rejection {
                 reason: e.reason,
                 detail: e.detail,
-            })?;
+            })
+    }
+
+    fn readings(
+        &self,
+        msg: &Inbound<'_>,
+        decoded: Vec<codec::Decoded>,
+        now_ms: i64,
+    ) -> Vec<Reading> {
         let device = msg.device;
         let device_location = device.location();
-        Ok(decoded
+        decoded
             .into_iter()
             .map(|d| {
                 let (quantity, unit) = normalise::canonical(&d.quantity, &d.unit);
@@ -164,7 +197,7 @@ impl Pipeline {
                     aggregate: None,
                 }
             })
-            .collect())
+            .collect()
     }
 
     /// Refuses a message before decoding (wrong topic, spoofed identity): counted as received,

@@ -51,7 +51,9 @@ pub fn context(registry: Registry) -> Result<SslContext, ErrorStack> {
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
     b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
     b.set_cipher_list(CIPHERS)?;
-    b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE | SslOptions::NO_QUERY_MTU);
+    b.set_options(
+        SslOptions::CIPHER_SERVER_PREFERENCE | SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET,
+    );
     b.set_mode(SslMode::RELEASE_BUFFERS);
     b.set_psk_server_callback(move |_ssl, identity, key_out| {
         let identity = identity

@@ -11,6 +11,7 @@ use std::time::Instant;
 use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 
 use super::blockwise::{Block, Reassembly, Step};
+use super::lwm2m::Lwm2m;
 use super::request;
 use crate::pipeline::{Delivery, Inbound, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
@@ -34,6 +35,8 @@ pub struct Response {
     pub block1: Option<Block>,
     pub size1: Option<usize>,
     pub max_age: Option<u32>,
+    /// Location-Path segments (an LwM2M registration's `rd/{id}`).
+    pub location: Vec<String>,
 }
 
 impl Response {
@@ -44,6 +47,7 @@ impl Response {
             block1: None,
             size1: None,
             max_age: None,
+            location: Vec::new(),
         }
     }
 
@@ -77,6 +81,9 @@ impl Response {
         }
         p.header.code = MessageClass::Response(self.code);
         p.set_token(req.get_token().to_vec());
+        for seg in &self.location {
+            p.add_option(CoapOption::LocationPath, seg.clone().into_bytes());
+        }
         if let Some(b) = self.block1 {
             p.add_option(CoapOption::Block1, b.encode());
         }
@@ -102,6 +109,7 @@ pub struct Handler {
     pub pipeline: Pipeline,
     pub reassembly: Reassembly,
     pub max_payload_bytes: usize,
+    pub lwm2m: Option<Arc<Lwm2m>>,
 }
 
 impl Handler {
@@ -125,6 +133,11 @@ impl Handler {
                 "Uri-Path is not UTF-8",
             );
         };
+        if let Some(lwm2m) = &self.lwm2m {
+            if let Some(r) = lwm2m.handle(peer, &identity, req, &segments).await {
+                return r;
+            }
+        }
         let Some(path) = request::telemetry_path(&segments) else {
             return Response::refuse(
                 ResponseType::NotFound,

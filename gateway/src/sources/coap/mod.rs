@@ -13,6 +13,7 @@ mod blockwise;
 mod dtls;
 mod exchange;
 mod handler;
+pub mod lwm2m;
 mod request;
 
 use std::net::SocketAddr;
@@ -53,12 +54,23 @@ impl super::Source for CoapSource {
     ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
         let cfg = self.config;
         let mut listeners: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
+        let lwm2m = cfg.lwm2m_enabled.then(|| {
+            Arc::new(lwm2m::Lwm2m::new(
+                self.registry.clone(),
+                self.pipeline.clone(),
+                cfg.lwm2m_nosec,
+            ))
+        });
         if cfg.plain_enabled {
-            let socket = bind(cfg.listen, "coap")?;
+            let socket = Arc::new(bind(cfg.listen, "coap")?);
+            if let Some(l) = &lwm2m {
+                l.set_plain_socket(socket.clone());
+            }
             let server = Arc::new(Server::new(
                 &cfg,
                 self.registry.clone(),
                 self.pipeline.clone(),
+                lwm2m.clone(),
             ));
             tracing::info!(listen = %cfg.listen, "coap listening (plain, token in ?t=)");
             listeners.push(serve_plain(socket, server, shutdown.clone()).boxed());
@@ -70,7 +82,12 @@ impl super::Source for CoapSource {
             let listener = dtls::DtlsListener {
                 context: dtls::context(self.registry.clone())
                     .map_err(|e| anyhow::anyhow!("dtls context: {e}"))?,
-                server: Arc::new(Server::new(&cfg, self.registry, self.pipeline)),
+                server: Arc::new(Server::new(
+                    &cfg,
+                    self.registry,
+                    self.pipeline,
+                    lwm2m.clone(),
+                )),
                 max_sessions: cfg.dtls_max_sessions,
                 idle: std::time::Duration::from_secs(cfg.dtls_idle_secs),
                 handshake_timeout: std::time::Duration::from_secs(cfg.dtls_handshake_timeout_secs),
@@ -78,6 +95,19 @@ impl super::Source for CoapSource {
             };
             tracing::info!(listen = %cfg.dtls_listen, "coaps listening (DTLS 1.2 PSK)");
             listeners.push(listener.run(shutdown.clone()).boxed());
+        }
+        if let Some(l) = lwm2m.filter(|_| !listeners.is_empty()) {
+            let shutdown = shutdown.clone();
+            listeners.push(
+                async move {
+                    tokio::select! {
+                        _ = l.expire() => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    Ok(())
+                }
+                .boxed(),
+            );
         }
         Ok(async move {
             if listeners.is_empty() {
@@ -100,11 +130,10 @@ fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<UdpSocket> {
 }
 
 async fn serve_plain(
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     server: Arc<Server>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let socket = Arc::new(socket);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (n, peer) = tokio::select! {
@@ -133,10 +162,16 @@ pub struct Server {
     exchanges: Arc<Exchanges>,
     in_flight: Arc<Semaphore>,
     next_message_id: AtomicU16,
+    lwm2m: Option<Arc<lwm2m::Lwm2m>>,
 }
 
 impl Server {
-    pub fn new(cfg: &CoapConfig, registry: Registry, pipeline: Pipeline) -> Self {
+    pub fn new(
+        cfg: &CoapConfig,
+        registry: Registry,
+        pipeline: Pipeline,
+        lwm2m: Option<Arc<lwm2m::Lwm2m>>,
+    ) -> Self {
         Self {
             handler: Arc::new(Handler {
                 registry,
@@ -146,10 +181,12 @@ impl Server {
                     cfg.exchange_lifetime(),
                 ),
                 max_payload_bytes: cfg.max_payload_bytes,
+                lwm2m: lwm2m.clone(),
             }),
             exchanges: Arc::new(Exchanges::new(cfg.exchange_lifetime(), cfg.max_exchanges)),
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
             next_message_id: AtomicU16::new(rand::random()),
+            lwm2m,
         }
     }
 
@@ -186,6 +223,35 @@ impl Server {
             // A CON ping (empty message) is answered with a Reset, as RFC 7252 section 4.3 says.
             MessageClass::Empty if typ == MessageType::Confirmable => {
                 return spawn_send(send, reset(req.header.message_id));
+            }
+            // Answers to the server's own requests (LwM2M observations and their notifications).
+            // A confirmable notification is deduplicated like a request: stored once, acked again.
+            MessageClass::Response(_) if self.lwm2m.is_some() && typ != MessageType::Reset => {
+                let key = (peer, req.header.message_id);
+                if typ == MessageType::Confirmable {
+                    match self.exchanges.begin(key, Instant::now()) {
+                        Seen::New => {}
+                        Seen::InProgress => return,
+                        Seen::Answered(reply) => {
+                            metrics::counter!("citygw_coap_retransmissions_total").increment(1);
+                            if let Some(reply) = reply {
+                                spawn_send(send, reply);
+                            }
+                            return;
+                        }
+                    }
+                }
+                let (lwm2m, exchanges) = (self.lwm2m.clone().expect("checked"), self.exchanges.clone());
+                tokio::spawn(async move {
+                    let reply = lwm2m.on_response(&req).await;
+                    if typ == MessageType::Confirmable {
+                        exchanges.complete(key, reply.clone());
+                    }
+                    if let Some(reply) = reply {
+                        send(reply).await;
+                    }
+                });
+                return;
             }
             // Empty ACK/RST and stray responses: nothing of ours is waiting for them.
             MessageClass::Empty | MessageClass::Response(_) if typ != MessageType::Confirmable => {
