@@ -42,6 +42,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let sinks = Sinks::start(&cfg.sinks, &pipeline, &shutdown)?;
+    let lwm2m = cfg.coap.lwm2m_enabled.then(|| {
+        std::sync::Arc::new(crate::sources::coap::lwm2m::Lwm2m::new(
+            registry.clone(),
+            pipeline.clone(),
+            cfg.coap.lwm2m_nosec,
+        ))
+    });
     let ready = http::Readiness::default();
     let mut servers: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = vec![
         (
@@ -64,6 +71,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 agencies,
                 pipeline: pipeline.clone(),
                 sinks: sinks.clone(),
+                lwm2m: lwm2m.clone(),
             }
             .start(shutdown.clone())
             .await?,
@@ -79,6 +87,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             config: cfg.coap.clone(),
             registry: registry.clone(),
             pipeline: pipeline.clone(),
+            lwm2m,
         }),
     ];
     for source in sources {

@@ -90,6 +90,10 @@ def test_node_client_registers_is_observed_and_deregisters(gw: Gateway):
         reg = client.expect("registered")
         assert reg["location"].startswith("rd/"), reg
         assert online(gw, d.id)
+        (r,) = gw.cli("lwm2m", "list", "--device", d.id)
+        assert r["id"] == "/" + reg["location"] and r["lifetime_s"] == 300, r
+        assert {"/3303/0", "/3/0"} <= set(r["objects"]) and r["secure"] is False, r
+        assert r["address"].startswith("127.0.0.1:"), r
 
         def observed():
             q = by_quantity(gw.readings(d.id))
@@ -110,6 +114,7 @@ def test_node_client_registers_is_observed_and_deregisters(gw: Gateway):
         client.command("deregister")
         client.expect("deregistered")
         assert not online(gw, d.id)
+        assert gw.cli("lwm2m", "list", "--device", d.id) == []
         assert gw.metric("citygw_lwm2m_registrations_total", event="deregister") >= 1
     finally:
         client.close()
@@ -149,6 +154,12 @@ def test_aiocoap_registers_and_sends_senml_cbor(gateway_factory):
     assert (q["battery"][0]["value"], q["battery"][0]["unit"]) == (64, "%EL")
     assert (q["distance"][0]["value"], q["distance"][0]["unit"]) == (1.5, "m")
     assert all(r["protocol"] == "lwm2m" for rs in q.values() for r in rs)
+    # The registration listed /3/0, so the server observed /3/0/9; aiocoap serves no resources
+    # and refused: the failure is visible in the admin API and counted.
+    (r,) = wait_until(lambda: [x for x in g.cli("lwm2m", "list") if x["last_error"]],
+                      timeout=15, desc="observation error recorded")
+    assert r["device_id"] == d.id and "/3/0/9" in r["last_error"], r
+    assert g.metric("citygw_lwm2m_observe_errors_total", reason="refused") >= 1
 
 
 def rd(endpoint: str, mid: int, lt: int | None = None, secret: str | None = None) -> Msg:

@@ -257,6 +257,21 @@ impl Client {
             .agencies)
     }
 
+    pub async fn lwm2m_registrations(
+        &mut self,
+        device_id: &str,
+    ) -> anyhow::Result<Vec<Lwm2mRegistration>> {
+        Ok(self
+            .inner
+            .list_lwm2m_registrations(ListLwm2mRegistrationsRequest {
+                device_id: device_id.to_string(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .registrations)
+    }
+
     pub async fn sink_status(&mut self) -> anyhow::Result<Vec<SinkState>> {
         Ok(self
             .inner

@@ -75,6 +75,9 @@ enum Command {
     /// Forwarding to time-series stores.
     #[command(subcommand)]
     Sink(SinkCommand),
+    /// LwM2M clients registered over CoAP/CoAPS.
+    #[command(subcommand)]
+    Lwm2m(Lwm2mCommand),
     /// The quantity table used for normalisation.
     Quantities,
 }
@@ -176,6 +179,15 @@ enum AgencyCommand {
     /// Print the SHA-256 of a token, for `token_sha256` of an agency in the config file.
     HashToken {
         token: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Lwm2mCommand {
+    /// Live registrations: endpoint, address, lifetime, objects, last observation error.
+    List {
+        #[arg(long, default_value = "")]
+        device: String,
     },
 }
 
@@ -301,6 +313,9 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
         }
         Command::Agency(AgencyCommand::List) => out.agencies(&client.list_agencies().await?),
         Command::Sink(SinkCommand::Status) => out.sinks(&client.sink_status().await?),
+        Command::Lwm2m(Lwm2mCommand::List { device }) => {
+            out.lwm2m_registrations(&client.lwm2m_registrations(&device).await?)
+        }
         Command::Agency(AgencyCommand::Remove { name }) => {
             client.remove_agency(&name).await?;
             println!("agency {name} removed; its token no longer works");

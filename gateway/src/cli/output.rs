@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use super::Format;
 use crate::pipeline::protocol_label;
 use crate::proto::{
-    reading, AgencyInfo, DeadLetter, Device, ImportResult, Protocol, Reading, SinkState,
+    reading, AgencyInfo, DeadLetter, Device, ImportResult, Lwm2mRegistration, Protocol, Reading,
+    SinkState,
 };
 
 pub struct Output {
@@ -283,6 +284,48 @@ impl Output {
                             s.lag_readings.to_string(),
                             format!("{:.1}", s.lag_seconds),
                             time(s.last_success_ms),
+                        ]
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn lwm2m_registrations(&self, regs: &[Lwm2mRegistration]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(
+                regs.iter()
+                    .map(|r| {
+                        json!({
+                            "id": r.id, "device_id": r.device_id, "address": r.address,
+                            "lifetime_s": r.lifetime_s, "lwm2m_version": r.lwm2m_version,
+                            "objects": r.objects, "registered_time_ms": r.registered_time_ms,
+                            "updated_time_ms": r.updated_time_ms, "last_error": r.last_error,
+                            "secure": r.secure,
+                        })
+                    })
+                    .collect(),
+            )),
+            Format::Table => table(
+                &[
+                    "device",
+                    "registration",
+                    "address",
+                    "lifetime (s)",
+                    "objects",
+                    "updated",
+                    "last error",
+                ],
+                regs.iter()
+                    .map(|r| {
+                        vec![
+                            r.device_id.clone(),
+                            r.id.clone(),
+                            r.address.clone(),
+                            r.lifetime_s.to_string(),
+                            r.objects.join(" "),
+                            time(r.updated_time_ms),
+                            r.last_error.clone(),
                         ]
                     })
                     .collect(),

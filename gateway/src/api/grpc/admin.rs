@@ -20,6 +20,8 @@ pub struct AdminService {
     pub agencies: Agencies,
     pub store: Store,
     pub sinks: crate::sinks::Sinks,
+    /// None when LwM2M is disabled.
+    pub lwm2m: Option<std::sync::Arc<crate::sources::coap::lwm2m::Lwm2m>>,
 }
 
 fn agency_info(a: &Agency) -> AgencyInfo {
@@ -252,5 +254,35 @@ impl Admin for AdminService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_status)?;
         Ok(Response::new(SinkStatusResponse { sinks }))
+    }
+
+    async fn list_lwm2m_registrations(
+        &self,
+        req: Request<ListLwm2mRegistrationsRequest>,
+    ) -> Result<Response<ListLwm2mRegistrationsResponse>, Status> {
+        let device_id = req.into_inner().device_id;
+        let registrations = self
+            .lwm2m
+            .as_ref()
+            .map(|l| l.registrations())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| device_id.is_empty() || r.device_id == device_id)
+            .map(|r| Lwm2mRegistration {
+                id: format!("/rd/{}", r.id),
+                device_id: r.device_id,
+                address: r.peer.to_string(),
+                lifetime_s: r.lifetime_secs,
+                lwm2m_version: r.version,
+                objects: r.objects.iter().map(|(o, i)| format!("/{o}/{i}")).collect(),
+                registered_time_ms: r.registered_ms,
+                updated_time_ms: r.updated_ms,
+                last_error: r.last_error,
+                secure: r.secure,
+            })
+            .collect();
+        Ok(Response::new(ListLwm2mRegistrationsResponse {
+            registrations,
+        }))
     }
 }

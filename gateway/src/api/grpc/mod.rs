@@ -25,6 +25,7 @@ pub struct GrpcServer {
     pub agencies: Agencies,
     pub pipeline: Pipeline,
     pub sinks: crate::sinks::Sinks,
+    pub lwm2m: Option<std::sync::Arc<crate::sources::coap::lwm2m::Lwm2m>>,
 }
 
 impl GrpcServer {
@@ -59,6 +60,7 @@ impl GrpcServer {
                 agencies: self.agencies.clone(),
                 store: store.clone(),
                 sinks: self.sinks,
+                lwm2m: self.lwm2m,
             },
             auth::BearerToken::new(self.admin_token),
         );

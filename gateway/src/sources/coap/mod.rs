@@ -41,6 +41,8 @@ pub struct CoapSource {
     pub config: CoapConfig,
     pub registry: Registry,
     pub pipeline: Pipeline,
+    /// The LwM2M server shared by both listeners (and the admin API); None when disabled.
+    pub lwm2m: Option<Arc<lwm2m::Lwm2m>>,
 }
 
 impl super::Source for CoapSource {
@@ -54,13 +56,7 @@ impl super::Source for CoapSource {
     ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
         let cfg = self.config;
         let mut listeners: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
-        let lwm2m = cfg.lwm2m_enabled.then(|| {
-            Arc::new(lwm2m::Lwm2m::new(
-                self.registry.clone(),
-                self.pipeline.clone(),
-                cfg.lwm2m_nosec,
-            ))
-        });
+        let lwm2m = self.lwm2m;
         if cfg.plain_enabled {
             let socket = Arc::new(bind(cfg.listen, "coap")?);
             if let Some(l) = &lwm2m {
@@ -241,7 +237,8 @@ impl Server {
                         }
                     }
                 }
-                let (lwm2m, exchanges) = (self.lwm2m.clone().expect("checked"), self.exchanges.clone());
+                let (lwm2m, exchanges) =
+                    (self.lwm2m.clone().expect("checked"), self.exchanges.clone());
                 tokio::spawn(async move {
                     let reply = lwm2m.on_response(&req).await;
                     if typ == MessageType::Confirmable {

@@ -201,7 +201,12 @@ impl Lwm2m {
         }
         self.count("register");
         tracing::info!(device = device.id(), %peer, lifetime, objects = objects.len(), "lwm2m registered");
-        self.observe_all(&id, peer, &objects, matches!(identity, Identity::Session(_)));
+        self.observe_all(
+            &id,
+            peer,
+            &objects,
+            matches!(identity, Identity::Session(_)),
+        );
         let mut r = Response::new(ResponseType::Created);
         r.location = vec!["rd".into(), id];
         r
@@ -237,7 +242,11 @@ impl Lwm2m {
             r.expires = Instant::now() + Duration::from_secs(r.lifetime_secs);
             let added: Vec<(u16, u16)> = new_objects
                 .map(|objs| {
-                    let added = objs.iter().filter(|o| !r.objects.contains(o)).copied().collect();
+                    let added = objs
+                        .iter()
+                        .filter(|o| !r.objects.contains(o))
+                        .copied()
+                        .collect();
                     r.objects = objs;
                     added
                 })
@@ -313,14 +322,29 @@ impl Lwm2m {
             Err(detail) => {
                 let rejection = Rejection::new("malformed_lwm2m", detail);
                 self.pipeline
-                    .refuse(device.id(), Protocol::Lwm2m, address, Some(payload), payload.len(), &rejection)
+                    .refuse(
+                        device.id(),
+                        Protocol::Lwm2m,
+                        address,
+                        Some(payload),
+                        payload.len(),
+                        &rejection,
+                    )
                     .await;
-                return Err(Response::refuse(ResponseType::BadRequest, "malformed_lwm2m", rejection.to_string()));
+                return Err(Response::refuse(
+                    ResponseType::BadRequest,
+                    "malformed_lwm2m",
+                    rejection.to_string(),
+                ));
             }
         };
         match self.pipeline.ingest_decoded(msg(payload), decoded).await {
             Ok(n) => Ok(n),
-            Err(IngestError::Rejected(r)) => Err(Response::refuse(ResponseType::BadRequest, r.reason, r.to_string())),
+            Err(IngestError::Rejected(r)) => Err(Response::refuse(
+                ResponseType::BadRequest,
+                r.reason,
+                r.to_string(),
+            )),
             Err(IngestError::Store(e)) => {
                 tracing::error!(device = device.id(), error = %e, "lwm2m reading not stored");
                 let mut r = Response::refuse(
@@ -394,7 +418,11 @@ impl Lwm2m {
 
     /// Ends a registration (de-registration or expiry): the device goes offline.
     fn end(&self, id: &str, event: &'static str) {
-        let removed = self.registrations.lock().expect("registrations lock").remove(id);
+        let removed = self
+            .registrations
+            .lock()
+            .expect("registrations lock")
+            .remove(id);
         if let Some(r) = removed {
             self.forget_observations(id);
             if let Some(d) = self.registry.get(&r.device_id) {
@@ -438,7 +466,13 @@ impl Lwm2m {
         }
     }
 
-    fn observe_all(self: &Arc<Self>, registration: &str, peer: SocketAddr, objects: &[(u16, u16)], secure: bool) {
+    fn observe_all(
+        self: &Arc<Self>,
+        registration: &str,
+        peer: SocketAddr,
+        objects: &[(u16, u16)],
+        secure: bool,
+    ) {
         let targets: Vec<Path> = objects
             .iter()
             .filter_map(|&(object, instance)| {
@@ -453,20 +487,30 @@ impl Lwm2m {
             return;
         }
         if secure {
-            tracing::debug!(registration, "observations are not sent over CoAPS; the client reports with Send");
+            tracing::debug!(
+                registration,
+                "observations are not sent over CoAPS; the client reports with Send"
+            );
             return;
         }
         let Some(socket) = self.plain.get().cloned() else {
             return;
         };
         for path in targets {
-            let (this, registration, socket) = (self.clone(), registration.to_string(), socket.clone());
+            let (this, registration, socket) =
+                (self.clone(), registration.to_string(), socket.clone());
             tokio::spawn(async move { this.observe(registration, peer, path, socket).await });
         }
     }
 
     /// Sends `GET path` with Observe 0 (retransmitted as RFC 7252 says) until the client answers.
-    async fn observe(&self, registration: String, peer: SocketAddr, path: Path, socket: Arc<UdpSocket>) {
+    async fn observe(
+        &self,
+        registration: String,
+        peer: SocketAddr,
+        path: Path,
+        socket: Arc<UdpSocket>,
+    ) {
         let Some(device_id) = self.registration_device(&registration) else {
             return;
         };
@@ -497,7 +541,10 @@ impl Lwm2m {
             if let Err(e) = socket.send_to(&bytes, peer).await {
                 tracing::debug!(%peer, error = %e, "lwm2m send");
             }
-            if tokio::time::timeout(wait, answered.notified()).await.is_ok() {
+            if tokio::time::timeout(wait, answered.notified())
+                .await
+                .is_ok()
+            {
                 return;
             }
             if self.registration_device(&registration).is_none() {
@@ -505,14 +552,35 @@ impl Lwm2m {
             }
             wait *= 2;
         }
-        self.observations.lock().expect("observations lock").remove(&token);
-        self.observe_failed(&registration, &device_id, path, "timeout", "no answer to observe");
+        self.observations
+            .lock()
+            .expect("observations lock")
+            .remove(&token);
+        self.observe_failed(
+            &registration,
+            &device_id,
+            path,
+            "timeout",
+            "no answer to observe",
+        );
     }
 
-    fn observe_failed(&self, registration: &str, device_id: &str, path: Path, reason: &'static str, detail: &str) {
+    fn observe_failed(
+        &self,
+        registration: &str,
+        device_id: &str,
+        path: Path,
+        reason: &'static str,
+        detail: &str,
+    ) {
         metrics::counter!("citygw_lwm2m_observe_errors_total", "reason" => reason).increment(1);
         tracing::warn!(device = device_id, %path, reason, detail, "lwm2m observation failed");
-        if let Some(r) = self.registrations.lock().expect("registrations lock").get_mut(registration) {
+        if let Some(r) = self
+            .registrations
+            .lock()
+            .expect("registrations lock")
+            .get_mut(registration)
+        {
             r.last_error = format!("{path}: {reason}: {detail}");
         }
     }
@@ -531,8 +599,14 @@ impl Lwm2m {
         };
         let found = {
             let obs = self.observations.lock().expect("observations lock");
-            obs.get(resp.get_token())
-                .map(|o| (o.registration.clone(), o.device_id.clone(), o.path, o.answered.clone()))
+            obs.get(resp.get_token()).map(|o| {
+                (
+                    o.registration.clone(),
+                    o.device_id.clone(),
+                    o.path,
+                    o.answered.clone(),
+                )
+            })
         };
         let Some((registration, device_id, path, answered)) = found else {
             return con.then(|| reply(MessageType::Reset));
@@ -546,7 +620,14 @@ impl Lwm2m {
                     let cf = request::content_format(resp).ok().flatten();
                     let address = format!("lwm2m {path}");
                     if let Err(r) = self
-                        .store(&device, &address, cf, &resp.payload, Some(path), Delivery::Durable)
+                        .store(
+                            &device,
+                            &address,
+                            cf,
+                            &resp.payload,
+                            Some(path),
+                            Delivery::Durable,
+                        )
                         .await
                     {
                         let detail = String::from_utf8_lossy(&r.payload).into_owned();
@@ -560,8 +641,16 @@ impl Lwm2m {
             }
             _ => {}
         }
-        if !observing || !matches!(resp.header.code, MessageClass::Response(ResponseType::Content)) {
-            self.observations.lock().expect("observations lock").remove(resp.get_token());
+        if !observing
+            || !matches!(
+                resp.header.code,
+                MessageClass::Response(ResponseType::Content)
+            )
+        {
+            self.observations
+                .lock()
+                .expect("observations lock")
+                .remove(resp.get_token());
         }
         con.then(|| reply(MessageType::Acknowledgement))
     }
@@ -586,7 +675,11 @@ fn link_objects(payload: &[u8]) -> Vec<(u16, u16)> {
     let text = String::from_utf8_lossy(payload);
     let mut out = Vec::new();
     for link in text.split(',') {
-        let Some(target) = link.trim().strip_prefix('<').and_then(|l| l.split('>').next()) else {
+        let Some(target) = link
+            .trim()
+            .strip_prefix('<')
+            .and_then(|l| l.split('>').next())
+        else {
             continue;
         };
         let mut it = target.trim_start_matches('/').split('/');
@@ -610,7 +703,9 @@ mod tests {
     #[test]
     fn link_format_object_instances() {
         assert_eq!(
-            link_objects(b"</>;rt=\"oma.lwm2m\",</1/0>, </3/0>,</3303/0>;ver=1.1,</3303/1>,</5>,</3303/0>"),
+            link_objects(
+                b"</>;rt=\"oma.lwm2m\",</1/0>, </3/0>,</3303/0>;ver=1.1,</3303/1>,</5>,</3303/0>"
+            ),
             vec![(1, 0), (3, 0), (3303, 0), (3303, 1)]
         );
         assert!(link_objects(b"garbage").is_empty());

@@ -17,7 +17,13 @@ pub struct Known {
     pub kind: Kind,
 }
 
-const fn k(object: u16, resource: u16, quantity: &'static str, unit: &'static str, kind: Kind) -> Known {
+const fn k(
+    object: u16,
+    resource: u16,
+    quantity: &'static str,
+    unit: &'static str,
+    kind: Kind,
+) -> Known {
     Known {
         object,
         resource,
@@ -101,7 +107,10 @@ mod tests {
     fn paths_and_quantities() {
         let p = Path::parse("/3303/0/5700").unwrap();
         assert_eq!(p.quantity(), ("temperature".to_string(), "Cel"));
-        assert_eq!(Path::parse("3303/1/5700").unwrap().quantity().0, "temperature_1");
+        assert_eq!(
+            Path::parse("3303/1/5700").unwrap().quantity().0,
+            "temperature_1"
+        );
         assert_eq!(Path::parse("/3/0/9").unwrap().kind(), Kind::Integer);
         assert_eq!(Path::parse("/9999/0/1").unwrap().quantity().0, "/9999/0/1");
         for bad in ["/3303/0", "/3303/0/5700/1", "/a/0/1", ""] {

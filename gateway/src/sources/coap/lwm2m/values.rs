@@ -305,7 +305,10 @@ mod tests {
     #[test]
     fn text_values() {
         let d = decode(None, b"21.5", temp(), 0).unwrap();
-        assert_eq!((d[0].quantity.as_str(), d[0].unit.as_str(), number(&d[0])), ("temperature", "Cel", 21.5));
+        assert_eq!(
+            (d[0].quantity.as_str(), d[0].unit.as_str(), number(&d[0])),
+            ("temperature", "Cel", 21.5)
+        );
         let d = decode(Some(0), b"87", Path::parse("/3/0/9"), 0).unwrap();
         assert_eq!((d[0].quantity.as_str(), number(&d[0])), ("battery", 87.0));
     }
@@ -324,8 +327,14 @@ mod tests {
         let d = decode(Some(CF_TLV), &b, Path::parse("/3/0/9"), 0).unwrap();
         assert_eq!((d[0].quantity.as_str(), number(&d[0])), ("battery", 55.0));
         // negative 2-byte integer
-        assert_eq!(tlv_value(&[0xff, 0xfe], Kind::Integer).unwrap(), Value::Number(-2.0));
-        assert!(decode(Some(CF_TLV), &[0xe8, 0x16], temp(), 0).is_err(), "truncated");
+        assert_eq!(
+            tlv_value(&[0xff, 0xfe], Kind::Integer).unwrap(),
+            Value::Number(-2.0)
+        );
+        assert!(
+            decode(Some(CF_TLV), &[0xe8, 0x16], temp(), 0).is_err(),
+            "truncated"
+        );
     }
 
     #[test]
@@ -333,7 +342,10 @@ mod tests {
         let json = br#"[{"bn":"/3303/0/","bt":1700000000,"n":"5700","v":19.5},{"bn":"/3304/0/","n":"5700","v":40}]"#;
         let d = decode(Some(CF_SENML_JSON), json, None, 0).unwrap();
         assert_eq!(d.len(), 2);
-        assert_eq!((d[0].quantity.as_str(), d[0].time_ms), ("temperature", Some(1_700_000_000_000)));
+        assert_eq!(
+            (d[0].quantity.as_str(), d[0].time_ms),
+            ("temperature", Some(1_700_000_000_000))
+        );
         assert_eq!((d[1].quantity.as_str(), number(&d[1])), ("humidity", 40.0));
 
         use ciborium::Value as C;
@@ -346,7 +358,10 @@ mod tests {
         let mut cbor = Vec::new();
         ciborium::into_writer(&pack, &mut cbor).unwrap();
         let d = decode(Some(CF_SENML_CBOR), &cbor, None, 10_000).unwrap();
-        assert_eq!((d[0].quantity.as_str(), number(&d[0]), d[0].time_ms), ("battery", 77.0, Some(5_000)));
+        assert_eq!(
+            (d[0].quantity.as_str(), number(&d[0]), d[0].time_ms),
+            ("battery", 77.0, Some(5_000))
+        );
         assert!(decode(Some(CF_SENML_JSON), br#"[{"n":"temp","v":1}]"#, None, 0).is_err());
     }
 }
