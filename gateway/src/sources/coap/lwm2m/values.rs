@@ -133,7 +133,10 @@ fn tlv(mut b: &[u8], requested: Path) -> Result<Values, String> {
     Ok(out)
 }
 
-fn tlv_entry(b: &[u8]) -> Result<(u8, u16, &[u8], &[u8]), String> {
+/// One TLV entry: type bits, identifier, value, and the bytes after it.
+type TlvEntry<'a> = (u8, u16, &'a [u8], &'a [u8]);
+
+fn tlv_entry(b: &[u8]) -> Result<TlvEntry<'_>, String> {
     let short = || "truncated TLV".to_string();
     let head = *b.first().ok_or_else(short)?;
     let mut i = 1;
