@@ -120,3 +120,17 @@ def test_openssl_s_client_negotiates_the_coap_suites(gw: Gateway, device, suite)
     out = (p.stdout + p.stderr).decode(errors="replace")
     assert f"Cipher is {suite}" in out, out
 
+
+
+def test_psk_from_a_csv_import(gw: Gateway, tmp_path):
+    dev_id = "nb-csv-" + str(now_ms())
+    f = tmp_path / "devices.csv"
+    f.write_text(f"id,tenant,kind,psk\n{dev_id},hanoi,flood,imported-psk-0123456789\n")
+    (res,) = gw.cli("device", "import", str(f))
+    assert res["ok"], res
+    assert gw.cli("device", "show", dev_id)["has_psk"] is True
+    ts = now_ms() - 700
+    p = coap_client(coaps_uri(gw, dev_id), senml(ts, 0.75), CF_SENML_CBOR,
+                    psk=(dev_id, "imported-psk-0123456789"))
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+    assert [r["value"] for r in gw.readings(dev_id)] == [0.75]

@@ -306,7 +306,8 @@ fn admin_token(cfg: &Config) -> anyhow::Result<String> {
         })
 }
 
-/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret (optional, any order).
+/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret,psk (optional, any
+/// order; psk: the device's DTLS pre-shared key for CoAPS).
 fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
     #[derive(serde::Deserialize)]
     struct Row {
@@ -323,6 +324,8 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
         name: String,
         #[serde(default)]
         secret: String,
+        #[serde(default)]
+        psk: String,
     }
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
@@ -346,6 +349,7 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
                     ..Default::default()
                 }),
                 secret: r.secret,
+                psk: r.psk,
                 ..Default::default()
             })
         })

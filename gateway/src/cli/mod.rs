@@ -108,7 +108,7 @@ enum DeviceCommand {
     Disable { id: String },
     /// Enable a device again.
     Enable { id: String },
-    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret].
+    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret,psk].
     Import {
         file: PathBuf,
         /// Write id,secret of every registered device here (mode 0600).
