@@ -134,3 +134,28 @@ def test_psk_from_a_csv_import(gw: Gateway, tmp_path):
                     psk=(dev_id, "imported-psk-0123456789"))
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
     assert [r["value"] for r in gw.readings(dev_id)] == [0.75]
+
+
+def test_lwm2m_over_coaps_registers_and_sends(gw: Gateway, device):
+    base = f"coaps://{gw.host}:{gw.coaps_port}"
+    psk = (device.id, device.psk)
+    p = coap_client(f"{base}/rd?ep={device.id}&lt=60&lwm2m=1.1&b=U", b"</1/0>,</3303/0>", 40,
+                    psk=psk)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+    (reg,) = gw.cli("lwm2m", "list", "--device", device.id)
+    assert reg["secure"] is True and "/3303/0" in reg["objects"], reg
+    assert gw.cli("device", "show", device.id)["online"] is True
+    pack = senml_cbor([{"bn": "/3303/0/", "n": "5700", "v": 27.5}])
+    p = coap_client(f"{base}/dp", pack, CF_SENML_CBOR, psk=psk)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+    (r,) = gw.readings(device.id)
+    assert (r["quantity"], r["value"], r["protocol"]) == ("temperature", 27.5, "lwm2m")
+    # the DTLS identity may register only its own endpoint
+    other = gw.add_device(kind="weather")
+    p = coap_client(f"{base}/rd?ep={other.id}&lt=60", b"</1/0>", 40, psk=psk)
+    assert b"4.03" in p.stderr, p.stderr
+    # de-registration over the same identity
+    p = subprocess.run(["coap-client-openssl", "-m", "delete", "-B", "10", "-u", psk[0], "-k", psk[1],
+                        f"{base}/{reg['id'].lstrip('/')}"], capture_output=True, timeout=20)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+    assert gw.cli("device", "show", device.id)["online"] is False
