@@ -11,9 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coap_lite::{
-    CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType,
-};
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use tokio::net::UdpSocket;
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -103,7 +101,15 @@ async fn load(
     let mut tasks = Vec::new();
     for e in 0..endpoints {
         let (id, secret) = devices[e % devices.len()].clone();
-        tasks.push(tokio::spawn(endpoint(target, id, secret, e as u16, start, measure_from, end)));
+        tasks.push(tokio::spawn(endpoint(
+            target,
+            id,
+            secret,
+            e as u16,
+            start,
+            measure_from,
+            end,
+        )));
     }
     let mut all = Tally::default();
     for t in tasks {
