@@ -73,7 +73,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
                     name: format!("{} {}, {}", scenario.name, d.profile, d.commune_name),
                     ..Default::default()
                 }),
-                secret: String::new(),
+                ..Default::default()
             })
             .collect();
         let results = admin

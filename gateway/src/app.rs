@@ -12,7 +12,7 @@ use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
 use crate::sinks::Sinks;
-use crate::sources::{lorawan::LorawanSource, mqtt::MqttSource, Source};
+use crate::sources::{coap::CoapSource, lorawan::LorawanSource, mqtt::MqttSource, Source};
 use crate::store::{Store, StoreOptions};
 
 /// How often last-seen times are written back and gauges refreshed, and retention runs.
@@ -34,6 +34,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
     )?;
     let registry = Registry::load(store.clone())?;
+    registry.set_psk_sealer(crate::registry::psk::Sealer::load_or_create(
+        &cfg.coap.psk_key_path(&cfg.data_dir),
+    )?);
     let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
@@ -41,6 +44,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let sinks = Sinks::start(&cfg.sinks, &pipeline, &shutdown)?;
+    let lwm2m = cfg.coap.lwm2m_enabled.then(|| {
+        std::sync::Arc::new(crate::sources::coap::lwm2m::Lwm2m::new(
+            registry.clone(),
+            pipeline.clone(),
+            cfg.coap.lwm2m_nosec,
+        ))
+    });
     let ready = http::Readiness::default();
     let mut servers: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = vec![
         (
@@ -69,16 +79,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 pipeline: pipeline.clone(),
                 sinks: sinks.clone(),
                 kpi: kpi.clone(),
+                lwm2m: lwm2m.clone(),
             }
             .start(shutdown.clone())
             .await?,
         ),
     ];
-    let mut sources: Vec<Box<dyn Source>> = vec![Box::new(MqttSource {
-        config: cfg.mqtt.clone(),
-        registry: registry.clone(),
-        pipeline: pipeline.clone(),
-    })];
+    let mut sources: Vec<Box<dyn Source>> = vec![
+        Box::new(MqttSource {
+            config: cfg.mqtt.clone(),
+            registry: registry.clone(),
+            pipeline: pipeline.clone(),
+        }),
+        Box::new(CoapSource {
+            config: cfg.coap.clone(),
+            registry: registry.clone(),
+            pipeline: pipeline.clone(),
+            lwm2m,
+        }),
+    ];
     for server in &cfg.lorawan {
         sources.push(Box::new(LorawanSource {
             config: server.clone(),

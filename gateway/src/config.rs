@@ -18,6 +18,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log: LogConfig,
     pub mqtt: MqttConfig,
+    pub coap: CoapConfig,
     pub grpc: GrpcConfig,
     pub http: HttpConfig,
     pub admin: AdminConfig,
@@ -58,6 +59,43 @@ pub struct MqttConfig {
     pub max_handshaking: usize,
     /// Seconds a new TCP connection has to complete CONNECT.
     pub handshake_timeout_secs: u64,
+}
+
+/// CoAP over UDP (`sources::coap`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoapConfig {
+    /// Plain (unencrypted) CoAP listener. Off by default: requests then carry the device
+    /// secret in clear text, acceptable only on a private APN (see the README).
+    pub plain_enabled: bool,
+    pub listen: SocketAddr,
+    /// Largest payload accepted, in one datagram or reassembled from Block1 transfers;
+    /// beyond it the answer is 4.13 with Size1.
+    pub max_payload_bytes: usize,
+    /// How long a message id is remembered per endpoint, so a retransmitted request is
+    /// answered again but stored once (RFC 7252 EXCHANGE_LIFETIME, 247 s).
+    pub exchange_lifetime_secs: u64,
+    /// Exchanges remembered at once; the oldest are forgotten first beyond it.
+    pub max_exchanges: usize,
+    /// Requests being processed at once; beyond it the answer is 5.03 with Max-Age.
+    pub max_in_flight: usize,
+    /// LwM2M register interface and information reporting on the CoAP listeners.
+    pub lwm2m_enabled: bool,
+    /// LwM2M "NoSec": on plain CoAP, trust the endpoint name of a registration that carries no
+    /// secret. Only for private networks (see the README).
+    pub lwm2m_nosec: bool,
+    /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
+    pub dtls_enabled: bool,
+    pub dtls_listen: SocketAddr,
+    /// DTLS sessions (handshaking or established) held at once; new peers beyond it are ignored.
+    pub dtls_max_sessions: usize,
+    /// A DTLS session without traffic for this long is forgotten (the device handshakes again).
+    pub dtls_idle_secs: u64,
+    /// Seconds a peer has to complete the DTLS handshake.
+    pub dtls_handshake_timeout_secs: u64,
+    /// Key that seals device PSKs at rest; default `<data_dir>/psk.key`, created on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +140,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             log: LogConfig::default(),
             mqtt: MqttConfig::default(),
+            coap: CoapConfig::default(),
             grpc: GrpcConfig::default(),
             http: HttpConfig::default(),
             admin: AdminConfig::default(),
@@ -137,6 +176,39 @@ impl Default for MqttConfig {
             max_handshaking: 1_000,
             handshake_timeout_secs: 30,
         }
+    }
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            plain_enabled: false,
+            listen: "[::]:5683".parse().expect("static address"),
+            max_payload_bytes: 64 * 1024,
+            exchange_lifetime_secs: 247,
+            max_exchanges: 1_000_000,
+            max_in_flight: 10_000,
+            lwm2m_enabled: true,
+            lwm2m_nosec: false,
+            dtls_enabled: true,
+            dtls_listen: "[::]:5684".parse().expect("static address"),
+            dtls_max_sessions: 100_000,
+            dtls_idle_secs: 900,
+            dtls_handshake_timeout_secs: 30,
+            psk_key_file: None,
+        }
+    }
+}
+
+impl CoapConfig {
+    pub fn exchange_lifetime(&self) -> Duration {
+        Duration::from_secs(self.exchange_lifetime_secs)
+    }
+
+    pub fn psk_key_path(&self, data_dir: &Path) -> PathBuf {
+        self.psk_key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("psk.key"))
     }
 }
 
@@ -235,6 +307,12 @@ impl Config {
                 l.name
             );
         }
+        anyhow::ensure!(
+            self.coap.max_exchanges > 0
+                && self.coap.max_in_flight > 0
+                && self.coap.dtls_max_sessions > 0,
+            "coap.max_exchanges, coap.max_in_flight and coap.dtls_max_sessions must be positive"
+        );
         Ok(())
     }
 
@@ -286,7 +364,9 @@ impl Config {
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN
 /// for the CLI, CITYGW_CONFIG) are not configuration and must not trip `deny_unknown_fields`.
 fn config_env() -> config::Map<String, String> {
-    const SECTIONS: &[&str] = &["log", "mqtt", "grpc", "http", "admin", "store", "kpi"];
+    const SECTIONS: &[&str] = &[
+        "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi",
+    ];
     std::env::vars()
         .filter(|(k, _)| {
             let Some(key) = k.strip_prefix("CITYGW_") else {
@@ -301,7 +381,7 @@ fn config_env() -> config::Map<String, String> {
         .collect()
 }
 
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;

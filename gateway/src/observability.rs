@@ -140,4 +140,24 @@ fn describe() {
         Unit::Seconds,
         "One KPI computation (registry scan, snapshots, projection)"
     );
+    describe_counter!(
+        "citygw_coap_datagrams_total",
+        "CoAP datagrams received (plain and decrypted CoAPS)"
+    );
+    describe_counter!(
+        "citygw_coap_responses_total",
+        "CoAP requests answered, by response code"
+    );
+    describe_counter!(
+        "citygw_coap_refused_total",
+        "CoAP requests answered with an error, by reason"
+    );
+    describe_counter!(
+        "citygw_coap_retransmissions_total",
+        "Retransmitted CoAP requests recognised (answered again, processed once)"
+    );
+    describe_counter!(
+        "citygw_coap_malformed_total",
+        "CoAP datagrams dropped or reset as malformed, by reason"
+    );
 }

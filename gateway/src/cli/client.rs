@@ -69,7 +69,8 @@ impl Client {
         })
     }
 
-    pub async fn add_device(&mut self, a: AddArgs) -> anyhow::Result<(Device, String)> {
+    /// The device, its secret and its PSK (empty when none).
+    pub async fn add_device(&mut self, a: AddArgs) -> anyhow::Result<(Device, String, String)> {
         let req = AddDeviceRequest {
             device: Some(Device {
                 id: a.id,
@@ -84,9 +85,11 @@ impl Client {
                 ..Default::default()
             }),
             secret: a.secret.unwrap_or_default(),
+            psk: a.psk.unwrap_or_default(),
+            generate_psk: a.generate_psk,
         };
         let resp = self.inner.add_device(req).await.map_err(rpc)?.into_inner();
-        Ok((resp.device.unwrap_or_default(), resp.secret))
+        Ok((resp.device.unwrap_or_default(), resp.secret, resp.psk))
     }
 
     pub async fn list_devices(
@@ -256,6 +259,21 @@ impl Client {
             .agencies)
     }
 
+    pub async fn lwm2m_registrations(
+        &mut self,
+        device_id: &str,
+    ) -> anyhow::Result<Vec<Lwm2mRegistration>> {
+        Ok(self
+            .inner
+            .list_lwm2m_registrations(ListLwm2mRegistrationsRequest {
+                device_id: device_id.to_string(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .registrations)
+    }
+
     pub async fn sink_status(&mut self) -> anyhow::Result<Vec<SinkState>> {
         Ok(self
             .inner
@@ -311,8 +329,8 @@ fn admin_token(cfg: &Config) -> anyhow::Result<String> {
         })
 }
 
-/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret,dev_eui,codec (optional,
-/// any order).
+/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret,dev_eui,codec,psk
+/// (optional, any order; psk: the device's DTLS pre-shared key for CoAPS).
 fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
     #[derive(serde::Deserialize)]
     struct Row {
@@ -333,6 +351,8 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
         dev_eui: String,
         #[serde(default)]
         codec: String,
+        #[serde(default)]
+        psk: String,
     }
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
@@ -358,6 +378,8 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
                     ..Default::default()
                 }),
                 secret: r.secret,
+                psk: r.psk,
+                ..Default::default()
             })
         })
         .collect()

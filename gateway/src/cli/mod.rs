@@ -76,6 +76,9 @@ enum Command {
     /// Forwarding to time-series stores.
     #[command(subcommand)]
     Sink(SinkCommand),
+    /// LwM2M clients registered over CoAP/CoAPS.
+    #[command(subcommand)]
+    Lwm2m(Lwm2mCommand),
     /// The quantity table used for normalisation.
     Quantities,
     /// IoT connections per resident against the city plan's targets.
@@ -126,7 +129,7 @@ enum DeviceCommand {
     Disable { id: String },
     /// Enable a device again.
     Enable { id: String },
-    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret,dev_eui,codec].
+    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret,dev_eui,codec,psk].
     Import {
         file: PathBuf,
         /// Write id,secret of every registered device here (mode 0600).
@@ -162,6 +165,12 @@ pub struct AddArgs {
     /// proto; empty: the network server's decoded object, else raw.
     #[arg(long, default_value = "")]
     pub codec: String,
+    /// DTLS pre-shared key for CoAPS (16-64 printable characters); identity = the device id.
+    #[arg(long, conflicts_with = "generate_psk")]
+    pub psk: Option<String>,
+    /// Let the gateway generate a DTLS pre-shared key; printed once.
+    #[arg(long)]
+    pub generate_psk: bool,
 }
 
 #[derive(Args)]
@@ -199,6 +208,15 @@ enum AgencyCommand {
     /// Print the SHA-256 of a token, for `token_sha256` of an agency in the config file.
     HashToken {
         token: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Lwm2mCommand {
+    /// Live registrations: endpoint, address, lifetime, objects, last observation error.
+    List {
+        #[arg(long, default_value = "")]
+        device: String,
     },
 }
 
@@ -270,8 +288,8 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
     let mut client = Client::connect(cfg, conn.server, conn.token).await?;
     match command {
         Command::Device(DeviceCommand::Add(args)) => {
-            let (device, secret) = client.add_device(args).await?;
-            out.added(&device, &secret);
+            let (device, secret, psk) = client.add_device(args).await?;
+            out.added(&device, &secret, &psk);
         }
         Command::Device(DeviceCommand::List {
             tenant,
@@ -339,6 +357,9 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
                 Format::Json => println!("{}", serde_json::json!({"stored": stored})),
                 Format::Table => println!("{stored} snapshots stored"),
             }
+        }
+        Command::Lwm2m(Lwm2mCommand::List { device }) => {
+            out.lwm2m_registrations(&client.lwm2m_registrations(&device).await?)
         }
         Command::Agency(AgencyCommand::Remove { name }) => {
             client.remove_agency(&name).await?;

@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use super::Format;
 use crate::pipeline::protocol_label;
 use crate::proto::{
-    reading, AgencyInfo, DeadLetter, Device, ImportResult, Protocol, Reading, SinkState,
+    reading, AgencyInfo, DeadLetter, Device, ImportResult, Lwm2mRegistration, Protocol, Reading,
+    SinkState,
 };
 
 pub struct Output {
@@ -20,7 +21,7 @@ fn device_json(d: &Device) -> Value {
         "id": d.id, "tenant": d.tenant, "kind": d.kind, "commune_code": d.commune_code,
         "lat": d.lat, "lon": d.lon, "enabled": d.enabled, "created_time_ms": d.created_time_ms,
         "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online,
-        "dev_eui": d.dev_eui, "codec": d.codec,
+        "dev_eui": d.dev_eui, "codec": d.codec, "has_psk": d.has_psk,
     })
 }
 
@@ -104,12 +105,23 @@ impl Output {
         );
     }
 
-    pub fn added(&self, d: &Device, secret: &str) {
+    pub fn added(&self, d: &Device, secret: &str, psk: &str) {
         match self.format {
-            Format::Json => self.json(json!({"device": device_json(d), "secret": secret})),
+            Format::Json if psk.is_empty() => {
+                self.json(json!({"device": device_json(d), "secret": secret}))
+            }
+            Format::Json => {
+                self.json(json!({"device": device_json(d), "secret": secret, "psk": psk}))
+            }
             Format::Table => {
                 self.device(d);
                 println!("\nsecret: {secret}\n(shown once; the gateway keeps only a salted hash)");
+                if !psk.is_empty() {
+                    println!(
+                        "psk: {psk}\n(DTLS identity: {}; keep it as safe as the secret)",
+                        d.id
+                    );
+                }
             }
         }
     }
@@ -273,6 +285,48 @@ impl Output {
                             s.lag_readings.to_string(),
                             format!("{:.1}", s.lag_seconds),
                             time(s.last_success_ms),
+                        ]
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn lwm2m_registrations(&self, regs: &[Lwm2mRegistration]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(
+                regs.iter()
+                    .map(|r| {
+                        json!({
+                            "id": r.id, "device_id": r.device_id, "address": r.address,
+                            "lifetime_s": r.lifetime_s, "lwm2m_version": r.lwm2m_version,
+                            "objects": r.objects, "registered_time_ms": r.registered_time_ms,
+                            "updated_time_ms": r.updated_time_ms, "last_error": r.last_error,
+                            "secure": r.secure,
+                        })
+                    })
+                    .collect(),
+            )),
+            Format::Table => table(
+                &[
+                    "device",
+                    "registration",
+                    "address",
+                    "lifetime (s)",
+                    "objects",
+                    "updated",
+                    "last error",
+                ],
+                regs.iter()
+                    .map(|r| {
+                        vec![
+                            r.device_id.clone(),
+                            r.id.clone(),
+                            r.address.clone(),
+                            r.lifetime_s.to_string(),
+                            r.objects.join(" "),
+                            time(r.updated_time_ms),
+                            r.last_error.clone(),
                         ]
                     })
                     .collect(),

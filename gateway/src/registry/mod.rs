@@ -6,11 +6,12 @@
 //! background instead (see [`Registry::persist_last_seen`]).
 
 pub mod agencies;
+pub mod psk;
 pub mod secret;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -65,6 +66,8 @@ pub struct NewDevice {
     pub dev_eui: String,
     /// LoRaWAN payload codec (see [`CODECS`]); "" for the network server's decoding.
     pub codec: String,
+    /// DTLS pre-shared key (CoAPS), stored sealed; None: the device has none.
+    pub psk: Option<String>,
 }
 
 /// Codecs a device's raw LoRaWAN payload can be decoded with, besides the payload formats of
@@ -94,6 +97,9 @@ struct Record {
     dev_eui: String,
     #[serde(default)]
     codec: String,
+    /// The DTLS PSK sealed by [`psk::Sealer`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    psk_sealed: Option<String>,
 }
 
 /// One device as the hot path sees it: immutable identity plus atomically updated live state.
@@ -192,6 +198,7 @@ impl DeviceEntry {
             online: self.sessions.load(Ordering::Relaxed) > 0,
             dev_eui: r.dev_eui.clone(),
             codec: r.codec.clone(),
+            has_psk: r.psk_sealed.is_some(),
         }
     }
 
@@ -240,6 +247,7 @@ struct Inner {
     /// DevEUI -> device, for LoRaWAN uplinks. Entries are only ever added with their device.
     by_dev_eui: RwLock<HashMap<String, Arc<DeviceEntry>>>,
     events: broadcast::Sender<RegistryEvent>,
+    psk_sealer: OnceLock<psk::Sealer>,
 }
 
 impl Registry {
@@ -264,8 +272,32 @@ impl Registry {
                 devices: RwLock::new(devices),
                 by_dev_eui: RwLock::new(by_dev_eui),
                 events,
+                psk_sealer: OnceLock::new(),
             }),
         })
+    }
+
+    /// Enables DTLS PSKs: they are sealed with this key when added and opened for handshakes.
+    pub fn set_psk_sealer(&self, sealer: psk::Sealer) {
+        let _ = self.inner.psk_sealer.set(sealer);
+    }
+
+    /// The DTLS PSK of an enabled device, for the handshake.
+    pub fn psk(&self, id: &str) -> Result<Vec<u8>, AuthError> {
+        let entry = self.get(id).ok_or(AuthError::UnknownDevice)?;
+        if !entry.enabled() {
+            return Err(AuthError::DisabledDevice);
+        }
+        let sealed = entry
+            .record
+            .psk_sealed
+            .as_deref()
+            .ok_or(AuthError::BadCredentials)?;
+        self.inner
+            .psk_sealer
+            .get()
+            .and_then(|s| s.open(id, sealed))
+            .ok_or(AuthError::BadCredentials)
     }
 
     pub fn events(&self) -> broadcast::Receiver<RegistryEvent> {
@@ -356,6 +388,7 @@ impl Registry {
         news: Vec<NewDevice>,
         now_ms: i64,
     ) -> Result<Vec<Result<(Device, String), RegistryError>>, RegistryError> {
+        let sealer = self.inner.psk_sealer.get().cloned();
         // Hashing (Argon2 for chosen secrets) is CPU work: keep it off the async threads.
         let prepared = tokio::task::spawn_blocking(move || {
             news.into_iter()
@@ -365,7 +398,17 @@ impl Registry {
                         Some(s) => (s, false),
                         None => (secret::generate(), true),
                     };
+                    let psk_sealed = match (&new.psk, &sealer) {
+                        (None, _) => None,
+                        (Some(p), Some(sealer)) => Some(sealer.seal(&new.id, p.as_bytes())),
+                        (Some(_), None) => {
+                            return Err(RegistryError::Invalid(
+                                "psk: DTLS keys are not enabled on this gateway".into(),
+                            ))
+                        }
+                    };
                     let record = Record {
+                        psk_sealed,
                         secret_hash: secret::hash(&secret, generated),
                         id: new.id,
                         tenant: new.tenant,
@@ -604,6 +647,9 @@ fn validate(d: &mut NewDevice) -> Result<(), RegistryError> {
             )
         }
     }
+    if let Some(p) = &d.psk {
+        psk::validate(p).map_err(RegistryError::Invalid)?;
+    }
     if let Some(s) = &d.secret {
         if s.len() < 8 || s.len() > 256 {
             return invalid("secret: 8 to 256 characters".into());
@@ -733,6 +779,31 @@ mod tests {
             .is_err());
         assert_eq!(reg.list("", "", "", 10).len(), 1);
         assert_eq!(reg.list("other", "", "", 10).len(), 0);
+    }
+
+    #[tokio::test]
+    async fn psks_are_sealed_and_given_only_for_enabled_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut with_psk = new("nb-1");
+        with_psk.psk = Some("a-psk-of-twenty-chars".into());
+        // Without a sealing key, PSKs are refused rather than stored in clear.
+        assert!(matches!(
+            reg.add(with_psk.clone(), 0).await,
+            Err(RegistryError::Invalid(_))
+        ));
+        reg.set_psk_sealer(psk::Sealer::new([3; 32]));
+        let (dev, _) = reg.add(with_psk, 0).await.unwrap();
+        assert!(dev.has_psk);
+        assert_eq!(reg.psk("nb-1").unwrap(), b"a-psk-of-twenty-chars");
+        reg.add(new("nb-2"), 0).await.unwrap();
+        assert_eq!(reg.psk("nb-2").unwrap_err(), AuthError::BadCredentials);
+        assert_eq!(reg.psk("nb-3").unwrap_err(), AuthError::UnknownDevice);
+        reg.set_enabled("nb-1", false).await.unwrap();
+        assert_eq!(reg.psk("nb-1").unwrap_err(), AuthError::DisabledDevice);
+        let mut short = new("nb-4");
+        short.psk = Some("short".into());
+        assert!(reg.add(short, 0).await.is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Ways in. Each source authenticates its devices by its protocol's means, then hands every
 //! message to the [`Pipeline`](crate::pipeline::Pipeline) with the authenticated identity.
 
+pub mod coap;
 pub mod lorawan;
 pub mod mqtt;
 

@@ -103,6 +103,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -170,10 +177,11 @@ def _clean_env() -> dict[str, str]:
 class Device:
     """A provisioned device: id, secret and the registry record the CLI returned."""
 
-    def __init__(self, record: dict, secret: str):
+    def __init__(self, record: dict, secret: str, psk: str | None = None):
         self.record = record
         self.id: str = record["id"]
         self.secret = secret
+        self.psk = psk  # DTLS pre-shared key (CoAPS), when provisioned
 
     @property
     def topic(self) -> str:
@@ -252,11 +260,16 @@ class Gateway:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.mqtt_port = self.grpc_port = self.http_port = 0
+        self.coap_port = self.coaps_port = 0
 
     # -- addresses
     @property
     def mqtt_listen(self) -> str:
         return hostport(self.host, self.mqtt_port)
+
+    @property
+    def coap_listen(self) -> str:
+        return hostport(self.host, self.coap_port)
 
     @property
     def http_base(self) -> str:
@@ -273,6 +286,9 @@ class Gateway:
             "CITYGW_MQTT__LISTEN": self.mqtt_listen,
             "CITYGW_GRPC__LISTEN": hostport(self.host, self.grpc_port),
             "CITYGW_HTTP__LISTEN": hostport(self.host, self.http_port),
+            # Plain CoAP stays off unless a test enables it (CITYGW_COAP__PLAIN_ENABLED=true).
+            "CITYGW_COAP__LISTEN": self.coap_listen,
+            "CITYGW_COAP__DTLS_LISTEN": hostport(self.host, self.coaps_port),
             "CITYGW_ADMIN__TOKEN": self.token,
             "CITYGW_LOG__FORMAT": "json",
             "RUST_BACKTRACE": "1",
@@ -286,6 +302,8 @@ class Gateway:
         self.mqtt_port = free_port(self.host)
         self.grpc_port = free_port(self.host)
         self.http_port = free_port(self.host)
+        self.coap_port = free_udp_port(self.host)
+        self.coaps_port = free_udp_port(self.host)
         self.starts += 1
         with open(self.log_path, "ab") as log:
             log.write(f"\n----- start #{self.starts}: mqtt {self.mqtt_listen} grpc {self.grpc_port} "
@@ -404,7 +422,9 @@ class Gateway:
                    kind: str = "air_quality", commune: str | None = None,
                    lat: float | None = None, lon: float | None = None, name: str | None = None,
                    secret: str | None = None, dev_eui: str | None = None,
-                   codec: str | None = None) -> Device:
+                   codec: str | None = None, psk: str | bool | None = None) -> Device:
+        """`citygw device add`; `psk=True` lets the gateway generate a DTLS PSK, a string
+        chooses it."""
         device_id = device_id or unique_id("dev")
         args = ["device", "add", device_id, "--tenant", tenant, "--kind", kind]
         if dev_eui is not None:
@@ -421,12 +441,18 @@ class Gateway:
             args += ["--name", name]
         if secret is not None:
             args += ["--secret", secret]
+        if psk is True:
+            args.append("--generate-psk")
+        elif psk:
+            args += ["--psk", psk]
         out = self.cli(*args)
         assert isinstance(out, dict) and "device" in out and "secret" in out, out
         assert out["secret"], f"device add returned an empty secret: {out}"
         if secret is not None:
             assert out["secret"] == secret, out
-        return Device(out["device"], out["secret"])
+        if psk:
+            assert out.get("psk") and out["device"]["has_psk"] is True, out
+        return Device(out["device"], out["secret"], out.get("psk"))
 
     def add_agency(self, name: str | None = None, tenants: Iterable[str] = ("*",),
                    kinds: Iterable[str] = ("*",), kpi: bool = False) -> "Agency":

@@ -21,6 +21,8 @@ pub struct AdminService {
     pub store: Store,
     pub sinks: crate::sinks::Sinks,
     pub kpi: crate::kpi::Kpi,
+    /// None when LwM2M is disabled.
+    pub lwm2m: Option<std::sync::Arc<crate::sources::coap::lwm2m::Lwm2m>>,
 }
 
 fn agency_info(a: &Agency) -> AgencyInfo {
@@ -55,6 +57,11 @@ fn new_device(req: AddDeviceRequest) -> Result<NewDevice, Status> {
         dev_eui: d.dev_eui,
         codec: d.codec,
         secret: Some(req.secret).filter(|s| !s.is_empty()),
+        psk: if req.generate_psk {
+            Some(crate::registry::psk::generate())
+        } else {
+            Some(req.psk).filter(|s| !s.is_empty())
+        },
     })
 }
 
@@ -79,11 +86,13 @@ impl Admin for AdminService {
         req: Request<AddDeviceRequest>,
     ) -> Result<Response<AddDeviceResponse>, Status> {
         let new = new_device(req.into_inner())?;
+        let psk = new.psk.clone().unwrap_or_default();
         let (device, secret) = self.registry.add(new, now_ms()).await.map_err(status)?;
         tracing::info!(device = %device.id, tenant = %device.tenant, kind = %device.kind, "device added");
         Ok(Response::new(AddDeviceResponse {
             device: Some(device),
             secret,
+            psk,
         }))
     }
 
@@ -275,6 +284,36 @@ impl Admin for AdminService {
         tracing::info!(stored, "kpi snapshots stored");
         Ok(Response::new(PutKpiSnapshotsResponse {
             stored: stored as u32,
+        }))
+    }
+
+    async fn list_lwm2m_registrations(
+        &self,
+        req: Request<ListLwm2mRegistrationsRequest>,
+    ) -> Result<Response<ListLwm2mRegistrationsResponse>, Status> {
+        let device_id = req.into_inner().device_id;
+        let registrations = self
+            .lwm2m
+            .as_ref()
+            .map(|l| l.registrations())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| device_id.is_empty() || r.device_id == device_id)
+            .map(|r| Lwm2mRegistration {
+                id: format!("/rd/{}", r.id),
+                device_id: r.device_id,
+                address: r.peer.to_string(),
+                lifetime_s: r.lifetime_secs,
+                lwm2m_version: r.version,
+                objects: r.objects.iter().map(|(o, i)| format!("/{o}/{i}")).collect(),
+                registered_time_ms: r.registered_ms,
+                updated_time_ms: r.updated_ms,
+                last_error: r.last_error,
+                secure: r.secure,
+            })
+            .collect();
+        Ok(Response::new(ListLwm2mRegistrationsResponse {
+            registrations,
         }))
     }
 }

@@ -26,6 +26,7 @@ pub struct GrpcServer {
     pub pipeline: Pipeline,
     pub sinks: crate::sinks::Sinks,
     pub kpi: crate::kpi::Kpi,
+    pub lwm2m: Option<std::sync::Arc<crate::sources::coap::lwm2m::Lwm2m>>,
 }
 
 impl GrpcServer {
@@ -61,6 +62,7 @@ impl GrpcServer {
                 store: store.clone(),
                 sinks: self.sinks,
                 kpi: self.kpi.clone(),
+                lwm2m: self.lwm2m,
             },
             auth::BearerToken::new(self.admin_token),
         );

@@ -41,7 +41,8 @@ impl super::Source for MqttSource {
         // the queue bounds them (beyond it a new socket is closed and the device retries).
         let pending_handshakes = cfg.max_handshaking.saturating_mul(2);
         let open_files = limit::raise_open_files_limit();
-        let sessions = limit::SessionLimit::new(cfg.max_connections, open_files, pending_handshakes);
+        let sessions =
+            limit::SessionLimit::new(cfg.max_connections, open_files, pending_handshakes);
         if sessions.cap() < cfg.max_connections {
             tracing::warn!(
                 open_files,

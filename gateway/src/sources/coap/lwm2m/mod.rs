@@ -1,0 +1,709 @@
+//! LwM2M 1.0/1.1 server, register interface and information reporting, on the CoAP listeners.
+//!
+//! - `POST /rd?ep=&lt=&lwm2m=&b=` registers (2.01, Location-Path `rd/{id}`), `POST /rd/{id}`
+//!   updates, `DELETE /rd/{id}` de-registers. The endpoint name is a registered device id; a live
+//!   registration counts as the device's session (online), expiry of its lifetime ends it.
+//! - After registering, the server observes the sensor value of every known object instance the
+//!   client listed ([`objects::KNOWN`]); each notification becomes readings, stored before a
+//!   confirmable notification is acknowledged.
+//! - `POST /dp` (LwM2M 1.1 Send) carries SenML values, stored directly.
+//!
+//! Identity: on CoAPS the DTLS identity, which must equal the endpoint name. On plain CoAP the
+//! registration carries the device secret (`t=` query), or, with `coap.lwm2m_nosec` (LwM2M
+//! "NoSec" mode, private networks only), the endpoint name alone is trusted.
+//! Observations are sent over plain CoAP only (the CoAPS session keeps no outbound path yet);
+//! CoAPS clients report with Send.
+
+pub mod objects;
+pub mod values;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use rand::RngCore;
+use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+
+use super::handler::{Identity, Response};
+use super::request;
+use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
+use crate::proto::Protocol;
+use crate::registry::{AuthError, DeviceEntry, Registry};
+use objects::Path;
+
+/// RFC 7252 ACK_TIMEOUT and MAX_RETRANSMIT for the server's own requests.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_RETRANSMIT: u32 = 4;
+/// Lifetime when the client gives none (LwM2M default).
+const DEFAULT_LIFETIME: u64 = 86_400;
+
+/// One client's registration.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub id: String,
+    pub device_id: String,
+    pub peer: SocketAddr,
+    pub secure: bool,
+    pub lifetime_secs: u64,
+    pub version: String,
+    pub objects: Vec<(u16, u16)>,
+    pub registered_ms: i64,
+    pub updated_ms: i64,
+    /// The last observation or read failure, "" when none.
+    pub last_error: String,
+    expires: Instant,
+}
+
+struct Observation {
+    registration: String,
+    device_id: String,
+    path: Path,
+    answered: Arc<Notify>,
+}
+
+pub struct Lwm2m {
+    registry: Registry,
+    pipeline: Pipeline,
+    nosec: bool,
+    registrations: Mutex<HashMap<String, Registration>>,
+    observations: Mutex<HashMap<Vec<u8>, Observation>>,
+    plain: OnceLock<Arc<UdpSocket>>,
+    next_message_id: AtomicU16,
+}
+
+impl Lwm2m {
+    pub fn new(registry: Registry, pipeline: Pipeline, nosec: bool) -> Self {
+        Self {
+            registry,
+            pipeline,
+            nosec,
+            registrations: Mutex::default(),
+            observations: Mutex::default(),
+            plain: OnceLock::new(),
+            next_message_id: AtomicU16::new(rand::random()),
+        }
+    }
+
+    /// The plain CoAP socket, for requests the server sends to clients.
+    pub fn set_plain_socket(&self, socket: Arc<UdpSocket>) {
+        let _ = self.plain.set(socket);
+    }
+
+    /// Registrations, in endpoint order, for the admin API.
+    pub fn registrations(&self) -> Vec<Registration> {
+        let mut v: Vec<Registration> = self
+            .registrations
+            .lock()
+            .expect("registrations lock")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        v
+    }
+
+    /// Answers the LwM2M paths (`/rd...`, `/dp`); `None` for any other path.
+    pub async fn handle(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        identity: &Identity,
+        req: &Packet,
+        segments: &[String],
+    ) -> Option<Response> {
+        let method = match req.header.code {
+            MessageClass::Request(m) => m,
+            _ => return None,
+        };
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        Some(match (segs.as_slice(), method) {
+            (["rd"], RequestType::Post) => self.register(peer, identity, req).await,
+            (["rd", id], RequestType::Post) => self.update(peer, identity, req, id).await,
+            (["rd", id], RequestType::Delete) => self.deregister(identity, req, id).await,
+            (["dp"], RequestType::Post) => self.send(peer, identity, req).await,
+            (["rd"] | ["rd", _] | ["dp"], _) => Response::refuse(
+                ResponseType::MethodNotAllowed,
+                "method_not_allowed",
+                "registration: POST /rd, update: POST /rd/{id}, de-registration: DELETE /rd/{id}, send: POST /dp",
+            ),
+            _ => return None,
+        })
+    }
+
+    async fn register(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        identity: &Identity,
+        req: &Packet,
+    ) -> Response {
+        let query = |k: &str| {
+            request::query(req, k).and_then(|v| std::str::from_utf8(v).ok().map(str::to_string))
+        };
+        let Some(endpoint) = query("ep").filter(|e| !e.is_empty()) else {
+            return Response::refuse(
+                ResponseType::BadRequest,
+                "lwm2m_bad_registration",
+                "registration needs ?ep=<endpoint name>",
+            );
+        };
+        let lifetime = match query("lt").map(|l| l.parse::<u64>()) {
+            None => DEFAULT_LIFETIME,
+            Some(Ok(l)) if l > 0 => l,
+            _ => {
+                return Response::refuse(
+                    ResponseType::BadRequest,
+                    "lwm2m_bad_registration",
+                    "lt must be a positive number of seconds",
+                )
+            }
+        };
+        let device = match self.authenticate(identity, &endpoint, req).await {
+            Ok(d) => d,
+            Err(r) => return r,
+        };
+        let objects = link_objects(&req.payload);
+        let now = now_ms();
+        let id = random_id();
+        let registration = Registration {
+            id: id.clone(),
+            device_id: device.id().to_string(),
+            peer,
+            secure: matches!(identity, Identity::Session(_)),
+            lifetime_secs: lifetime,
+            version: query("lwm2m").unwrap_or_else(|| "1.0".into()),
+            objects: objects.clone(),
+            registered_ms: now,
+            updated_ms: now,
+            last_error: String::new(),
+            expires: Instant::now() + Duration::from_secs(lifetime),
+        };
+        let replaced = {
+            let mut regs = self.registrations.lock().expect("registrations lock");
+            let old: Vec<String> = regs
+                .values()
+                .filter(|r| r.device_id == device.id())
+                .map(|r| r.id.clone())
+                .collect();
+            for o in &old {
+                regs.remove(o);
+            }
+            regs.insert(id.clone(), registration);
+            old
+        };
+        for old in &replaced {
+            self.forget_observations(old);
+        }
+        if replaced.is_empty() {
+            device.session_opened();
+        }
+        self.count("register");
+        tracing::info!(device = device.id(), %peer, lifetime, objects = objects.len(), "lwm2m registered");
+        self.observe_all(
+            &id,
+            peer,
+            &objects,
+            matches!(identity, Identity::Session(_)),
+        );
+        let mut r = Response::new(ResponseType::Created);
+        r.location = vec!["rd".into(), id];
+        r
+    }
+
+    async fn update(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        identity: &Identity,
+        req: &Packet,
+        id: &str,
+    ) -> Response {
+        let Some(device_id) = self.registration_device(id) else {
+            return unknown_registration(id);
+        };
+        if let Err(r) = self.authenticate(identity, &device_id, req).await {
+            return r;
+        }
+        let lifetime = request::query(req, "lt")
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+            .filter(|l| *l > 0);
+        let new_objects = (!req.payload.is_empty()).then(|| link_objects(&req.payload));
+        let (objects, secure) = {
+            let mut regs = self.registrations.lock().expect("registrations lock");
+            let Some(r) = regs.get_mut(id) else {
+                return unknown_registration(id);
+            };
+            if let Some(l) = lifetime {
+                r.lifetime_secs = l;
+            }
+            r.peer = peer;
+            r.updated_ms = now_ms();
+            r.expires = Instant::now() + Duration::from_secs(r.lifetime_secs);
+            let added: Vec<(u16, u16)> = new_objects
+                .map(|objs| {
+                    let added = objs
+                        .iter()
+                        .filter(|o| !r.objects.contains(o))
+                        .copied()
+                        .collect();
+                    r.objects = objs;
+                    added
+                })
+                .unwrap_or_default();
+            (added, r.secure)
+        };
+        self.count("update");
+        self.observe_all(id, peer, &objects, secure);
+        Response::new(ResponseType::Changed)
+    }
+
+    async fn deregister(self: &Arc<Self>, identity: &Identity, req: &Packet, id: &str) -> Response {
+        let Some(device_id) = self.registration_device(id) else {
+            return unknown_registration(id);
+        };
+        if let Err(r) = self.authenticate(identity, &device_id, req).await {
+            return r;
+        }
+        self.end(id, "deregister");
+        Response::new(ResponseType::Deleted)
+    }
+
+    /// LwM2M 1.1 Send: SenML values from a registered (or DTLS-authenticated) client.
+    async fn send(&self, peer: SocketAddr, identity: &Identity, req: &Packet) -> Response {
+        let device = match identity {
+            Identity::Session(id) => self.registry.get(id).filter(|d| d.enabled()),
+            Identity::Token => {
+                let regs = self.registrations.lock().expect("registrations lock");
+                regs.values()
+                    .find(|r| r.peer == peer && !r.secure)
+                    .and_then(|r| self.registry.get(&r.device_id))
+                    .filter(|d| d.enabled())
+            }
+        };
+        let Some(device) = device else {
+            return Response::refuse(
+                ResponseType::Unauthorized,
+                "unauthenticated",
+                "Send (/dp) needs a registration from this address first",
+            );
+        };
+        let cf = request::content_format(req).ok().flatten();
+        let delivery = if req.header.get_type() == MessageType::Confirmable {
+            Delivery::Durable
+        } else {
+            Delivery::BestEffort
+        };
+        self.store(&device, "lwm2m /dp", cf, &req.payload, None, delivery)
+            .await
+            .map_or_else(|r| r, |_| Response::new(ResponseType::Changed))
+    }
+
+    /// Decodes LwM2M values and stores them; a refusal is dead-lettered and answered.
+    async fn store(
+        &self,
+        device: &DeviceEntry,
+        address: &str,
+        content_format: Option<u16>,
+        payload: &[u8],
+        requested: Option<Path>,
+        delivery: Delivery,
+    ) -> Result<usize, Response> {
+        let decoded = match values::decode(content_format, payload, requested, now_ms()) {
+            Ok(d) => d,
+            Err(detail) => {
+                let rejection = Rejection::new("malformed_lwm2m", detail);
+                self.pipeline
+                    .refuse(
+                        device.id(),
+                        Protocol::Lwm2m,
+                        address,
+                        Some(payload),
+                        payload.len(),
+                        &rejection,
+                    )
+                    .await;
+                return Err(Response::refuse(
+                    ResponseType::BadRequest,
+                    "malformed_lwm2m",
+                    rejection.to_string(),
+                ));
+            }
+        };
+        match self
+            .pipeline
+            .ingest_decoded(device, Protocol::Lwm2m, payload.len(), decoded, delivery)
+            .await
+        {
+            Ok(n) => Ok(n),
+            Err(IngestError::Rejected(r)) => Err(Response::refuse(
+                ResponseType::BadRequest,
+                r.reason,
+                r.to_string(),
+            )),
+            Err(IngestError::Store(e)) => {
+                tracing::error!(device = device.id(), error = %e, "lwm2m reading not stored");
+                let mut r = Response::refuse(
+                    ResponseType::ServiceUnavailable,
+                    "store_unavailable",
+                    "gateway store unavailable; retry later",
+                );
+                r.max_age = Some(5);
+                Err(r)
+            }
+        }
+    }
+
+    async fn authenticate(
+        &self,
+        identity: &Identity,
+        endpoint: &str,
+        req: &Packet,
+    ) -> Result<Arc<DeviceEntry>, Response> {
+        let result = match identity {
+            Identity::Session(session) if session != endpoint => {
+                return Err(Response::refuse(
+                    ResponseType::Forbidden,
+                    "spoofed_endpoint",
+                    format!("DTLS identity {session} may not act for endpoint {endpoint}"),
+                ))
+            }
+            Identity::Session(session) => match self.registry.get(session) {
+                Some(d) if d.enabled() => Ok(d),
+                Some(_) => Err(AuthError::DisabledDevice),
+                None => Err(AuthError::UnknownDevice),
+            },
+            Identity::Token => match request::query(req, "t") {
+                Some(secret) => self.registry.authenticate(endpoint, Some(secret)).await,
+                None if self.nosec => match self.registry.get(endpoint) {
+                    Some(d) if d.enabled() => Ok(d),
+                    Some(_) => Err(AuthError::DisabledDevice),
+                    None => Err(AuthError::UnknownDevice),
+                },
+                None => Err(AuthError::Anonymous),
+            },
+        };
+        result.map_err(|e| {
+            metrics::counter!("citygw_auth_failures_total", "protocol" => "lwm2m", "reason" => e.reason())
+                .increment(1);
+            match e {
+                AuthError::DisabledDevice => {
+                    Response::refuse(ResponseType::Forbidden, "disabled_device", "device is disabled")
+                }
+                AuthError::Anonymous => Response::refuse(
+                    ResponseType::Unauthorized,
+                    "unauthenticated",
+                    "registration needs the device secret (?t=) or CoAPS",
+                ),
+                _ => Response::refuse(
+                    ResponseType::Unauthorized,
+                    "unauthenticated",
+                    "unknown endpoint or wrong access token",
+                ),
+            }
+        })
+    }
+
+    fn registration_device(&self, id: &str) -> Option<String> {
+        self.registrations
+            .lock()
+            .expect("registrations lock")
+            .get(id)
+            .map(|r| r.device_id.clone())
+    }
+
+    /// Ends a registration (de-registration or expiry): the device goes offline.
+    fn end(&self, id: &str, event: &'static str) {
+        let removed = self
+            .registrations
+            .lock()
+            .expect("registrations lock")
+            .remove(id);
+        if let Some(r) = removed {
+            self.forget_observations(id);
+            if let Some(d) = self.registry.get(&r.device_id) {
+                d.session_closed();
+            }
+            self.count(event);
+            tracing::info!(device = %r.device_id, event, "lwm2m registration ended");
+        }
+    }
+
+    fn count(&self, event: &'static str) {
+        metrics::counter!("citygw_lwm2m_registrations_total", "event" => event).increment(1);
+        let n = self.registrations.lock().expect("registrations lock").len();
+        metrics::gauge!("citygw_lwm2m_registrations_active").set(n as f64);
+    }
+
+    fn forget_observations(&self, registration: &str) {
+        self.observations
+            .lock()
+            .expect("observations lock")
+            .retain(|_, o| o.registration != registration);
+    }
+
+    /// Expires registrations whose lifetime passed without an update, every second.
+    pub async fn expire(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let expired: Vec<String> = self
+                .registrations
+                .lock()
+                .expect("registrations lock")
+                .values()
+                .filter(|r| r.expires <= now)
+                .map(|r| r.id.clone())
+                .collect();
+            for id in expired {
+                self.end(&id, "expire");
+            }
+        }
+    }
+
+    fn observe_all(
+        self: &Arc<Self>,
+        registration: &str,
+        peer: SocketAddr,
+        objects: &[(u16, u16)],
+        secure: bool,
+    ) {
+        let targets: Vec<Path> = objects
+            .iter()
+            .filter_map(|&(object, instance)| {
+                objects::observed_resource(object).map(|k| Path {
+                    object,
+                    instance,
+                    resource: k.resource,
+                })
+            })
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        if secure {
+            tracing::debug!(
+                registration,
+                "observations are not sent over CoAPS; the client reports with Send"
+            );
+            return;
+        }
+        let Some(socket) = self.plain.get().cloned() else {
+            return;
+        };
+        for path in targets {
+            let (this, registration, socket) =
+                (self.clone(), registration.to_string(), socket.clone());
+            tokio::spawn(async move { this.observe(registration, peer, path, socket).await });
+        }
+    }
+
+    /// Sends `GET path` with Observe 0 (retransmitted as RFC 7252 says) until the client answers.
+    async fn observe(
+        &self,
+        registration: String,
+        peer: SocketAddr,
+        path: Path,
+        socket: Arc<UdpSocket>,
+    ) {
+        let Some(device_id) = self.registration_device(&registration) else {
+            return;
+        };
+        let mut token = vec![0u8; 8];
+        rand::rng().fill_bytes(&mut token);
+        let answered = Arc::new(Notify::new());
+        self.observations.lock().expect("observations lock").insert(
+            token.clone(),
+            Observation {
+                registration: registration.clone(),
+                device_id: device_id.clone(),
+                path,
+                answered: answered.clone(),
+            },
+        );
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Get);
+        p.header.message_id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
+        p.set_token(token.clone());
+        p.add_option(CoapOption::Observe, Vec::new());
+        for seg in [path.object, path.instance, path.resource] {
+            p.add_option(CoapOption::UriPath, seg.to_string().into_bytes());
+        }
+        let bytes = p.to_bytes().expect("a GET encodes");
+        let mut wait = ACK_TIMEOUT;
+        for _ in 0..=MAX_RETRANSMIT {
+            if let Err(e) = socket.send_to(&bytes, peer).await {
+                tracing::debug!(%peer, error = %e, "lwm2m send");
+            }
+            if tokio::time::timeout(wait, answered.notified())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            if self.registration_device(&registration).is_none() {
+                return;
+            }
+            wait *= 2;
+        }
+        self.observations
+            .lock()
+            .expect("observations lock")
+            .remove(&token);
+        self.observe_failed(
+            &registration,
+            &device_id,
+            path,
+            "timeout",
+            "no answer to observe",
+        );
+    }
+
+    fn observe_failed(
+        &self,
+        registration: &str,
+        device_id: &str,
+        path: Path,
+        reason: &'static str,
+        detail: &str,
+    ) {
+        metrics::counter!("citygw_lwm2m_observe_errors_total", "reason" => reason).increment(1);
+        tracing::warn!(device = device_id, %path, reason, detail, "lwm2m observation failed");
+        if let Some(r) = self
+            .registrations
+            .lock()
+            .expect("registrations lock")
+            .get_mut(registration)
+        {
+            r.last_error = format!("{path}: {reason}: {detail}");
+        }
+    }
+
+    /// A response to one of the server's requests (read, observe, notification). Returns what to
+    /// send back: an empty ACK for a confirmable notification once it is stored, a Reset for a
+    /// notification nobody asked for (RFC 7641 section 3.6: that cancels it).
+    pub async fn on_response(&self, resp: &Packet) -> Option<Vec<u8>> {
+        let con = resp.header.get_type() == MessageType::Confirmable;
+        let reply = |typ: MessageType| {
+            let mut p = Packet::new();
+            p.header.set_type(typ);
+            p.header.code = MessageClass::Empty;
+            p.header.message_id = resp.header.message_id;
+            p.to_bytes().expect("an empty message encodes")
+        };
+        let found = {
+            let obs = self.observations.lock().expect("observations lock");
+            obs.get(resp.get_token()).map(|o| {
+                (
+                    o.registration.clone(),
+                    o.device_id.clone(),
+                    o.path,
+                    o.answered.clone(),
+                )
+            })
+        };
+        let Some((registration, device_id, path, answered)) = found else {
+            return con.then(|| reply(MessageType::Reset));
+        };
+        answered.notify_one();
+        let observing = resp.get_observe_value().is_some();
+        match resp.header.code {
+            MessageClass::Response(ResponseType::Content) => {
+                metrics::counter!("citygw_lwm2m_notifications_total").increment(1);
+                if let Some(device) = self.registry.get(&device_id).filter(|d| d.enabled()) {
+                    let cf = request::content_format(resp).ok().flatten();
+                    let address = format!("lwm2m {path}");
+                    if let Err(r) = self
+                        .store(
+                            &device,
+                            &address,
+                            cf,
+                            &resp.payload,
+                            Some(path),
+                            Delivery::Durable,
+                        )
+                        .await
+                    {
+                        let detail = String::from_utf8_lossy(&r.payload).into_owned();
+                        self.observe_failed(&registration, &device_id, path, "bad_value", &detail);
+                    }
+                }
+            }
+            MessageClass::Response(code) => {
+                let detail = format!("{code:?}: {}", String::from_utf8_lossy(&resp.payload));
+                self.observe_failed(&registration, &device_id, path, "refused", &detail);
+            }
+            _ => {}
+        }
+        if !observing
+            || !matches!(
+                resp.header.code,
+                MessageClass::Response(ResponseType::Content)
+            )
+        {
+            self.observations
+                .lock()
+                .expect("observations lock")
+                .remove(resp.get_token());
+        }
+        con.then(|| reply(MessageType::Acknowledgement))
+    }
+}
+
+fn unknown_registration(id: &str) -> Response {
+    Response::refuse(
+        ResponseType::NotFound,
+        "lwm2m_unknown_registration",
+        format!("no registration {id}; register again"),
+    )
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Object instances from a registration's CoRE link format: `</1/0>,</3/0>,</3303/0>;ver=1.1`.
+fn link_objects(payload: &[u8]) -> Vec<(u16, u16)> {
+    let text = String::from_utf8_lossy(payload);
+    let mut out = Vec::new();
+    for link in text.split(',') {
+        let Some(target) = link
+            .trim()
+            .strip_prefix('<')
+            .and_then(|l| l.split('>').next())
+        else {
+            continue;
+        };
+        let mut it = target.trim_start_matches('/').split('/');
+        if let (Some(Ok(o)), Some(Ok(i)), None) = (
+            it.next().map(str::parse::<u16>),
+            it.next().map(str::parse::<u16>),
+            it.next(),
+        ) {
+            if !out.contains(&(o, i)) {
+                out.push((o, i));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_format_object_instances() {
+        assert_eq!(
+            link_objects(
+                b"</>;rt=\"oma.lwm2m\",</1/0>, </3/0>,</3303/0>;ver=1.1,</3303/1>,</5>,</3303/0>"
+            ),
+            vec![(1, 0), (3, 0), (3303, 0), (3303, 1)]
+        );
+        assert!(link_objects(b"garbage").is_empty());
+    }
+}
