@@ -96,18 +96,29 @@ def has_ipv6_loopback() -> bool:
         return False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+# Ports already handed out in this test process: the kernel may offer a just-closed port again,
+# and two listeners of one gateway (or a gateway and its broker) must never get the same one.
+_HANDED_OUT: set[tuple[int, int]] = set()
+
+
+def _free(host: str, kind: int) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket(family, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (kind, port) not in _HANDED_OUT and (socket.SOCK_STREAM + socket.SOCK_DGRAM - kind,
+                                                port) not in _HANDED_OUT:
+            _HANDED_OUT.add((kind, port))
+            return port
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return _free(host, socket.SOCK_STREAM)
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return _free(host, socket.SOCK_DGRAM)
 
 
 def hostport(host: str, port: int) -> str:
