@@ -1,10 +1,10 @@
-//! Vietnam's 2025 commune-level units (device-sim/data/vn-communes-2025.csv, embedded): where
-//! a scenario's devices are placed.
+//! Vietnam's 2025 commune-level units (the gateway's gateway/data/geo/vn-communes-2025.csv, one
+//! copy embedded in both binaries): where a scenario's devices are placed.
 
 use anyhow::Context;
 use serde::Deserialize;
 
-const CSV: &str = include_str!("../../data/vn-communes-2025.csv");
+const CSV: &str = citygw::kpi::geo::COMMUNES_CSV;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Commune {

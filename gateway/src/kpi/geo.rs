@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-const COMMUNES_CSV: &str = include_str!("../../data/geo/vn-communes-2025.csv");
+/// The shipped commune table (source in gateway/data/geo/README.md); device-sim places devices
+/// with it too.
+pub const COMMUNES_CSV: &str = include_str!("../../data/geo/vn-communes-2025.csv");
 const CITIES_CSV: &str = include_str!("../../data/geo/city-population-2025.csv");
 
 /// Grid cell of the spatial index, in degrees (~11 km): a few urban communes per cell.
