@@ -394,6 +394,15 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> 
     file.sync_all()
 }
 
+/// Names operators give things that end up in metric labels, keys and addresses (tenants,
+/// agencies, sinks, network servers): 1-64 characters of a-z 0-9 - _.
+pub fn is_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -238,11 +238,7 @@ impl Agencies {
 
 fn validate(name: &str, tenants: &[String], kinds: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(
-        !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_')),
+        crate::config::is_slug(name),
         "agency name {name:?}: 1-64 characters of a-z 0-9 - _"
     );
     anyhow::ensure!(

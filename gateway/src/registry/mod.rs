@@ -519,17 +519,22 @@ impl Registry {
 
     /// Checks a device's credentials. Argon2-hashed secrets are verified on a blocking thread
     /// once, then by fingerprint, so reconnect storms cost a SHA-256 each.
+    /// The device behind an identity a transport already proved (a DTLS PSK session), if it may
+    /// still report.
+    pub fn enabled_device(&self, id: &str) -> Result<Arc<DeviceEntry>, AuthError> {
+        match self.get(id) {
+            Some(d) if d.enabled() => Ok(d),
+            Some(_) => Err(AuthError::DisabledDevice),
+            None => Err(AuthError::UnknownDevice),
+        }
+    }
+
     pub async fn authenticate(
         &self,
         id: &str,
         secret: Option<&[u8]>,
     ) -> Result<Arc<DeviceEntry>, AuthError> {
-        let Some(entry) = self.get(id) else {
-            return Err(AuthError::UnknownDevice);
-        };
-        if !entry.enabled() {
-            return Err(AuthError::DisabledDevice);
-        }
+        let entry = self.enabled_device(id)?;
         let Some(secret) = secret.and_then(|s| std::str::from_utf8(s).ok()) else {
             return Err(AuthError::BadCredentials);
         };
@@ -614,13 +619,7 @@ fn validate(d: &mut NewDevice) -> Result<(), RegistryError> {
             d.id
         ));
     }
-    if d.tenant.is_empty()
-        || d.tenant.len() > 64
-        || !d
-            .tenant
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
-    {
+    if !crate::config::is_slug(&d.tenant) {
         return invalid(format!(
             "tenant {:?}: 1-64 characters of a-z 0-9 - _",
             d.tenant

@@ -69,6 +69,30 @@ impl Response {
         }
     }
 
+    /// The answer to a failed authentication, counted under `protocol`; `anonymous_hint` tells a
+    /// device that sent no credential how to send one.
+    pub fn auth_refused(protocol: &'static str, e: AuthError, anonymous_hint: &str) -> Self {
+        metrics::counter!("citygw_auth_failures_total", "protocol" => protocol, "reason" => e.reason())
+            .increment(1);
+        match e {
+            AuthError::DisabledDevice => Self::refuse(
+                ResponseType::Forbidden,
+                "disabled_device",
+                "device is disabled",
+            ),
+            AuthError::Anonymous => Self::refuse(
+                ResponseType::Unauthorized,
+                "unauthenticated",
+                anonymous_hint,
+            ),
+            AuthError::UnknownDevice | AuthError::BadCredentials => Self::refuse(
+                ResponseType::Unauthorized,
+                "unauthenticated",
+                "unknown device or wrong access token",
+            ),
+        }
+    }
+
     /// Frames the response to `req`: piggybacked in the ACK of a CON, or a NON of its own.
     pub fn to_packet(&self, req: &Packet, message_id: u16) -> Packet {
         let mut p = Packet::new();
@@ -298,30 +322,14 @@ impl Handler {
                     rejection.to_string(),
                 ));
             }
-            Identity::Session(session) => match self.registry.get(session) {
-                Some(d) if d.enabled() => Ok(d),
-                Some(_) => Err(AuthError::DisabledDevice),
-                None => Err(AuthError::UnknownDevice),
-            },
+            Identity::Session(session) => self.registry.enabled_device(session),
         };
         result.map_err(|e| {
-            metrics::counter!("citygw_auth_failures_total", "protocol" => "coap", "reason" => e.reason())
-                .increment(1);
-            match e {
-                AuthError::DisabledDevice => {
-                    Response::refuse(ResponseType::Forbidden, "disabled_device", "device is disabled")
-                }
-                AuthError::Anonymous => Response::refuse(
-                    ResponseType::Unauthorized,
-                    "unauthenticated",
-                    "missing access token: add the Uri-Query t=<device secret>",
-                ),
-                AuthError::UnknownDevice | AuthError::BadCredentials => Response::refuse(
-                    ResponseType::Unauthorized,
-                    "unauthenticated",
-                    "unknown device or wrong access token",
-                ),
-            }
+            Response::auth_refused(
+                "coap",
+                e,
+                "missing access token: add the Uri-Query t=<device secret>",
+            )
         })
     }
 

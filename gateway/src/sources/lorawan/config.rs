@@ -101,11 +101,7 @@ impl LorawanConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         let n = &self.name;
         anyhow::ensure!(
-            !n.is_empty()
-                && n.len() <= 64
-                && n.bytes().all(|b| b.is_ascii_lowercase()
-                    || b.is_ascii_digit()
-                    || matches!(b, b'-' | b'_')),
+            crate::config::is_slug(n),
             "lorawan name {n:?}: 1-64 characters of a-z 0-9 - _"
         );
         anyhow::ensure!(!self.host.is_empty(), "lorawan {n}: host is required");

@@ -368,39 +368,19 @@ impl Lwm2m {
                     format!("DTLS identity {session} may not act for endpoint {endpoint}"),
                 ))
             }
-            Identity::Session(session) => match self.registry.get(session) {
-                Some(d) if d.enabled() => Ok(d),
-                Some(_) => Err(AuthError::DisabledDevice),
-                None => Err(AuthError::UnknownDevice),
-            },
+            Identity::Session(session) => self.registry.enabled_device(session),
             Identity::Token => match request::query(req, "t") {
                 Some(secret) => self.registry.authenticate(endpoint, Some(secret)).await,
-                None if self.nosec => match self.registry.get(endpoint) {
-                    Some(d) if d.enabled() => Ok(d),
-                    Some(_) => Err(AuthError::DisabledDevice),
-                    None => Err(AuthError::UnknownDevice),
-                },
+                None if self.nosec => self.registry.enabled_device(endpoint),
                 None => Err(AuthError::Anonymous),
             },
         };
         result.map_err(|e| {
-            metrics::counter!("citygw_auth_failures_total", "protocol" => "lwm2m", "reason" => e.reason())
-                .increment(1);
-            match e {
-                AuthError::DisabledDevice => {
-                    Response::refuse(ResponseType::Forbidden, "disabled_device", "device is disabled")
-                }
-                AuthError::Anonymous => Response::refuse(
-                    ResponseType::Unauthorized,
-                    "unauthenticated",
-                    "registration needs the device secret (?t=) or CoAPS",
-                ),
-                _ => Response::refuse(
-                    ResponseType::Unauthorized,
-                    "unauthenticated",
-                    "unknown endpoint or wrong access token",
-                ),
-            }
+            Response::auth_refused(
+                "lwm2m",
+                e,
+                "registration needs the device secret (?t=) or CoAPS",
+            )
         })
     }
 
