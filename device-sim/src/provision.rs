@@ -8,12 +8,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use citygw::cli::client::bearer;
 use citygw::proto::admin_client::AdminClient;
 use citygw::proto::{AddDeviceRequest, Device, ImportDevicesRequest};
 use clap::Args;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
-use tonic::Request;
 
 use crate::drivers;
 use crate::run::load_scenario;
@@ -47,13 +46,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         .connect()
         .await
         .with_context(|| format!("cannot reach citygw at {}", args.grpc))?;
-    let header: MetadataValue<_> = format!("Bearer {}", args.token)
-        .parse()
-        .context("token is not a valid header value")?;
-    let mut admin = AdminClient::with_interceptor(channel, move |mut req: Request<()>| {
-        req.metadata_mut().insert("authorization", header.clone());
-        Ok(req)
-    });
+    let mut admin = AdminClient::with_interceptor(channel, bearer(&args.token)?);
 
     let mut out = csv_file(&args.out)?;
     writeln!(out, "id,secret,kind,commune_code,protocol,format")?;

@@ -20,14 +20,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use citygw::api::grpc::telemetry::RESUME_TRAILER;
+use citygw::cli::client::bearer;
 use citygw::proto::telemetry_client::TelemetryClient;
 use citygw::proto::{resume_point, Filter, ResumePoint, SubscribeRequest};
 use clap::Args;
 use serde::Serialize;
 use tokio::time::Instant;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
-use tonic::{Code, Request};
+use tonic::Code;
 
 use crate::report;
 
@@ -156,13 +156,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         .connect()
         .await
         .with_context(|| format!("cannot reach citygw at {}", args.grpc))?;
-    let header: MetadataValue<_> = format!("Bearer {}", args.token)
-        .parse()
-        .context("token is not a valid header value")?;
-    let mut api = TelemetryClient::with_interceptor(channel, move |mut req: Request<()>| {
-        req.metadata_mut().insert("authorization", header.clone());
-        Ok(req)
-    })
+    let mut api = TelemetryClient::with_interceptor(channel, bearer(&args.token)?)
     .max_decoding_message_size(64 << 20);
     let filter = Filter {
         tenants: args.tenant.iter().cloned().collect(),

@@ -18,6 +18,21 @@ const IMPORT_CHUNK: usize = 5000;
 /// Page size when listing everything.
 const LIST_PAGE: u32 = 5000;
 
+/// A gRPC interceptor that sends `authorization: Bearer <token>` (admin or agency token) with
+/// every call; device-sim's clients use it too.
+pub fn bearer(
+    token: &str,
+) -> anyhow::Result<impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + 'static>
+{
+    let header: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("token is not a valid header value")?;
+    Ok(move |mut req: Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    })
+}
+
 type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 type Authed = InterceptedService<Channel, AddToken>;
 
@@ -57,13 +72,7 @@ impl Client {
             .connect()
             .await
             .with_context(|| format!("cannot reach the gateway at {server}"))?;
-        let header: MetadataValue<_> = format!("Bearer {token}")
-            .parse()
-            .context("token is not a valid header value")?;
-        let auth: AddToken = Box::new(move |mut req| {
-            req.metadata_mut().insert("authorization", header.clone());
-            Ok(req)
-        });
+        let auth: AddToken = Box::new(bearer(&token)?);
         Ok(Client {
             inner: AdminClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20),
         })
