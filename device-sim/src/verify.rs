@@ -157,7 +157,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach citygw at {}", args.grpc))?;
     let mut api = TelemetryClient::with_interceptor(channel, bearer(&args.token)?)
-    .max_decoding_message_size(64 << 20);
+        .max_decoding_message_size(64 << 20);
     let filter = Filter {
         tenants: args.tenant.iter().cloned().collect(),
         ..Default::default()
