@@ -235,13 +235,7 @@ async fn serve(hub: Arc<Hub>, mut eventloop: EventLoop, ctx: Arc<DriverContext>)
 pub async fn run_device(dev: SimDevice, hub: Arc<Hub>, app_id: String, ctx: Arc<DriverContext>) {
     tokio::time::sleep_until(ctx.connect_at(dev.index)).await;
     let profile = &ctx.scenario.profiles[&dev.profile];
-    let quantities: Arc<str> = profile
-        .quantities
-        .iter()
-        .map(|q| q.name.as_str())
-        .collect::<Vec<_>>()
-        .join(";")
-        .into();
+    let quantities = super::ack_log_quantities(profile);
     let device_id: Arc<str> = dev.id.as_str().into();
     let topic = format!("application/{app_id}/device/{}/event/up", dev_eui(&dev.id));
     ctx.stats.opened();

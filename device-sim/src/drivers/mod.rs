@@ -76,6 +76,17 @@ fn implemented_names() -> String {
 }
 
 /// Refuses a scenario that gives weight to a protocol without a driver in this build.
+/// The profile's quantities as the ack log records them ("a;b;c"), built once per device.
+fn ack_log_quantities(profile: &crate::scenario::profiles::Profile) -> Arc<str> {
+    profile
+        .quantities
+        .iter()
+        .map(|q| q.name.as_str())
+        .collect::<Vec<_>>()
+        .join(";")
+        .into()
+}
+
 pub fn check_available(s: &Scenario) -> anyhow::Result<()> {
     for (p, w, line) in &s.protocol_mix {
         if *w > 0.0 && !p.implemented() {

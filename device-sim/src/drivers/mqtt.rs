@@ -78,13 +78,7 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
     }
 
     let profile = &ctx.scenario.profiles[&dev.profile];
-    let quantities: Arc<str> = profile
-        .quantities
-        .iter()
-        .map(|q| q.name.as_str())
-        .collect::<Vec<_>>()
-        .join(";")
-        .into();
+    let quantities = super::ack_log_quantities(profile);
     let device_id: Arc<str> = dev.id.as_str().into();
     let topic = dev.format.topic(&dev.id);
     let qos = if ctx.scenario.qos == 0 {
