@@ -64,6 +64,12 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
                     lon: Some(d.lon),
                     enabled: true,
                     name: format!("{} {}, {}", scenario.name, d.profile, d.commune_name),
+                    // The bridges find LoRaWAN devices by DevEUI, as the network server names them.
+                    dev_eui: if d.protocol.is_lorawan() {
+                        drivers::lorawan::dev_eui(&d.id)
+                    } else {
+                        String::new()
+                    },
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
-use crate::drivers::{lorawan, Protocol};
+use crate::drivers::lorawan;
 use crate::report::{self, LatencySummary};
 use crate::scenario::{profiles, Scenario};
 use crate::{credentials, drivers};
@@ -62,8 +62,8 @@ pub struct RunArgs {
     /// Write the summary as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// LoRaWAN (ChirpStack) devices: the network server's MQTT broker, host:port, where their
-    /// uplink events are published (citygw's bridge subscribes there).
+    /// LoRaWAN devices (ChirpStack and The Things Stack): the network server's MQTT broker,
+    /// host:port, where their uplink events are published (citygw's bridges subscribe there).
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub lorawan_broker: String,
     #[arg(long, env = "DEVICE_SIM_LORAWAN_USERNAME")]
@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// (`application/{id}/device/{devEUI}/event/up`).
     #[arg(long, default_value = "device-sim")]
     pub chirpstack_application_id: String,
+    /// The Things Stack application id in the uplink topics
+    /// (`v3/{id}/devices/{device id}/up`; `app@tenant` on The Things Stack Cloud).
+    #[arg(long, default_value = "device-sim@citygw")]
+    pub tts_application_id: String,
     /// Seconds between progress lines (0: none).
     #[arg(long, default_value_t = 1.0)]
     pub progress_every: f64,
@@ -188,7 +192,8 @@ pub struct DriverContext {
     pub drain: Duration,
     /// The network server's broker connection, when the scenario has LoRaWAN devices.
     pub lorawan_hub: std::sync::OnceLock<Arc<lorawan::Hub>>,
-    pub lorawan_application_id: String,
+    pub chirpstack_application_id: String,
+    pub tts_application_id: String,
 }
 
 impl DriverContext {
@@ -265,12 +270,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(args.connect_timeout),
         drain: Duration::from_secs(args.drain),
         lorawan_hub: std::sync::OnceLock::new(),
-        lorawan_application_id: args.chirpstack_application_id.clone(),
+        chirpstack_application_id: args.chirpstack_application_id.clone(),
+        tts_application_id: args.tts_application_id.clone(),
     });
-    if plan
-        .iter()
-        .any(|d| d.protocol == Protocol::LorawanChirpstack)
-    {
+    if plan.iter().any(|d| d.protocol.is_lorawan()) {
         let (host, port) = args
             .lorawan_broker
             .rsplit_once(':')

@@ -72,6 +72,9 @@ pub struct VerifyReport {
     pub missing: u64,
     pub duplicated: u64,
     pub unacknowledged_delivered: u64,
+    /// The delivered-but-unacknowledged readings by quantity: readings the gateway adds itself
+    /// (LoRaWAN radio metadata) show up here by name, lost PUBACKs under the device's own.
+    pub unacknowledged_by_quantity: std::collections::BTreeMap<String, u64>,
     pub last_id: u64,
     pub overflows: u64,
     pub missing_samples: Vec<String>,
@@ -119,6 +122,7 @@ fn compare(expected: &[Key], messages: u64, seen: &HashMap<Key, u32>) -> VerifyR
         missing: 0,
         duplicated: 0,
         unacknowledged_delivered: 0,
+        unacknowledged_by_quantity: Default::default(),
         last_id: 0,
         overflows: 0,
         missing_samples: vec![],
@@ -146,6 +150,9 @@ fn compare(expected: &[Key], messages: u64, seen: &HashMap<Key, u32>) -> VerifyR
         }
         if !expected_set.contains(k) {
             r.unacknowledged_delivered += 1;
+            *r.unacknowledged_by_quantity
+                .entry(k.2.to_string())
+                .or_default() += 1;
         }
     }
     r
@@ -266,7 +273,10 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         ("duplicated", report.duplicated.to_string()),
         (
             "delivered, not acknowledged",
-            report.unacknowledged_delivered.to_string(),
+            format!(
+                "{} {:?}",
+                report.unacknowledged_delivered, report.unacknowledged_by_quantity
+            ),
         ),
         (
             "stream",
@@ -317,6 +327,7 @@ mod tests {
             (1, 2, 1)
         );
         assert_eq!(r.delivered_readings, 5);
+        assert_eq!(r.unacknowledged_by_quantity["x"], 1);
         assert_eq!(r.missing_samples, vec!["b t=2 x".to_string()]);
     }
 

@@ -1,7 +1,9 @@
 """device-sim against the real gateway: the smoke scenario is provisioned through the admin API,
-run over MQTT 5 (every sensor profile, every payload format) and verified end to end through the
-agency API; the bad-input modes get exactly the refusals they intend, and the gateway's own
-counters (read here independently) agree; scenario mistakes are reported with their line."""
+run over every protocol device-sim drives (MQTT 5 with every payload format; LoRaWAN as ChirpStack
+v4 and The Things Stack v3 events on a real Mosquitto broker, bridged by the gateway's
+`[[lorawan]]` clients) and verified end to end through the agency API; the bad-input modes get
+exactly the refusals they intend, and the gateway's own counters (read here independently)
+agree; scenario mistakes are reported with their line."""
 
 from __future__ import annotations
 
@@ -9,15 +11,14 @@ import base64
 import datetime as dt
 import json
 import os
-import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
-from support import ROOT, free_port, kill_process, wait_until
+from support import ROOT, wait_until
+from support.lorawan import Brokers, lorawan_toml, wait_bridge_connected
 
 DEVICE_SIM = Path(os.environ.get("DEVICE_SIM_BIN", ROOT / "target" / "debug" / "device-sim"))
 SMOKE = ROOT / "device-sim" / "scenarios" / "smoke.toml"
@@ -29,6 +30,26 @@ def device_sim(*args: str, env: dict[str, str] | None = None, timeout: float = 1
         raise FileNotFoundError(f"{DEVICE_SIM} missing: cargo build --workspace")
     return subprocess.run([str(DEVICE_SIM), *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture(scope="module")
+def network_server():
+    """One real Mosquitto broker standing in for both LoRaWAN network servers' brokers."""
+    brokers = Brokers(__name__)
+    try:
+        yield brokers.mosquitto()
+    finally:
+        brokers.close()
+
+
+@pytest.fixture(scope="module")
+def gw(module_gateways, network_server):
+    """The module's gateway, bridging ChirpStack and The Things Stack events from the broker."""
+    g = module_gateways(config_toml=lorawan_toml(network_server, name="chirpstack")
+                        + lorawan_toml(network_server, name="tts", server_type="ttn_v3"))
+    for name in ("chirpstack", "tts"):
+        wait_bridge_connected(g, name)
+    return g
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +80,18 @@ def test_provision_registers_the_scenario_with_place_and_kind(gw, smoke):
     assert 20.5 < dev["lat"] < 21.5 and 105 < dev["lon"] < 106.5  # Hà Nội
     kinds = {r.split(",")[2] for r in rows[1:]}
     formats = {r.split(",")[5] for r in rows[1:]}
+    protocols = {r.split(",")[4] for r in rows[1:]}
     assert len(kinds) == 13, kinds
     assert formats == {"json", "senml-json", "senml-cbor", "proto"}
+    assert protocols == {"mqtt", "lorawan-chirpstack", "lorawan-tts"}
+    # LoRaWAN devices are registered under the DevEUI their network server names them by.
+    lw = next(r.split(",") for r in rows[1:] if r.split(",")[4].startswith("lorawan"))
+    eui = gw.cli("device", "show", lw[0])
+    assert len(eui.get("device", eui)["dev_eui"]) == 16
 
 
-def test_smoke_scenario_every_acknowledged_reading_arrives_exactly_once(gw, smoke, tmp_path):
+def test_smoke_scenario_every_acknowledged_reading_arrives_exactly_once(gw, smoke, network_server,
+                                                                        tmp_path):
     creds, agency = smoke
     ack_log = tmp_path / "acks.log"
     run_json, verify_json = tmp_path / "run.json", tmp_path / "verify.json"
@@ -77,6 +105,7 @@ def test_smoke_scenario_every_acknowledged_reading_arrives_exactly_once(gw, smok
     try:
         run = device_sim("run", str(SMOKE), "--credentials", str(creds),
                          "--mqtt-host", gw.host, "--mqtt-port", str(gw.mqtt_port),
+                         "--lorawan-broker", f"127.0.0.1:{network_server.port}",
                          "--ack-log", str(ack_log), "--json", str(run_json), timeout=150)
         assert run.returncode == 0, run.stderr[-3000:]
         out, _ = verify.communicate(timeout=120)
@@ -94,9 +123,26 @@ def test_smoke_scenario_every_acknowledged_reading_arrives_exactly_once(gw, smok
     assert v["missing"] == 0 and v["duplicated"] == 0, v
     assert v["acked_messages"] == r["acked"]
     assert v["acked_readings"] == r["readings_acked"]
-    assert v["delivered_readings"] == r["readings_acked"]
-    # The gateway's own count agrees: every acknowledged reading was stored once.
-    assert gw.metric("citygw_readings_stored_total") - stored_before == r["readings_acked"]
+    # Delivered beyond the acknowledged readings: only the radio metadata the bridges add to
+    # each LoRaWAN uplink. The gateway's own count agrees: it stored exactly what was delivered.
+    assert v["unacknowledged_delivered"] > 0
+    assert set(v["unacknowledged_by_quantity"]) <= {
+        "rssi", "snr", "spreading_factor", "data_rate", "radio_frequency", "frame_counter",
+        "gateway_count"}, v["unacknowledged_by_quantity"]
+    assert v["delivered_readings"] == r["readings_acked"] + v["unacknowledged_delivered"]
+    assert gw.metric("citygw_readings_stored_total") - stored_before == v["delivered_readings"]
+    # Each bridge stored exactly the uplinks its devices had acknowledged by the broker.
+    protocol_of = {row.split(",")[0]: row.split(",")[4]
+                   for row in creds.read_text().splitlines()[1:]}
+    acked_by = {}
+    for line in ack_log.read_text().splitlines():
+        proto = protocol_of[line.split(",")[0]]
+        acked_by[proto] = acked_by.get(proto, 0) + 1
+    assert set(acked_by) == {"mqtt", "lorawan-chirpstack", "lorawan-tts"}, acked_by
+    for server, proto in (("chirpstack", "lorawan-chirpstack"), ("tts", "lorawan-tts")):
+        stored_uplinks = gw.metric("citygw_lorawan_messages_total", server=server, event="up",
+                                   outcome="stored")
+        assert stored_uplinks == acked_by[proto], (server, stored_uplinks, acked_by)
 
 
 def test_verify_reports_missing_readings(gw, smoke, tmp_path):
@@ -181,31 +227,7 @@ def test_scenario_mistakes_are_reported_with_their_line(tmp_path):
     assert f"{bad}:10:" in p.stderr and '"lwm2m" has no driver' in p.stderr, p.stderr
 
 
-@pytest.fixture
-def mosquitto(tmp_path):
-    """A real Mosquitto 2 broker on a free loopback port, standing in for a LoRaWAN network
-    server's broker (ChirpStack publishes its integration events there)."""
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(up, timeout=10)
-        yield port
-    finally:
-        kill_process(proc)
-
-
-def test_lorawan_chirpstack_uplinks_reach_the_network_server_broker(gw, mosquitto, tmp_path):
+def test_lorawan_chirpstack_uplinks_reach_the_network_server_broker(gw, network_server, tmp_path):
     """The ChirpStack driver publishes one v4 JSON uplink event per report on
     application/{app}/device/{devEUI}/event/up; every uplink the broker acknowledged is in the
     ack log, and a real subscriber receives exactly those events."""
@@ -222,14 +244,14 @@ def test_lorawan_chirpstack_uplinks_reach_the_network_server_broker(gw, mosquitt
     received: list[tuple[str, dict]] = []
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="network-server-listener")
     sub.on_message = lambda c, u, m: received.append((m.topic, json.loads(m.payload)))
-    sub.connect("127.0.0.1", mosquitto)
+    sub.connect("127.0.0.1", network_server.port)
     sub.subscribe("application/+/device/+/event/up", qos=1)
     sub.loop_start()
     try:
         wait_until(lambda: sub.is_connected(), timeout=10)
         ack_log = tmp_path / "acks.log"
         run = device_sim("run", str(scenario), "--credentials", str(creds),
-                         "--lorawan-broker", f"127.0.0.1:{mosquitto}",
+                         "--lorawan-broker", f"127.0.0.1:{network_server.port}",
                          "--chirpstack-application-id", "app-7", "--ack-log", str(ack_log),
                          "--json", str(tmp_path / "run.json"))
         assert run.returncode == 0, run.stderr

@@ -1,15 +1,21 @@
-//! LoRaWAN through ChirpStack v4: devices do not reach citygw themselves; their uplinks arrive as
-//! ChirpStack integration events on the network server's MQTT broker, which citygw's bridge
-//! subscribes to. This driver plays the network server: one MQTT connection to that broker
-//! (`run --lorawan-broker`) for all LoRaWAN devices of the scenario, and per uplink a JSON event
-//! on `application/{application_id}/device/{dev_eui}/event/up` with ChirpStack's v4 JSON
-//! marshaling (`deduplicationId`, `time`, `deviceInfo`, `devAddr`, `fCnt`, `fPort`, `data`,
-//! `object`, `rxInfo`, `txInfo`).
+//! LoRaWAN through a network server: devices do not reach citygw themselves; their uplinks arrive
+//! as integration events on the network server's MQTT broker, which citygw's `[[lorawan]]`
+//! bridges subscribe to. This driver plays the network server: one MQTT connection to that
+//! broker (`run --lorawan-broker`) for all LoRaWAN devices of the scenario, and per uplink one
+//! event in the server's own shape:
 //!
-//! Assumptions (ours, until the gateway's bridge is merged): `deviceInfo.deviceName` is the
-//! citygw device id, `devEui` is derived from it ([`dev_eui`]), `object` carries the decoded
-//! values (as a ChirpStack codec would produce) and `data` the same JSON as raw bytes, `time` is
-//! the device time in whole seconds and `fCnt` the message counter.
+//! - ChirpStack v4 ([`Server::ChirpStack`]): `application/{application_id}/device/{dev_eui}/event/up`
+//!   with ChirpStack's v4 JSON marshaling (`deduplicationId`, `time`, `deviceInfo`, `devAddr`,
+//!   `fCnt`, `fPort`, `data`, `object`, `rxInfo`, `txInfo`);
+//! - The Things Stack v3 ([`Server::Tts`]): `v3/{application_id}/devices/{device_id}/up` with
+//!   TTS's snake_case JSON (`end_device_ids`, `received_at`, `uplink_message` with `f_cnt`,
+//!   `frm_payload`, `decoded_payload`, `rx_metadata`, `settings`).
+//!
+//! The device's DevEUI is derived from its id ([`dev_eui`]) and registered by `device-sim
+//! provision`, so the bridge finds the device by DevEUI as it would in production; the decoded
+//! values travel as the server's decoded object (as a payload codec on the network server would
+//! produce) and the same JSON as the raw frame; the event time is the device time in whole
+//! seconds and the frame counter counts the device's uplinks.
 //!
 //! An uplink counts as acknowledged when the broker acknowledges it (PUBACK success): the ack log
 //! then means "accepted by the network server's broker", and `verify` checks the bridge end to end.
@@ -51,14 +57,42 @@ pub fn dev_eui(device_id: &str) -> String {
     format!("{h:016x}")
 }
 
-/// One ChirpStack v4 uplink event.
-pub fn uplink_event(
-    app_id: &str,
-    dev: &SimDevice,
-    ts_s: u64,
-    f_cnt: u64,
-    values: &[(String, Value)],
-) -> Json {
+/// The network server whose events a device's uplinks imitate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    ChirpStack,
+    Tts,
+}
+
+impl Server {
+    /// The event topic of `dev`'s uplinks in application `app_id`.
+    pub fn topic(self, app_id: &str, dev: &SimDevice) -> String {
+        match self {
+            Server::ChirpStack => {
+                format!("application/{app_id}/device/{}/event/up", dev_eui(&dev.id))
+            }
+            Server::Tts => format!("v3/{app_id}/devices/{}/up", dev.id),
+        }
+    }
+
+    /// One uplink event of `dev` carrying `values`.
+    pub fn uplink(
+        self,
+        app_id: &str,
+        dev: &SimDevice,
+        ts_s: u64,
+        f_cnt: u64,
+        values: &[(String, Value)],
+    ) -> Json {
+        match self {
+            Server::ChirpStack => chirpstack_uplink(app_id, dev, ts_s, f_cnt, values),
+            Server::Tts => tts_uplink(app_id, dev, ts_s, f_cnt, values),
+        }
+    }
+}
+
+/// The decoded object of an uplink and the raw frame carrying it (the same JSON).
+fn object_and_frame(values: &[(String, Value)]) -> (Map<String, Json>, Vec<u8>) {
     let mut object = Map::new();
     for (name, v) in values {
         object.insert(
@@ -70,6 +104,18 @@ pub fn uplink_event(
         );
     }
     let raw = serde_json::to_vec(&object).expect("JSON encodes");
+    (object, raw)
+}
+
+/// One ChirpStack v4 uplink event.
+fn chirpstack_uplink(
+    app_id: &str,
+    dev: &SimDevice,
+    ts_s: u64,
+    f_cnt: u64,
+    values: &[(String, Value)],
+) -> Json {
+    let (object, raw) = object_and_frame(values);
     let eui = dev_eui(&dev.id);
     let time = rfc3339(ts_s);
     json!({
@@ -106,6 +152,54 @@ pub fn uplink_event(
             "frequency": 923_200_000,
             "modulation": {"lora": {"bandwidth": 125_000, "spreadingFactor": 7, "codeRate": "CR_4_5"}},
         },
+    })
+}
+
+/// One The Things Stack v3 uplink message. Protobuf's JSON mapping leaves zero values out, so
+/// frame 0 has no `f_cnt`, and 64-bit numbers (`frequency`) are strings.
+fn tts_uplink(
+    app_id: &str,
+    dev: &SimDevice,
+    ts_s: u64,
+    f_cnt: u64,
+    values: &[(String, Value)],
+) -> Json {
+    let (object, raw) = object_and_frame(values);
+    let eui = dev_eui(&dev.id).to_uppercase();
+    let time = rfc3339(ts_s);
+    let application_id = app_id.split('@').next().unwrap_or(app_id);
+    let mut up = json!({
+        "f_port": 1,
+        "frm_payload": base64(&raw),
+        "decoded_payload": object,
+        "rx_metadata": [{
+            "gateway_ids": {"gateway_id": "device-sim-gw", "eui": "0016C001F1500000"},
+            "time": time,
+            "rssi": -97,
+            "channel_rssi": -97,
+            "snr": 7.5,
+            "location": {"latitude": dev.lat, "longitude": dev.lon},
+        }],
+        "settings": {
+            "data_rate": {"lora": {"bandwidth": 125_000, "spreading_factor": 7, "coding_rate": "4/5"}},
+            "frequency": "923200000",
+        },
+        "received_at": time,
+        "consumed_airtime": "0.061696s",
+    });
+    if f_cnt > 0 {
+        up["f_cnt"] = json!(f_cnt);
+    }
+    json!({
+        "end_device_ids": {
+            "device_id": dev.id,
+            "application_ids": {"application_id": application_id},
+            "dev_eui": eui,
+            "dev_addr": &eui[8..],
+        },
+        "correlation_ids": [format!("as:up:{}-{f_cnt:08x}", &eui[..8])],
+        "received_at": time,
+        "uplink_message": up,
     })
 }
 
@@ -232,12 +326,18 @@ async fn serve(hub: Arc<Hub>, mut eventloop: EventLoop, ctx: Arc<DriverContext>)
 }
 
 /// One LoRaWAN device: samples on its interval and hands each uplink to the hub.
-pub async fn run_device(dev: SimDevice, hub: Arc<Hub>, app_id: String, ctx: Arc<DriverContext>) {
+pub async fn run_device(
+    dev: SimDevice,
+    server: Server,
+    hub: Arc<Hub>,
+    app_id: String,
+    ctx: Arc<DriverContext>,
+) {
     tokio::time::sleep_until(ctx.connect_at(dev.index)).await;
     let profile = &ctx.scenario.profiles[&dev.profile];
     let quantities = super::ack_log_quantities(profile);
     let device_id: Arc<str> = dev.id.as_str().into();
-    let topic = format!("application/{app_id}/device/{}/event/up", dev_eui(&dev.id));
+    let topic = server.topic(&app_id, &dev);
     ctx.stats.opened();
     let mut rng = StdRng::seed_from_u64(dev.seed);
     let mut generator = Generator::new(profile, &mut rng);
@@ -261,7 +361,7 @@ pub async fn run_device(dev: SimDevice, hub: Arc<Hub>, app_id: String, ctx: Arc<
             &mut rng,
             &mut values,
         );
-        let event = uplink_event(&app_id, &dev, ts_s, f_cnt, &values);
+        let event = server.uplink(&app_id, &dev, ts_s, f_cnt, &values);
         f_cnt += 1;
         let payload = serde_json::to_vec(&event).expect("JSON encodes");
         // Queue order and client order must agree: both under the one lock.
@@ -310,7 +410,7 @@ mod tests {
     #[test]
     fn uplink_has_chirpstack_v4_shape() {
         let values = vec![("water_volume".to_string(), Value::Number(12.5))];
-        let e = uplink_event("app-1", &device(), 1_700_000_000, 7, &values);
+        let e = Server::ChirpStack.uplink("app-1", &device(), 1_700_000_000, 7, &values);
         assert_eq!(e["deviceInfo"]["deviceName"], "lw-000001");
         assert_eq!(e["deviceInfo"]["devEui"], dev_eui("lw-000001"));
         assert_eq!(e["deviceInfo"]["applicationId"], "app-1");
@@ -318,6 +418,37 @@ mod tests {
         assert_eq!(e["fCnt"], 7);
         assert_eq!(e["object"]["water_volume"], 12.5);
         assert_eq!(e["data"], base64(br#"{"water_volume":12.5}"#));
+    }
+
+    #[test]
+    fn uplink_has_tts_v3_shape() {
+        let values = vec![
+            ("water_volume".to_string(), Value::Number(12.5)),
+            ("leak".to_string(), Value::Boolean(false)),
+        ];
+        let dev = device();
+        assert_eq!(
+            Server::Tts.topic("water@city", &dev),
+            "v3/water@city/devices/lw-000001/up"
+        );
+        let e = Server::Tts.uplink("water@city", &dev, 1_700_000_000, 7, &values);
+        let ids = &e["end_device_ids"];
+        assert_eq!(ids["device_id"], "lw-000001");
+        assert_eq!(ids["application_ids"]["application_id"], "water");
+        assert_eq!(ids["dev_eui"], dev_eui("lw-000001").to_uppercase());
+        let up = &e["uplink_message"];
+        assert_eq!(up["received_at"], "2023-11-14T22:13:20Z");
+        assert_eq!(up["f_cnt"], 7);
+        assert_eq!(up["decoded_payload"]["leak"], false);
+        use base64::Engine;
+        let frame = base64::engine::general_purpose::STANDARD
+            .decode(up["frm_payload"].as_str().unwrap())
+            .unwrap();
+        let frame: Json = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(frame, up["decoded_payload"]);
+        // protobuf's JSON mapping: no zero frame counter
+        let first = Server::Tts.uplink("water@city", &dev, 1_700_000_000, 0, &values);
+        assert!(first["uplink_message"].get("f_cnt").is_none());
     }
 
     #[test]

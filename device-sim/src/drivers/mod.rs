@@ -48,9 +48,17 @@ impl Protocol {
         }
     }
 
+    /// Whether the device's uplinks travel through a LoRaWAN network server's broker.
+    pub fn is_lorawan(self) -> bool {
+        matches!(self, Protocol::LorawanChirpstack | Protocol::LorawanTts)
+    }
+
     /// Whether this build has a driver for the protocol.
     pub fn implemented(self) -> bool {
-        matches!(self, Protocol::Mqtt | Protocol::LorawanChirpstack)
+        matches!(
+            self,
+            Protocol::Mqtt | Protocol::LorawanChirpstack | Protocol::LorawanTts
+        )
     }
 }
 
@@ -108,15 +116,22 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
         Protocol::Mqtt => mqtt::run_device(dev, secret, ctx).await,
         // One shared connection to the network server's broker, opened by `run` when the
         // scenario has LoRaWAN devices.
-        Protocol::LorawanChirpstack => match ctx.lorawan_hub.get() {
-            Some(hub) => {
-                let (hub, app) = (hub.clone(), ctx.lorawan_application_id.clone());
-                lorawan::run_device(dev, hub, app, ctx).await
+        Protocol::LorawanChirpstack | Protocol::LorawanTts => {
+            let (server, app) = if dev.protocol == Protocol::LorawanTts {
+                (lorawan::Server::Tts, ctx.tts_application_id.clone())
+            } else {
+                (
+                    lorawan::Server::ChirpStack,
+                    ctx.chirpstack_application_id.clone(),
+                )
+            };
+            match ctx.lorawan_hub.get() {
+                Some(hub) => lorawan::run_device(dev, server, hub.clone(), app, ctx).await,
+                None => ctx
+                    .stats
+                    .note_error(format!("{}: no LoRaWAN broker connection", dev.id)),
             }
-            None => ctx
-                .stats
-                .note_error(format!("{}: no LoRaWAN broker connection", dev.id)),
-        },
+        }
         // `run` checks the scenario first (check_available), so no device gets here.
         other => ctx.stats.note_error(format!(
             "{}: protocol {} has no driver in this build",
