@@ -8,10 +8,13 @@ use anyhow::Context;
 pub struct Credential {
     pub id: String,
     pub secret: String,
+    /// The CoAPS pre-shared key, when the device has one (`psk` column, hex).
+    pub psk: Option<Vec<u8>>,
 }
 
-/// Reads a CSV with a header naming at least `id` and `secret` columns (extra columns are
-/// ignored), as `citygw device import --secrets-out` writes it.
+/// Reads a CSV with a header naming at least `id` and `secret` columns, and optionally `psk`
+/// (extra columns are ignored), as `citygw device import --secrets-out` or `device-sim
+/// provision` writes it.
 pub fn load(path: &Path) -> anyhow::Result<Vec<Credential>> {
     let file =
         std::fs::File::open(path).with_context(|| format!("credentials {}", path.display()))?;
@@ -30,13 +33,20 @@ fn parse(reader: impl std::io::Read) -> anyhow::Result<Vec<Credential>> {
             .with_context(|| format!("no `{name}` column in the header"))
     };
     let (id_col, secret_col) = (column("id")?, column("secret")?);
+    let psk_col = column("psk").ok();
     let mut out = Vec::new();
     for (i, record) in csv.records().enumerate() {
         let record = record?;
         let field = |col: usize| record.get(col).unwrap_or_default().to_string();
         let (id, secret) = (field(id_col), field(secret_col));
         anyhow::ensure!(!id.is_empty(), "row {}: empty id", i + 2);
-        out.push(Credential { id, secret });
+        let psk = match psk_col.map(field).filter(|p| !p.is_empty()) {
+            Some(p) => {
+                Some(hex::decode(&p).with_context(|| format!("row {}: psk is not hex", i + 2))?)
+            }
+            None => None,
+        };
+        out.push(Credential { id, secret, psk });
     }
     Ok(out)
 }
@@ -60,6 +70,7 @@ pub fn for_connections(file: Option<&Path>, n: usize) -> anyhow::Result<Vec<Cred
             .map(|i| Credential {
                 id: format!("bench-{i}"),
                 secret: String::new(),
+                psk: None,
             })
             .collect()),
     }
@@ -76,7 +87,8 @@ mod tests {
             creds[1],
             Credential {
                 id: "dev-2".into(),
-                secret: "xyz".into()
+                secret: "xyz".into(),
+                psk: None,
             }
         );
         assert_eq!(creds.len(), 2);
@@ -89,9 +101,18 @@ mod tests {
             creds,
             vec![Credential {
                 id: "d1".into(),
-                secret: "s1".into()
+                secret: "s1".into(),
+                psk: None,
             }]
         );
+    }
+
+    #[test]
+    fn psk_column_is_hex_and_optional_per_row() {
+        let creds = parse("id,secret,psk\nd1,s1,6b6579\nd2,s2,\n".as_bytes()).unwrap();
+        assert_eq!(creds[0].psk.as_deref(), Some(&b"key"[..]));
+        assert_eq!(creds[1].psk, None);
+        assert!(parse("id,secret,psk\nd1,s1,xyz\n".as_bytes()).is_err());
     }
 
     #[test]

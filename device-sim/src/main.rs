@@ -40,7 +40,7 @@ enum Command {
     /// Register a scenario's devices in citygw (admin API, bulk) and write their credentials.
     Provision(provision::ProvisionArgs),
     /// Run a scenario: every device reports on its interval; live progress, then a summary.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Prove that every reading a run had acknowledged reached the agency API exactly once.
     Verify(verify::VerifyArgs),
     /// Send bad input (wrong credentials, spoofed topics, malformed or oversize payloads, a
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Provision(args) => provision::run(args).await,
-            Command::Run(args) => run::run(args).await,
+            Command::Run(args) => run::run(*args).await,
             Command::Verify(args) => verify::run(args).await,
             Command::Bad(args) => bad::run(args).await,
             Command::Bench(BenchCommand::Mqtt(args)) => bench::run(args).await,

@@ -1,6 +1,6 @@
 //! `device-sim provision SCENARIO`: registers every device of the scenario in citygw through the
 //! admin API's bulk `ImportDevices` (kind, tenant, commune, position), and writes the secrets
-//! the gateway generated to a credentials CSV (`id,secret,kind,commune_code,protocol,format`)
+//! the gateway generated to a credentials CSV (`id,secret,kind,commune_code,protocol,format,psk`; the PSK, hex, only for CoAPS devices)
 //! that `device-sim run` reads. Secrets are shown once by the gateway, so the file is created
 //! with mode 0600.
 
@@ -40,7 +40,6 @@ pub struct ProvisionArgs {
 
 pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let scenario = load_scenario(&args.scenario, args.profiles.as_deref())?;
-    drivers::check_available(&scenario)?;
     let plan = scenario.plan();
     let channel = Endpoint::from_shared(args.grpc.clone())?
         .connect()
@@ -49,7 +48,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let mut admin = AdminClient::with_interceptor(channel, bearer(&args.token)?);
 
     let mut out = csv_file(&args.out)?;
-    writeln!(out, "id,secret,kind,commune_code,protocol,format")?;
+    writeln!(out, "id,secret,kind,commune_code,protocol,format,psk")?;
     let (mut ok, mut failed) = (0usize, Vec::new());
     for chunk in plan.chunks(args.chunk.max(1)) {
         let devices = chunk
@@ -72,6 +71,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
                     },
                     ..Default::default()
                 }),
+                generate_psk: d.protocol == drivers::Protocol::Coaps,
                 ..Default::default()
             })
             .collect();
@@ -86,13 +86,14 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
                 ok += 1;
                 writeln!(
                     out,
-                    "{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{}",
                     d.id,
                     r.secret,
                     d.kind,
                     d.commune_code,
                     d.protocol.name(),
-                    d.format.name()
+                    d.format.name(),
+                    hex::encode(&r.psk)
                 )?;
             } else {
                 failed.push(format!("{}: {}", d.id, r.error));

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
-use crate::drivers::lorawan;
+use crate::drivers::{coap, lorawan, Protocol};
 use crate::report::{self, LatencySummary};
 use crate::scenario::{profiles, Scenario};
 use crate::{credentials, drivers};
@@ -78,6 +78,20 @@ pub struct RunArgs {
     /// (`v3/{id}/devices/{device id}/up`; `app@tenant` on The Things Stack Cloud).
     #[arg(long, default_value = "device-sim@citygw")]
     pub tts_application_id: String,
+    /// CoAP devices: the gateway's plain CoAP listener, host:port.
+    #[arg(long, default_value = "127.0.0.1:5683")]
+    pub coap: String,
+    /// CoAPS devices: the gateway's DTLS listener, host:port.
+    #[arg(long, default_value = "127.0.0.1:5684")]
+    pub coaps: String,
+    /// Source addresses for CoAP/CoAPS/LwM2M sockets; a comma-separated list binds device i to
+    /// address i % n (127.0.0.1,127.0.0.2,... passes the ephemeral-port limit of one address
+    /// pair). Default: the system's choice.
+    #[arg(long, value_delimiter = ',')]
+    pub coap_source: Vec<std::net::IpAddr>,
+    /// Lifetime (seconds) LwM2M clients register with; they update at two thirds of it.
+    #[arg(long, default_value_t = 300)]
+    pub lwm2m_lifetime: u64,
     /// Seconds between progress lines (0: none).
     #[arg(long, default_value_t = 1.0)]
     pub progress_every: f64,
@@ -190,6 +204,7 @@ pub struct DriverContext {
     pub connect_permits: Arc<Semaphore>,
     pub connect_timeout: Duration,
     pub drain: Duration,
+    pub coap: coap::Targets,
     /// The network server's broker connection, when the scenario has LoRaWAN devices.
     pub lorawan_hub: std::sync::OnceLock<Arc<lorawan::Hub>>,
     pub chirpstack_application_id: String,
@@ -227,15 +242,15 @@ pub struct RunSummary {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut scenario = load_scenario(&args.scenario, args.profiles.as_deref())?;
-    drivers::check_available(&scenario)?;
     if let Some(d) = args.duration {
         scenario.duration = Duration::from_secs_f64(d);
     }
     let plan = scenario.plan();
-    let secrets: BTreeMap<String, String> = credentials::load(&args.credentials)?
-        .into_iter()
-        .map(|c| (c.id, c.secret))
-        .collect();
+    let mut secrets: BTreeMap<String, credentials::Credential> =
+        credentials::load(&args.credentials)?
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect();
     let missing = plan.iter().filter(|d| !secrets.contains_key(&d.id)).count();
     anyhow::ensure!(
         missing == 0,
@@ -269,6 +284,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_permits: Arc::new(Semaphore::new(args.connect_concurrency.max(1))),
         connect_timeout: Duration::from_secs(args.connect_timeout),
         drain: Duration::from_secs(args.drain),
+        coap: coap::Targets {
+            plain: resolve("--coap", &args.coap).await?,
+            secure: resolve("--coaps", &args.coaps).await?,
+            sources: args.coap_source.clone(),
+            dtls: match plan.iter().any(|d| d.protocol == Protocol::Coaps) {
+                true => Some(coap::dtls::DtlsClient::new().context("DTLS client context")?),
+                false => None,
+            },
+            lwm2m_lifetime: Duration::from_secs(args.lwm2m_lifetime.max(1)),
+        },
         lorawan_hub: std::sync::OnceLock::new(),
         chirpstack_application_id: args.chirpstack_application_id.clone(),
         tts_application_id: args.tts_application_id.clone(),
@@ -300,8 +325,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tasks: Vec<_> = plan
         .into_iter()
         .map(|dev| {
-            let secret = secrets[&dev.id].clone();
-            tokio::spawn(drivers::run_device(dev, secret, ctx.clone()))
+            let cred = secrets.remove(&dev.id).expect("checked above");
+            tokio::spawn(drivers::run_device(dev, cred, ctx.clone()))
         })
         .collect();
     drop(ctx);
@@ -353,6 +378,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "no device could connect (see the errors above)"
     );
     Ok(())
+}
+
+/// The first address of `host:port`.
+async fn resolve(flag: &str, target: &str) -> anyhow::Result<std::net::SocketAddr> {
+    tokio::net::lookup_host(target)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .with_context(|| format!("{flag} {target:?}: not a reachable host:port"))
 }
 
 async fn write_ack_log(

@@ -1,7 +1,8 @@
 """device-sim against the real gateway: the smoke scenario is provisioned through the admin API,
-run over every protocol device-sim drives (MQTT 5 with every payload format; LoRaWAN as ChirpStack
-v4 and The Things Stack v3 events on a real Mosquitto broker, bridged by the gateway's
-`[[lorawan]]` clients) and verified end to end through the agency API; the bad-input modes get
+run over every protocol device-sim drives (MQTT 5, plain CoAP, CoAPS with DTLS PSK, LwM2M, every
+payload format; LoRaWAN as ChirpStack v4 and The Things Stack v3 events on a real Mosquitto
+broker, bridged by the gateway's `[[lorawan]]` clients) and verified end to end through the agency
+API; the bad-input modes get
 exactly the refusals they intend, and the gateway's own counters (read here independently)
 agree; scenario mistakes are reported with their line."""
 
@@ -10,26 +11,18 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from support import ROOT, wait_until
+from support.device_sim import device_sim, provision, run_and_verify
 from support.lorawan import Brokers, lorawan_toml, wait_bridge_connected
 
-DEVICE_SIM = Path(os.environ.get("DEVICE_SIM_BIN", ROOT / "target" / "debug" / "device-sim"))
 SMOKE = ROOT / "device-sim" / "scenarios" / "smoke.toml"
-
-
-def device_sim(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
-               **kw) -> subprocess.CompletedProcess:
-    if not DEVICE_SIM.exists():
-        raise FileNotFoundError(f"{DEVICE_SIM} missing: cargo build --workspace")
-    return subprocess.run([str(DEVICE_SIM), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+PROTOCOLS = {"mqtt", "coap", "coaps", "lwm2m", "lorawan-chirpstack", "lorawan-tts"}
+RADIO = {"rssi", "snr", "spreading_factor", "data_rate", "radio_frequency", "frame_counter",
+         "gateway_count"}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +37,11 @@ def network_server():
 
 @pytest.fixture(scope="module")
 def gw(module_gateways, network_server):
-    """The module's gateway, bridging ChirpStack and The Things Stack events from the broker."""
+    """The module's gateway: plain CoAP on (for the coap and lwm2m drivers), CoAPS, and bridges
+    for ChirpStack and The Things Stack events on the broker."""
     g = module_gateways(config_toml=lorawan_toml(network_server, name="chirpstack")
-                        + lorawan_toml(network_server, name="tts", server_type="ttn_v3"))
+                        + lorawan_toml(network_server, name="tts", server_type="ttn_v3"),
+                        env={"CITYGW_COAP__PLAIN_ENABLED": "true"})
     for name in ("chirpstack", "tts"):
         wait_bridge_connected(g, name)
     return g
@@ -54,21 +49,15 @@ def gw(module_gateways, network_server):
 
 @pytest.fixture(scope="module")
 def smoke(gw, tmp_path_factory):
-    """The smoke scenario provisioned in the module's gateway: (credentials file, agency)."""
-    work = tmp_path_factory.mktemp("smoke")
-    creds = work / "creds.csv"
-    p = device_sim("provision", str(SMOKE), "--grpc", gw.grpc_url, "--out", str(creds),
-                   env={"DEVICE_SIM_ADMIN_TOKEN": gw.token})
-    assert p.returncode == 0, p.stderr
-    assert "provisioned 300 of 300" in p.stdout
-    agency = gw.add_agency(tenants=["sim-smoke"])
-    return creds, agency
+    """The smoke scenario provisioned in the module's gateway."""
+    creds = tmp_path_factory.mktemp("smoke") / "creds.csv"
+    return provision(gw, SMOKE, "sim-smoke", creds, devices=300)
 
 
 def test_provision_registers_the_scenario_with_place_and_kind(gw, smoke):
-    creds, _ = smoke
+    creds = smoke.creds
     rows = creds.read_text().splitlines()
-    assert rows[0] == "id,secret,kind,commune_code,protocol,format"
+    assert rows[0] == "id,secret,kind,commune_code,protocol,format,psk"
     assert len(rows) == 301
     assert oct(creds.stat().st_mode & 0o777) == "0o600"
     first = rows[1].split(",")
@@ -83,7 +72,10 @@ def test_provision_registers_the_scenario_with_place_and_kind(gw, smoke):
     protocols = {r.split(",")[4] for r in rows[1:]}
     assert len(kinds) == 13, kinds
     assert formats == {"json", "senml-json", "senml-cbor", "proto"}
-    assert protocols == {"mqtt", "lorawan-chirpstack", "lorawan-tts"}
+    assert protocols == PROTOCOLS
+    # CoAPS devices, and only they, got a pre-shared key.
+    for r in smoke.rows.values():
+        assert (r["psk"] != "") == (r["protocol"] == "coaps"), r
     # LoRaWAN devices are registered under the DevEUI their network server names them by.
     lw = next(r.split(",") for r in rows[1:] if r.split(",")[4].startswith("lorawan"))
     eui = gw.cli("device", "show", lw[0])
@@ -92,62 +84,54 @@ def test_provision_registers_the_scenario_with_place_and_kind(gw, smoke):
 
 def test_smoke_scenario_every_acknowledged_reading_arrives_exactly_once(gw, smoke, network_server,
                                                                         tmp_path):
-    creds, agency = smoke
-    ack_log = tmp_path / "acks.log"
-    run_json, verify_json = tmp_path / "run.json", tmp_path / "verify.json"
     stored_before = gw.metric("citygw_readings_stored_total")
-    # verify subscribes first and follows the run live.
-    verify = subprocess.Popen(
-        [str(DEVICE_SIM), "verify", "--grpc", gw.grpc_url, "--ack-log", str(ack_log),
-         "--tenant", "sim-smoke", "--timeout", "60", "--json", str(verify_json)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "DEVICE_SIM_AGENCY_TOKEN": agency.token})
-    try:
-        run = device_sim("run", str(SMOKE), "--credentials", str(creds),
-                         "--mqtt-host", gw.host, "--mqtt-port", str(gw.mqtt_port),
-                         "--lorawan-broker", f"127.0.0.1:{network_server.port}",
-                         "--ack-log", str(ack_log), "--json", str(run_json), timeout=150)
-        assert run.returncode == 0, run.stderr[-3000:]
-        out, _ = verify.communicate(timeout=120)
-    finally:
-        verify.kill()
-    assert "connected 300/300" in run.stderr  # the live progress line
-    r = json.loads(run_json.read_text())
+    r, v = run_and_verify(gw, smoke, tmp_path,
+                          "--mqtt-host", gw.host, "--mqtt-port", str(gw.mqtt_port),
+                          "--coap", gw.coap_listen, "--coaps", f"{gw.host}:{gw.coaps_port}",
+                          "--lwm2m-lifetime", "8",
+                          "--lorawan-broker", f"127.0.0.1:{network_server.port}")
+    assert "connected 300/300" in r["progress"]  # the live progress line
     assert r["connected"] == 300 and r["connect_failed"] == 0
     assert r["rejected"] == 0 and r["unconfirmed"] == 0, r
     assert r["acked"] == r["sent"] and r["acked"] >= 300 * 5, r
     assert r["latency"]["count"] == r["acked"]
 
-    assert verify.returncode == 0, out
-    v = json.loads(verify_json.read_text())
-    assert v["missing"] == 0 and v["duplicated"] == 0, v
-    assert v["acked_messages"] == r["acked"]
-    assert v["acked_readings"] == r["readings_acked"]
-    # Delivered beyond the acknowledged readings: only the radio metadata the bridges add to
-    # each LoRaWAN uplink. The gateway's own count agrees: it stored exactly what was delivered.
-    assert v["unacknowledged_delivered"] > 0
-    assert set(v["unacknowledged_by_quantity"]) <= {
-        "rssi", "snr", "spreading_factor", "data_rate", "radio_frequency", "frame_counter",
-        "gateway_count"}, v["unacknowledged_by_quantity"]
+    # Every protocol carried its share of the acknowledged messages.
+    protocol_of = {i: row["protocol"] for i, row in smoke.rows.items()}
+    acked_by: dict[str, int] = {}
+    lwm2m_quantities: set[str] = set()
+    for line in (tmp_path / "acks.log").read_text().splitlines():
+        device, _, quantities = line.split(",")
+        acked_by[protocol_of[device]] = acked_by.get(protocol_of[device], 0) + 1
+        if protocol_of[device] == "lwm2m":
+            lwm2m_quantities.update(quantities.split(";"))
+    assert set(acked_by) == PROTOCOLS, acked_by
+
+    # Delivered beyond the acknowledged readings: the radio metadata the bridges add to each
+    # LoRaWAN uplink, and each LwM2M observation's first value (the answer to the server's
+    # Observe GET, which the device cannot see acknowledged). The gateway's own count agrees: it
+    # stored exactly what was delivered.
+    assert set(v["unacknowledged_by_quantity"]) <= RADIO | lwm2m_quantities, v
+    assert RADIO & set(v["unacknowledged_by_quantity"]), v
     assert v["delivered_readings"] == r["readings_acked"] + v["unacknowledged_delivered"]
     assert gw.metric("citygw_readings_stored_total") - stored_before == v["delivered_readings"]
+
     # Each bridge stored exactly the uplinks its devices had acknowledged by the broker.
-    protocol_of = {row.split(",")[0]: row.split(",")[4]
-                   for row in creds.read_text().splitlines()[1:]}
-    acked_by = {}
-    for line in ack_log.read_text().splitlines():
-        proto = protocol_of[line.split(",")[0]]
-        acked_by[proto] = acked_by.get(proto, 0) + 1
-    assert set(acked_by) == {"mqtt", "lorawan-chirpstack", "lorawan-tts"}, acked_by
     for server, proto in (("chirpstack", "lorawan-chirpstack"), ("tts", "lorawan-tts")):
         stored_uplinks = gw.metric("citygw_lorawan_messages_total", server=server, event="up",
                                    outcome="stored")
         assert stored_uplinks == acked_by[proto], (server, stored_uplinks, acked_by)
+    # LwM2M: every client registered, updated (lifetime 8 s) and de-registered.
+    m = gw.metrics()
+    lwm2m = sum(1 for p in protocol_of.values() if p == "lwm2m")
+    for event in ("register", "update", "deregister"):
+        assert m.value("citygw_lwm2m_registrations_total", event=event) >= lwm2m, event
+    assert m.value("citygw_lwm2m_registrations_active") == 0
 
 
 def test_verify_reports_missing_readings(gw, smoke, tmp_path):
     """An ack log naming a reading the gateway never got fails verification, and says which."""
-    _, agency = smoke
+    agency = smoke.agency
     ack_log = tmp_path / "acks.log"
     ack_log.write_text("smoke-000000,1000,water_level\n")
     p = device_sim("verify", "--grpc", gw.grpc_url, "--ack-log", str(ack_log),
@@ -174,7 +158,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("mode", sorted(EXPECTED))
 def test_bad_input_mode_gets_exactly_its_refusals(gw, smoke, tmp_path, mode):
-    creds, _ = smoke
+    creds = smoke.creds
     answer, metric, labels = EXPECTED[mode]
     count = 12
     before = gw.metrics()
@@ -196,7 +180,7 @@ def test_bad_input_mode_gets_exactly_its_refusals(gw, smoke, tmp_path, mode):
 
 
 def test_connection_storm_is_served(gw, smoke, tmp_path):
-    creds, _ = smoke
+    creds = smoke.creds
     before = gw.metrics()
     out = tmp_path / "storm.json"
     p = device_sim("bad", "storm", "--credentials", str(creds), "--mqtt-host", gw.host,
@@ -221,10 +205,11 @@ def test_scenario_mistakes_are_reported_with_their_line(tmp_path):
     assert f"{bad}:8:" in p.stderr and "street_lamp" in p.stderr, p.stderr
 
     bad.write_text('name = "x"\ntenant = "t"\nprovince = "01"\ndevices = 10\n'
-                   'duration_secs = 5\n[profiles]\nnoise = 1\n[protocols]\nmqtt = 1\nlwm2m = 1\n')
+                   'duration_secs = 5\n[profiles]\nnoise = 1\n[protocols]\nmqtt = 1\nzigbee = 1\n')
     p = device_sim("provision", str(bad), "--token", "x", "--out", str(tmp_path / "c.csv"))
     assert p.returncode != 0
-    assert f"{bad}:10:" in p.stderr and '"lwm2m" has no driver' in p.stderr, p.stderr
+    assert f"{bad}:10:" in p.stderr and 'unknown protocol "zigbee"' in p.stderr, p.stderr
+    assert "lorawan-tts" in p.stderr  # the known ones are listed
 
 
 def test_lorawan_chirpstack_uplinks_reach_the_network_server_broker(gw, network_server, tmp_path):

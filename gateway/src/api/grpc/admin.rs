@@ -114,24 +114,31 @@ impl Admin for AdminService {
             .into_iter()
             .map(new_device)
             .collect::<Result<Vec<_>, _>>()?;
+        let psks: Vec<String> = news
+            .iter()
+            .map(|n| n.psk.clone().unwrap_or_default())
+            .collect();
         let results = self.registry.import(news, now_ms()).await.map_err(status)?;
         let ok = results.iter().filter(|r| r.is_ok()).count();
         tracing::info!(ok, failed = results.len() - ok, "devices imported");
         let results = ids
             .into_iter()
+            .zip(psks)
             .zip(results)
-            .map(|(device_id, r)| match r {
+            .map(|((device_id, psk), r)| match r {
                 Ok((_, secret)) => ImportResult {
                     device_id,
                     ok: true,
                     error: String::new(),
                     secret,
+                    psk,
                 },
                 Err(e) => ImportResult {
                     device_id,
                     ok: false,
                     error: e.to_string(),
                     secret: String::new(),
+                    psk: String::new(),
                 },
             })
             .collect();

@@ -240,7 +240,14 @@ impl Server {
                 let (lwm2m, exchanges) =
                     (self.lwm2m.clone().expect("checked"), self.exchanges.clone());
                 tokio::spawn(async move {
-                    let reply = lwm2m.on_response(&req).await;
+                    let reply = match lwm2m.on_response(&req).await {
+                        lwm2m::Answer::Send(reply) => reply,
+                        // Not stored: no ACK, and the retransmission is processed afresh.
+                        lwm2m::Answer::Retry => {
+                            exchanges.forget(key);
+                            return;
+                        }
+                    };
                     if typ == MessageType::Confirmable {
                         exchanges.complete(key, reply.clone());
                     }

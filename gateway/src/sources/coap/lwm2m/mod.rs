@@ -563,8 +563,9 @@ impl Lwm2m {
 
     /// A response to one of the server's requests (read, observe, notification). Returns what to
     /// send back: an empty ACK for a confirmable notification once it is stored, a Reset for a
-    /// notification nobody asked for (RFC 7641 section 3.6: that cancels it).
-    pub async fn on_response(&self, resp: &Packet) -> Option<Vec<u8>> {
+    /// notification nobody asked for (RFC 7641 section 3.6: that cancels it), nothing for a
+    /// confirmable notification the store could not take now (the client retransmits it).
+    pub async fn on_response(&self, resp: &Packet) -> Answer {
         let con = resp.header.get_type() == MessageType::Confirmable;
         let reply = |typ: MessageType| {
             let mut p = Packet::new();
@@ -585,7 +586,7 @@ impl Lwm2m {
             })
         };
         let Some((registration, device_id, path, answered)) = found else {
-            return con.then(|| reply(MessageType::Reset));
+            return Answer::Send(con.then(|| reply(MessageType::Reset)));
         };
         answered.notify_one();
         let observing = resp.get_observe_value().is_some();
@@ -606,6 +607,9 @@ impl Lwm2m {
                         )
                         .await
                     {
+                        if con && r.code == ResponseType::ServiceUnavailable {
+                            return Answer::Retry;
+                        }
                         let detail = String::from_utf8_lossy(&r.payload).into_owned();
                         self.observe_failed(&registration, &device_id, path, "bad_value", &detail);
                     }
@@ -628,8 +632,16 @@ impl Lwm2m {
                 .expect("observations lock")
                 .remove(resp.get_token());
         }
-        con.then(|| reply(MessageType::Acknowledgement))
+        Answer::Send(con.then(|| reply(MessageType::Acknowledgement)))
     }
+}
+
+/// What the server does about a response from a client.
+pub enum Answer {
+    /// Send this back (None: nothing).
+    Send(Option<Vec<u8>>),
+    /// Nothing now: the confirmable notification was not stored, its retransmission will be.
+    Retry,
 }
 
 fn unknown_registration(id: &str) -> Response {
