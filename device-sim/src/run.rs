@@ -217,6 +217,19 @@ impl DriverContext {
         let n = self.scenario.devices.max(1) as f64;
         self.start + self.scenario.ramp_up.mul_f64(index as f64 / n)
     }
+
+    /// Counts a message the gateway acknowledged `latency` after it was sent, and records it
+    /// in the ack log for `verify`.
+    pub fn acknowledged(&self, latency: Duration, readings: u64, record: AckRecord) {
+        self.stats.record_latency(latency);
+        self.stats.acked.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .readings_acked
+            .fetch_add(readings, Ordering::Relaxed);
+        if let Some(acks) = &self.acks {
+            let _ = acks.send(record);
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -160,12 +160,18 @@ async fn housekeeping(
     sinks: Sinks,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) {
+    // The standard process_* series (resident memory, open and maximum descriptors, CPU):
+    // what an operator sizes a node by, beside the session cap they bound.
+    let process = metrics_process::Collector::default();
+    process.describe();
     let mut last_seen = tokio::time::interval(HOUSEKEEPING_EVERY);
     let mut retention = tokio::time::interval(RETENTION_EVERY);
     loop {
         tokio::select! {
             _ = last_seen.tick() => {
                 metrics.run_upkeep();
+                process.collect();
+                store.export_memory_metrics();
                 metrics::gauge!("citygw_registered_devices").set(registry.len() as f64);
                 let (s, st) = (sinks.clone(), store.clone());
                 let _ = tokio::task::spawn_blocking(move || s.export_metrics(&st)).await;

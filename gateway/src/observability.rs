@@ -94,6 +94,16 @@ fn describe() {
         "Write requests waiting for the group commit"
     );
     describe_counter!("citygw_store_commit_errors_total", "Failed group commits");
+    describe_gauge!(
+        "citygw_store_write_buffer_bytes",
+        Unit::Bytes,
+        "Storage engine write buffers in memory (active and sealed memtables)"
+    );
+    describe_gauge!(
+        "citygw_store_block_cache_bytes",
+        Unit::Bytes,
+        "Storage engine block cache in use"
+    );
     describe_counter!(
         "citygw_retention_deleted_total",
         "Records deleted by retention, by kind"

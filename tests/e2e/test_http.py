@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from support import SENML_JSON, Gateway, Metrics, connack_of, now_ms, unique_id, wait_until
 
@@ -51,6 +52,30 @@ def test_metrics_after_traffic(gateway_factory):
         assert m.value("citygw_auth_failures_total", protocol="mqtt", reason=reason) == 1, reason
     assert m.value("citygw_store_commit_seconds_count") >= 1
     assert m.has("citygw_store_commit_seconds_bucket", le="+Inf")
+
+
+def test_process_and_store_memory_are_exported(gateway_factory):
+    """What an operator sizes a node by: the process series agree with the kernel's own view of
+    the gateway process, and the store's unflushed write buffers show once readings are stored."""
+    gw: Gateway = gateway_factory()
+    d = gw.add_device()
+    with gw.connected_client(d, version=5) as c:
+        assert c.publish(d.topic, json.dumps({"temperature": 20.5})) == 0
+    pid = gw.proc.pid
+    # Refreshed with the other gauges every 5 s.
+    wait_until(lambda: gw.metric("citygw_store_write_buffer_bytes") > 0, 15,
+               desc="citygw_store_write_buffer_bytes > 0 after a stored reading")
+    m: Metrics = gw.metrics()
+    soft_nofile = next(int(line.split()[3]) for line in open(f"/proc/{pid}/limits")
+                       if line.startswith("Max open files"))
+    assert m.value("process_max_fds") == soft_nofile
+    open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+    assert 0 < m.value("process_open_fds") <= open_fds + 16, (m.value("process_open_fds"), open_fds)
+    rss_kib = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status")
+                   if line.startswith("VmRSS:"))
+    exported = m.value("process_resident_memory_bytes") / 1024
+    assert 0.5 * rss_kib < exported < 2 * rss_kib, (exported, rss_kib)
+    assert m.value("citygw_mqtt_session_limit") < soft_nofile
 
 
 def test_sigterm_graceful_shutdown_keeps_acknowledged_reading(gateway_factory):

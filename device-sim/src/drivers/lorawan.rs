@@ -23,10 +23,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -34,8 +32,9 @@ use rumqttc::Outgoing;
 use serde_json::{json, Map, Value as Json};
 use tokio::time::Instant;
 
+use super::sample::Sampler;
 use crate::run::{AckRecord, DriverContext};
-use crate::scenario::profiles::{Generator, Value};
+use crate::scenario::profiles::Value;
 use crate::scenario::SimDevice;
 
 /// The network server's broker and how to log in to it.
@@ -281,18 +280,15 @@ async fn serve(hub: Arc<Hub>, mut eventloop: EventLoop, ctx: Arc<DriverContext>)
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => match inflight.remove(&ack.pkid) {
                 Some((p, t0)) if ack.reason == PubAckReason::Success => {
-                    stats.record_latency(t0.elapsed());
-                    stats.acked.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .readings_acked
-                        .fetch_add(p.readings, Ordering::Relaxed);
-                    if let Some(acks) = &ctx.acks {
-                        let _ = acks.send(AckRecord {
+                    ctx.acknowledged(
+                        t0.elapsed(),
+                        p.readings,
+                        AckRecord {
                             device_id: p.device_id,
                             device_time_ms: p.device_time_ms,
                             quantities: p.quantities,
-                        });
-                    }
+                        },
+                    );
                 }
                 Some(_) => {
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -339,29 +335,15 @@ pub async fn run_device(
     let device_id: Arc<str> = dev.id.as_str().into();
     let topic = server.topic(&app_id, &dev);
     ctx.stats.opened();
-    let mut rng = StdRng::seed_from_u64(dev.seed);
-    let mut generator = Generator::new(profile, &mut rng);
-    let mut values = Vec::new();
-    let mut next = Instant::now() + dev.interval.mul_f64(rng.random::<f64>());
-    let (mut f_cnt, mut last_ts_s) = (0u64, 0u64);
+    let mut sampler = Sampler::new(&dev, &ctx.scenario);
+    let mut next = sampler.first_report(dev.interval);
+    let mut f_cnt = 0u64;
     while next < ctx.end {
         tokio::time::sleep_until(next).await;
         next += dev.interval;
-        let now_s = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let ts_s = now_s.max(last_ts_s + 1);
-        last_ts_s = ts_s;
-        let hour = ((ts_s as f64 / 3600.0) + ctx.scenario.utc_offset_hours).rem_euclid(24.0);
-        generator.sample(
-            profile,
-            hour,
-            dev.interval.as_secs_f64(),
-            &mut rng,
-            &mut values,
-        );
-        let event = server.uplink(&app_id, &dev, ts_s, f_cnt, &values);
+        let ts_s = sampler.sample();
+        let values = &sampler.values;
+        let event = server.uplink(&app_id, &dev, ts_s, f_cnt, values);
         f_cnt += 1;
         let payload = serde_json::to_vec(&event).expect("JSON encodes");
         // Queue order and client order must agree: both under the one lock.

@@ -391,7 +391,7 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
                 },
                 readings: 1,
             };
-            coap::record(stats, &ctx, outcome, sent_at, ack);
+            coap::record(&ctx, outcome, sent_at, ack);
         }
         next = coap::next_report(next, dev.interval, Instant::now());
     }

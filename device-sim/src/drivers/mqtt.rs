@@ -10,18 +10,16 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
 use tokio::time::Instant;
 
+use super::sample::Sampler;
 use crate::run::{AckRecord, DriverContext};
-use crate::scenario::profiles::Generator;
 use crate::scenario::SimDevice;
 
 /// What a message carried, kept until its acknowledgement.
@@ -86,13 +84,9 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
     } else {
         QoS::AtLeastOnce
     };
-    let mut rng = StdRng::seed_from_u64(dev.seed);
-    let mut generator = Generator::new(profile, &mut rng);
-    let mut values = Vec::new();
-    // First report at a random phase within one interval, so devices do not report in lockstep.
-    let mut next = Instant::now() + dev.interval.mul_f64(rng.random::<f64>());
+    let mut sampler = Sampler::new(&dev, &ctx.scenario);
+    let mut next = sampler.first_report(dev.interval);
     let mut seq = 0u64;
-    let mut last_ts_s = 0u64;
     let mut queued: VecDeque<Sent> = VecDeque::new();
     let mut inflight: HashMap<u16, (Sent, Instant)> = HashMap::new();
 
@@ -108,13 +102,9 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
                     break;
                 }
                 next += dev.interval;
-                let now_s = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-                // Whole, strictly increasing seconds: (device, time) identifies the message.
-                let ts_s = now_s.max(last_ts_s + 1);
-                last_ts_s = ts_s;
-                let hour = ((ts_s as f64 / 3600.0) + ctx.scenario.utc_offset_hours).rem_euclid(24.0);
-                generator.sample(profile, hour, dev.interval.as_secs_f64(), &mut rng, &mut values);
-                let payload = dev.format.encode(&dev.id, ts_s, seq, &values);
+                let ts_s = sampler.sample();
+                let values = &sampler.values;
+                let payload = dev.format.encode(&dev.id, ts_s, seq, values);
                 seq += 1;
                 match client.try_publish(topic.as_str(), qos, false, payload) {
                     Ok(()) => queued.push_back(Sent { device_time_ms: ts_s * 1000, readings: values.len() as u64 }),
@@ -133,16 +123,15 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => match inflight.remove(&ack.pkid) {
                     Some((sent, t0)) if ack.reason == PubAckReason::Success => {
-                        stats.record_latency(t0.elapsed());
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
-                        stats.readings_acked.fetch_add(sent.readings, Ordering::Relaxed);
-                        if let Some(acks) = &ctx.acks {
-                            let _ = acks.send(AckRecord {
+                        ctx.acknowledged(
+                            t0.elapsed(),
+                            sent.readings,
+                            AckRecord {
                                 device_id: device_id.clone(),
                                 device_time_ms: sent.device_time_ms,
                                 quantities: quantities.clone(),
-                            });
-                        }
+                            },
+                        );
                     }
                     Some(_) => {
                         stats.rejected.fetch_add(1, Ordering::Relaxed);

@@ -210,6 +210,15 @@ impl Store {
         self.inner.last_reading_id.load(Ordering::Acquire)
     }
 
+    /// Sets the gauges of the memory the storage engine holds: its write buffers (active and
+    /// sealed memtables, which background flushes empty) and its block cache. fjall marks
+    /// these two accessors experimental; they are plain reads of its own counters.
+    pub fn export_memory_metrics(&self) {
+        let db = &self.inner.db;
+        metrics::gauge!("citygw_store_write_buffer_bytes").set(db.write_buffer_size() as f64);
+        metrics::gauge!("citygw_store_block_cache_bytes").set(db.cache_size() as f64);
+    }
+
     /// Readings as they are committed (after their fsync), in id order: the source of live
     /// subscriptions. A receiver that falls behind gets `Lagged` and must catch up from
     /// [`Store::readings_after`], which holds everything the feed ever carried.

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
+use citygw::sources::coap::dtls::{self, CIPHERS, MTU};
 use openssl::error::ErrorStack;
 use openssl::ex_data::Index;
 use openssl::ssl::{
@@ -19,11 +20,6 @@ use openssl::ssl::{
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-/// The gateway's suites (gateway/src/sources/coap/dtls.rs): CoAP's mandatory CCM_8 first.
-/// CCM_8's 64-bit tag is below OpenSSL 3's default security level 1, hence level 0.
-const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256:@SECLEVEL=0";
-/// As the gateway: records fit a 1280-byte IPv6 path.
-const MTU: u32 = 1280;
 /// How long to wait for a handshake flight before asking OpenSSL to retransmit its own.
 const FLIGHT_WAIT: Duration = Duration::from_secs(1);
 
@@ -212,14 +208,7 @@ struct Datagrams {
 
 impl Read for Datagrams {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inbound.pop_front() {
-            Some(d) => {
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
-                Ok(n)
-            }
-            None => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        dtls::read_datagram(&mut self.inbound, buf)
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::sample::Sampler;
 use crate::credentials::Credential;
 use crate::format::Format;
-use crate::run::{AckRecord, DriverContext, RunStats};
+use crate::run::{AckRecord, DriverContext};
 use crate::scenario::SimDevice;
 use exchange::Outcome;
 use session::{Link, Session};
@@ -90,17 +90,11 @@ pub async fn open(
 }
 
 /// Counts how a confirmable message ended; `ack` is written to the ack log on success.
-pub fn record(stats: &RunStats, ctx: &DriverContext, outcome: Outcome, sent_at: Instant, ack: Ack) {
+pub fn record(ctx: &DriverContext, outcome: Outcome, sent_at: Instant, ack: Ack) {
+    let stats = &ctx.stats;
     match outcome {
         Outcome::Answer(p) if is_success(p.header.code) => {
-            stats.record_latency(sent_at.elapsed());
-            stats.acked.fetch_add(1, Ordering::Relaxed);
-            stats
-                .readings_acked
-                .fetch_add(ack.readings, Ordering::Relaxed);
-            if let Some(acks) = &ctx.acks {
-                let _ = acks.send(ack.record);
-            }
+            ctx.acknowledged(sent_at.elapsed(), ack.readings, ack.record)
         }
         Outcome::Answer(p) => {
             stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -224,7 +218,7 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
             },
             readings: sampler.values.len() as u64,
         };
-        record(stats, &ctx, outcome, sent_at, ack);
+        record(&ctx, outcome, sent_at, ack);
         next = next_report(next, dev.interval, Instant::now());
     }
     if let Some(s) = session {

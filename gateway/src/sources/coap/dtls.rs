@@ -28,9 +28,10 @@ use crate::registry::{AuthError, Registry};
 
 /// CoAP's mandatory suite first, then the GCM suite OpenSSL-based clients (libcoap) offer.
 /// CCM_8's 64-bit tag puts it below OpenSSL 3's default security level 1, hence level 0.
-const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256:@SECLEVEL=0";
+/// Public so that device-sim's client offers exactly these.
+pub const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256:@SECLEVEL=0";
 /// Records are sized for a 1280-byte IPv6 path without fragmentation.
-const MTU: u32 = 1280;
+pub const MTU: u32 = 1280;
 /// Datagrams queued for one session before more are dropped (a flood from one peer).
 const PEER_QUEUE: usize = 64;
 
@@ -259,14 +260,20 @@ struct PeerIo {
 
 impl Read for PeerIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inbound.pop_front() {
-            Some(d) => {
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
-                Ok(n)
-            }
-            None => Err(io::ErrorKind::WouldBlock.into()),
+        read_datagram(&mut self.inbound, buf)
+    }
+}
+
+/// OpenSSL's read from a datagram queue: one read is one whole datagram (DTLS needs record
+/// boundaries); an empty queue is `WouldBlock`, so OpenSSL answers WANT_READ.
+pub fn read_datagram(queue: &mut VecDeque<Vec<u8>>, buf: &mut [u8]) -> io::Result<usize> {
+    match queue.pop_front() {
+        Some(d) => {
+            let n = d.len().min(buf.len());
+            buf[..n].copy_from_slice(&d[..n]);
+            Ok(n)
         }
+        None => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 

@@ -10,7 +10,7 @@
 //! (`?t=<secret>`), readable by anyone on the path.
 
 mod blockwise;
-mod dtls;
+pub mod dtls;
 mod exchange;
 mod handler;
 pub mod lwm2m;
