@@ -1,10 +1,13 @@
-"""device-sim's CoAPS driver against the real gateway, beyond the all-protocol smoke run
+"""device-sim's CoAP and CoAPS drivers against the real gateway, beyond the all-protocol smoke run
 (test_device_sim.py): devices handshake again when the gateway ends idle DTLS sessions and nothing
-is lost, and a CoAPS device with a wrong PSK fails its handshake and is counted as such."""
+is lost; a CoAPS device with a wrong PSK fails its handshake and is counted as such; and the
+bad-input modes over CoAP and CoAPS get exactly the refusals they intend, with the gateway's own
+counters (read here independently) in agreement."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -76,3 +79,77 @@ def test_wrong_psk_fails_the_handshake(gw, provisioned, tmp_path):
     assert r["outcomes"] == {"dtls handshake timeout": len(coaps)}, r
     assert r["connected"] == DEVICES - len(coaps), r
     assert r["rejected"] == 0 and r["unconfirmed"] == 0, r
+
+
+# device-sim's bad-input modes over CoAP and CoAPS: (answer, counter, labels) per mode.
+COAP_BAD = {
+    ("coap", "wrong-credentials"): ("coap 4.01", "citygw_auth_failures_total",
+                                    {"protocol": "coap", "reason": "bad_credentials"}),
+    ("coap", "unknown-device"): ("coap 4.01", "citygw_auth_failures_total",
+                                 {"protocol": "coap", "reason": "unknown_device"}),
+    ("coap", "malformed"): ("coap 4.00", "citygw_messages_rejected_total",
+                            {"protocol": "coap", "reason": "malformed_json"}),
+    ("coap", "oversize"): ("coap 4.13", "citygw_messages_rejected_total",
+                           {"protocol": "coap", "reason": "payload_too_large"}),
+    # A wrong key: the gateway cannot read the client's Finished and ends the handshake at its
+    # timeout (2 s in this module).
+    ("coaps", "wrong-credentials"): ("dtls handshake timeout",
+                                     "citygw_coaps_handshake_failures_total",
+                                     {"reason": "timeout"}),
+    ("coaps", "unknown-device"): ("dtls handshake failed", "citygw_auth_failures_total",
+                                  {"protocol": "coaps", "reason": "unknown_device"}),
+    ("coaps", "spoofed-topic"): ("coap 4.03", "citygw_messages_rejected_total",
+                                 {"protocol": "coap", "reason": "spoofed_path"}),
+    ("coaps", "malformed"): ("coap 4.00", "citygw_messages_rejected_total",
+                             {"protocol": "coap", "reason": "malformed_json"}),
+    ("coaps", "oversize"): ("coap 4.13", "citygw_messages_rejected_total",
+                            {"protocol": "coap", "reason": "payload_too_large"}),
+}
+REFUSAL_COUNTERS = ("citygw_auth_failures_total", "citygw_messages_rejected_total")
+
+
+def bad(gw: Gateway, provisioned, protocol: str, mode: str, count: int,
+        out) -> tuple[subprocess.CompletedProcess, dict | None]:
+    p = device_sim("bad", mode, "--protocol", protocol, "--credentials", str(provisioned.creds),
+                   "--coap", gw.coap_listen, "--coaps", f"{gw.host}:{gw.coaps_port}",
+                   "--metrics", f"{gw.http_base}/metrics", "--count", str(count),
+                   "--timeout", "6", "--json", str(out))
+    return p, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.parametrize("protocol,mode", sorted(COAP_BAD))
+def test_coap_bad_input_mode_gets_exactly_its_refusals(gw, provisioned, tmp_path, protocol, mode):
+    answer, metric, labels = COAP_BAD[(protocol, mode)]
+    count = 6
+    before = gw.metrics()
+    p, rep = bad(gw, provisioned, protocol, mode, count, tmp_path / "bad.json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert rep["answers"] == {answer: count}, rep
+    assert rep["counter_delta"] == count and rep["control_acknowledged"], rep
+    # Read independently of device-sim: exactly these refusals were counted, no other kind moved.
+    after = gw.metrics()
+    assert after.value(metric, **labels) - before.value(metric, **labels) == count
+    for other in REFUSAL_COUNTERS:
+        moved = after.value(other) - before.value(other)
+        assert moved == (count if other == metric else 0), (other, moved)
+
+
+@pytest.mark.parametrize("protocol", ["coap", "coaps"])
+def test_coap_storm_is_served(gw, provisioned, tmp_path, protocol):
+    count = 15
+    stored_before = gw.metric("citygw_readings_stored_total")
+    before = gw.metrics()
+    p, rep = bad(gw, provisioned, protocol, "storm", count, tmp_path / "storm.json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert rep["answers"] == {"coap 2.04": count}, rep
+    after = gw.metrics()
+    for other in REFUSAL_COUNTERS:
+        assert after.value(other) == before.value(other), other
+    # Every request of the storm and the control reading after it were stored.
+    gw.wait_metric("citygw_readings_stored_total", stored_before + count + 1)
+
+
+def test_spoofing_over_plain_coap_is_explained(gw, provisioned, tmp_path):
+    p, rep = bad(gw, provisioned, "coap", "spoofed-topic", 3, tmp_path / "x.json")
+    assert p.returncode != 0 and rep is None
+    assert "spoofed-topic needs --protocol coaps" in p.stderr, p.stderr
