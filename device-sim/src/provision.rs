@@ -1,8 +1,8 @@
 //! `device-sim provision SCENARIO`: registers every device of the scenario in citygw through the
 //! admin API's bulk `ImportDevices` (kind, tenant, commune, position), and writes the secrets
-//! the gateway generated to a credentials CSV (`id,secret,kind,commune_code,protocol,format,psk`; the PSK, hex, only for CoAPS devices)
-//! that `device-sim run` reads. Secrets are shown once by the gateway, so the file is created
-//! with mode 0600.
+//! the gateway generated to a credentials CSV (`id,secret,kind,commune_code,protocol,format,psk`,
+//! the PSK in hex and only for CoAPS devices) that `device-sim run` reads. Secrets are shown
+//! once by the gateway, so the file is created with mode 0600.
 
 use std::io::Write;
 use std::path::PathBuf;

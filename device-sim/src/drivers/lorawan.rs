@@ -336,7 +336,7 @@ pub async fn run_device(
     let topic = server.topic(&app_id, &dev);
     ctx.stats.opened();
     let mut sampler = Sampler::new(&dev, &ctx.scenario);
-    let mut next = sampler.first_report(dev.interval);
+    let mut next = sampler.first_report();
     let mut f_cnt = 0u64;
     while next < ctx.end {
         tokio::time::sleep_until(next).await;

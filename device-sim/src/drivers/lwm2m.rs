@@ -313,7 +313,7 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
     let give_up_at = ctx.end + ctx.drain;
     let mut device = Device::new(&dev, &ctx.scenario);
     let links = links(&device.resources);
-    let mut next = device.sampler.first_report(dev.interval);
+    let mut next = device.sampler.first_report();
     let lifetime = ctx.coap.lwm2m_lifetime;
     let register = registration_request(&dev, &cred.secret, lifetime.as_secs(), links);
     let permit = ctx.connect_permits.acquire().await;

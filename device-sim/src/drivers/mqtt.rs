@@ -85,7 +85,7 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
         QoS::AtLeastOnce
     };
     let mut sampler = Sampler::new(&dev, &ctx.scenario);
-    let mut next = sampler.first_report(dev.interval);
+    let mut next = sampler.first_report();
     let mut seq = 0u64;
     let mut queued: VecDeque<Sent> = VecDeque::new();
     let mut inflight: HashMap<u16, (Sent, Instant)> = HashMap::new();

@@ -1,7 +1,7 @@
 //! A device's readings over time: the profile's values at whole, strictly increasing device
 //! seconds, so (device, device time) identifies one message in the ack log.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -15,7 +15,7 @@ pub struct Sampler<'a> {
     generator: Generator,
     rng: StdRng,
     last_ts_s: u64,
-    interval_secs: f64,
+    interval: Duration,
     utc_offset_hours: f64,
     pub values: Vec<(String, Value)>,
 }
@@ -30,7 +30,7 @@ impl<'a> Sampler<'a> {
             generator,
             rng,
             last_ts_s: 0,
-            interval_secs: dev.interval.as_secs_f64(),
+            interval: dev.interval,
             utc_offset_hours: scenario.utc_offset_hours,
             values: Vec::new(),
         }
@@ -38,8 +38,8 @@ impl<'a> Sampler<'a> {
 
     /// When to report first: a random phase within one interval, so devices do not report in
     /// lockstep.
-    pub fn first_report(&mut self, interval: std::time::Duration) -> Instant {
-        Instant::now() + interval.mul_f64(self.rng.random::<f64>())
+    pub fn first_report(&mut self) -> Instant {
+        Instant::now() + self.interval.mul_f64(self.rng.random::<f64>())
     }
 
     /// Samples the profile now; returns the device time (Unix seconds), values in `self.values`.
@@ -54,7 +54,7 @@ impl<'a> Sampler<'a> {
         self.generator.sample(
             self.profile,
             hour,
-            self.interval_secs,
+            self.interval.as_secs_f64(),
             &mut self.rng,
             &mut self.values,
         );

@@ -98,8 +98,7 @@ impl DtlsClient {
             }
             let wait = deadline.min(Instant::now() + FLIGHT_WAIT);
             // On a quiet wait, connect() again: OpenSSL retransmits its flight once its own
-            // timer has expired.
-            // A receive error (a refused port's ICMP) is retried like silence, until the deadline.
+            // timer has expired. A receive error (a refused port's ICMP) counts as silence.
             if let Ok(Ok(n)) = tokio::time::timeout_at(wait, socket.recv(&mut buf)).await {
                 stream.get_mut().inbound.push_back(buf[..n].to_vec());
             }

@@ -182,7 +182,7 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
     let device_id: Arc<str> = dev.id.as_str().into();
     let secret = (!secure).then_some(cred.secret.as_str());
     let mut sampler = Sampler::new(&dev, &ctx.scenario);
-    let mut next = sampler.first_report(dev.interval);
+    let mut next = sampler.first_report();
     let give_up_at = ctx.end + ctx.drain;
     // Nothing is served to the gateway on the telemetry path: its requests go unanswered.
     let mut ignore = |_: &Packet| None;
