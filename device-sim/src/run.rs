@@ -298,8 +298,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(args.connect_timeout),
         drain: Duration::from_secs(args.drain),
         coap: coap::Targets {
-            plain: resolve("--coap", &args.coap).await?,
-            secure: resolve("--coaps", &args.coaps).await?,
+            plain: coap::resolve("--coap", &args.coap).await?,
+            secure: coap::resolve("--coaps", &args.coaps).await?,
             sources: args.coap_source.clone(),
             dtls: match plan.iter().any(|d| d.protocol == Protocol::Coaps) {
                 true => Some(coap::dtls::DtlsClient::new().context("DTLS client context")?),
@@ -391,15 +391,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "no device could connect (see the errors above)"
     );
     Ok(())
-}
-
-/// The first address of `host:port`.
-async fn resolve(flag: &str, target: &str) -> anyhow::Result<std::net::SocketAddr> {
-    tokio::net::lookup_host(target)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .with_context(|| format!("{flag} {target:?}: not a reachable host:port"))
 }
 
 async fn write_ack_log(

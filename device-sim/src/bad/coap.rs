@@ -19,7 +19,7 @@ use crate::credentials::Credential;
 use crate::drivers::coap::dtls::DtlsClient;
 use crate::drivers::coap::exchange::Outcome;
 use crate::drivers::coap::session::{self, Link, Session};
-use crate::drivers::coap::{telemetry_request, uint};
+use crate::drivers::coap::{resolve, telemetry_request, uint};
 use crate::format::Format;
 
 /// Attempts in flight at once (the storm sends all of them together instead).
@@ -129,11 +129,7 @@ impl Target {
             Via::Coaps => ("--coaps", &args.coaps),
             _ => ("--coap", &args.coap),
         };
-        let gateway = tokio::net::lookup_host(addr)
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .with_context(|| format!("{flag} {addr:?}: not a reachable host:port"))?;
+        let gateway = resolve(flag, addr).await?;
         let dtls = match args.protocol {
             Via::Coaps => Some(DtlsClient::new().context("DTLS client context")?),
             _ => None,
@@ -154,7 +150,7 @@ impl Target {
         };
         let c = &a.session_as;
         let (link, secret) = match &self.dtls {
-            None => (Link::Udp(socket, vec![0u8; 2048]), Some(c.secret.as_str())),
+            None => (Link::udp(socket), Some(c.secret.as_str())),
             Some(client) => {
                 let Some(psk) = &c.psk else {
                     return "no psk in the credentials".into();

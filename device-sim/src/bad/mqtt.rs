@@ -28,13 +28,7 @@ pub async fn attack(args: &BadArgs, roles: &Roles) -> anyhow::Result<Attacks> {
                 } else {
                     c.secret = format!("wrong-{}", c.secret.len() + i);
                 }
-                let answer = match target.connect(&c).await {
-                    Ok((client, mut el)) => {
-                        crate::mqtt::disconnect_v5(&client, &mut el).await;
-                        "connack Success".to_string()
-                    }
-                    Err(a) => a,
-                };
+                let answer = connack_answer(target.connect(&c).await).await;
                 *answers.entry(answer).or_default() += 1;
             }
         }
@@ -79,13 +73,7 @@ pub async fn attack(args: &BadArgs, roles: &Roles) -> anyhow::Result<Attacks> {
                         let r = target.connect(&c).await;
                         // Hold the connection until every storm connection has been answered.
                         release.wait().await;
-                        match r {
-                            Ok((client, mut el)) => {
-                                crate::mqtt::disconnect_v5(&client, &mut el).await;
-                                "connack Success".to_string()
-                            }
-                            Err(a) => a,
-                        }
+                        connack_answer(r).await
                     })
                 })
                 .collect();
@@ -172,6 +160,17 @@ impl Target {
             Ok(Ok(other)) => Err(format!("unexpected {other:?}")),
             Err(_) => Err("connect timeout".into()),
         }
+    }
+}
+
+/// Names a connection attempt's answer, disconnecting a session that was accepted.
+async fn connack_answer(r: Result<(AsyncClient, EventLoop), String>) -> String {
+    match r {
+        Ok((client, mut el)) => {
+            crate::mqtt::disconnect_v5(&client, &mut el).await;
+            "connack Success".to_string()
+        }
+        Err(a) => a,
     }
 }
 

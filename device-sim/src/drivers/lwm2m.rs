@@ -41,7 +41,7 @@ const ANSWERS_KEPT: usize = 8;
 struct Resource {
     path: Path,
     /// The quantity the gateway stores the resource's values under.
-    stored_as: String,
+    stored_as: Arc<str>,
     /// Position of the value in the profile's sample.
     value: usize,
 }
@@ -73,7 +73,7 @@ fn resources(profile: &Profile) -> Vec<Resource> {
             };
             Resource {
                 path,
-                stored_as: path.quantity().0,
+                stored_as: path.quantity().0.into(),
                 value,
             }
         })
@@ -387,7 +387,7 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
                 record: AckRecord {
                     device_id: device_id.clone(),
                     device_time_ms: ts_s * 1000,
-                    quantities: device.resources[i].stored_as.as_str().into(),
+                    quantities: device.resources[i].stored_as.clone(),
                 },
                 readings: 1,
             };
@@ -416,7 +416,7 @@ mod tests {
     fn quantities_map_to_the_objects_the_gateway_names_back() {
         let p = default_profiles();
         let weather = resources(&p["weather"]);
-        let stored: Vec<&str> = weather.iter().map(|r| r.stored_as.as_str()).collect();
+        let stored: Vec<&str> = weather.iter().map(|r| &*r.stored_as).collect();
         assert_eq!(
             stored,
             [
@@ -432,7 +432,7 @@ mod tests {
         assert_eq!(weather[0].path, Path::parse("/3303/0/5700").unwrap());
         let flood = resources(&p["flood_gauge"]);
         assert_eq!(flood[1].path, Path::parse("/3/0/9").unwrap());
-        assert_eq!(flood[1].stored_as, "battery");
+        assert_eq!(&*flood[1].stored_as, "battery");
         assert_eq!(links(&flood), "</1/0>,</3/0>,</3300/0>");
     }
 

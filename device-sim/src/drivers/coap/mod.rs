@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 use tokio::time::Instant;
 
@@ -37,6 +38,15 @@ pub struct Targets {
     pub dtls: Option<dtls::DtlsClient>,
     /// The lifetime LwM2M clients register with.
     pub lwm2m_lifetime: Duration,
+}
+
+/// The first address of `host:port`, named by its command-line `flag` when it has none.
+pub async fn resolve(flag: &str, target: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(target)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .with_context(|| format!("{flag} {target:?}: not a reachable host:port"))
 }
 
 /// Opens the device's endpoint (a DTLS handshake for CoAPS); counts a failure and returns None.
@@ -84,7 +94,7 @@ pub async fn open(
             }
         }
     } else {
-        Link::Udp(socket, vec![0u8; 2048])
+        Link::udp(socket)
     };
     Some(Session::new(link, dev.seed))
 }

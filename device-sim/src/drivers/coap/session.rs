@@ -19,6 +19,12 @@ pub enum Link {
 }
 
 impl Link {
+    /// Plain UDP, with a receive buffer above the gateway's largest datagram (its 1,280-byte
+    /// MTU, a 1,024-byte block plus headers).
+    pub fn udp(socket: UdpSocket) -> Self {
+        Link::Udp(socket, vec![0u8; 2048])
+    }
+
     async fn send(&mut self, d: &[u8]) -> io::Result<()> {
         match self {
             Link::Udp(s, _) => s.send(d).await.map(|_| ()),
