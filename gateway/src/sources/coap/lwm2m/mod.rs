@@ -698,4 +698,76 @@ mod tests {
         );
         assert!(link_objects(b"garbage").is_empty());
     }
+
+    /// A confirmable notification the store cannot take is not acknowledged, so the client
+    /// retransmits it; one it stored gets the empty ACK, and a non-confirmable one gets nothing.
+    #[tokio::test]
+    async fn notifications_are_acknowledged_only_once_stored() {
+        use crate::registry::NewDevice;
+        use crate::store::Store;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        let registry = Registry::load(store.clone()).unwrap();
+        let device = NewDevice {
+            id: "lw-1".into(),
+            tenant: "hanoi".into(),
+            kind: "weather".into(),
+            ..Default::default()
+        };
+        registry.add(device, 1000).await.unwrap();
+        let lwm2m = Lwm2m::new(registry, Pipeline::new(store.clone(), 1 << 16), false);
+        let token = vec![7u8, 7];
+        let path = Path {
+            object: 3303,
+            instance: 0,
+            resource: 5700,
+        };
+        lwm2m.observations.lock().unwrap().insert(
+            token.clone(),
+            Observation {
+                registration: "r1".into(),
+                device_id: "lw-1".into(),
+                path,
+                answered: Arc::new(Notify::new()),
+            },
+        );
+        let notification = |typ: MessageType, message_id: u16| {
+            let mut p = Packet::new();
+            p.header.set_type(typ);
+            p.header.message_id = message_id;
+            p.header.code = MessageClass::Response(ResponseType::Content);
+            p.set_token(token.clone());
+            p.set_observe_value(message_id.into());
+            p.add_option(CoapOption::ContentFormat, vec![110]);
+            p.payload = br#"[{"bn":"/3303/0/","n":"5700","v":21.5}]"#.to_vec();
+            p
+        };
+
+        let Answer::Send(Some(ack)) = lwm2m
+            .on_response(&notification(MessageType::Confirmable, 1))
+            .await
+        else {
+            panic!("a stored confirmable notification is acknowledged");
+        };
+        let ack = Packet::from_bytes(&ack).unwrap();
+        assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(ack.header.message_id, 1);
+        assert_eq!(store.last_reading_id(), 1);
+
+        store.close().await;
+        assert!(matches!(
+            lwm2m
+                .on_response(&notification(MessageType::Confirmable, 2))
+                .await,
+            Answer::Retry
+        ));
+        assert!(matches!(
+            lwm2m
+                .on_response(&notification(MessageType::NonConfirmable, 3))
+                .await,
+            Answer::Send(None)
+        ));
+        assert_eq!(store.last_reading_id(), 1);
+    }
 }
