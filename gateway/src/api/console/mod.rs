@@ -257,14 +257,14 @@ impl FromRequestParts<Console> for Writer {
         let refuse = |status, reason: &'static str, message: &str| {
             metrics::counter!("citygw_console_requests_refused_total", "reason" => reason)
                 .increment(1);
-            Err(error(status, message))
+            error(status, message)
         };
         if !same_origin(&parts.headers) {
-            return refuse(
+            return Err(refuse(
                 StatusCode::FORBIDDEN,
                 "cross_origin",
                 "cross-origin request",
-            );
+            ));
         }
         let csrf = parts
             .headers
@@ -272,18 +272,18 @@ impl FromRequestParts<Console> for Writer {
             .map(|v| v.as_bytes())
             .unwrap_or_default();
         if !constant_time_eq(csrf, authed.session.csrf.as_bytes()) {
-            return refuse(
+            return Err(refuse(
                 StatusCode::FORBIDDEN,
                 "csrf",
                 "missing or wrong X-CSRF-Token",
-            );
+            ));
         }
         if parts.method != Method::DELETE && !authed.session.principal.may_change() {
-            return refuse(
+            return Err(refuse(
                 StatusCode::FORBIDDEN,
                 "read_only",
                 "operators have read-only access; sign in with the admin token to change this",
-            );
+            ));
         }
         Ok(Writer(authed))
     }

@@ -277,7 +277,7 @@ pub async fn kpi_csv(State(c): State<Console>, _: Authed) -> Response {
         "approximated_devices",
     ]);
     for commune in &r.communes {
-        let f = commune.figures.clone().unwrap_or_default();
+        let f = commune.figures.unwrap_or_default();
         let _ = w.write_record([
             commune.code.clone(),
             commune.name.clone(),
