@@ -114,7 +114,7 @@ impl Pipeline {
         };
         self.store_readings(
             msg.device,
-            protocol,
+            msg.protocol,
             readings,
             (msg.delivery, msg.content_id.as_deref()),
             now_ms,
@@ -140,10 +140,9 @@ impl Pipeline {
         count_received(protocol_label(protocol), size);
         let now_ms = now_ms();
         let readings = to_readings(device, protocol, decoded, now_ms);
-        let label = protocol_label(protocol);
         self.store_readings(
             device,
-            label,
+            protocol,
             readings,
             (delivery, content_id),
             now_ms,
@@ -155,7 +154,7 @@ impl Pipeline {
     async fn store_readings(
         &self,
         device: &DeviceEntry,
-        protocol: &'static str,
+        protocol: Protocol,
         readings: Vec<Reading>,
         (delivery, content_id): (Delivery, Option<&str>),
         now_ms: i64,
@@ -172,7 +171,8 @@ impl Pipeline {
             Delivery::BestEffort => self.inner.store.append_best_effort(readings),
         }
         device.touch(now_ms);
-        metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol)
+        device.reported_over(protocol);
+        metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol_label(protocol))
             .record(started.elapsed().as_secs_f64());
         Ok(n)
     }
