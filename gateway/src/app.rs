@@ -59,6 +59,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             store.clone(),
             registry.clone(),
             agencies.clone(),
+            operators.clone(),
         ));
         tokio::spawn(registry.clone().touch_from_feed(store.subscribe()));
     }

@@ -718,24 +718,39 @@ fn same_identity(a: &Record, b: &Record) -> bool {
     *a == b
 }
 
-/// Cluster mode: applies record changes from the cluster to the registry and the agencies
-/// until the store closes.
-pub async fn follow_changes(store: Store, registry: Registry, agencies: agencies::Agencies) {
+/// Cluster mode: applies record changes from the cluster to the registry, the agencies and the
+/// operators until the store closes.
+pub async fn follow_changes(
+    store: Store,
+    registry: Registry,
+    agencies: agencies::Agencies,
+    operators: operators::Operators,
+) {
+    let resync = || {
+        registry
+            .resync()
+            .and_then(|()| agencies.resync())
+            .and_then(|()| operators.resync())
+    };
     let mut changes = store.record_changes();
     // Whatever changed between loading and subscribing.
-    if let Err(e) = registry.resync().and_then(|()| agencies.resync()) {
+    if let Err(e) = resync() {
         tracing::error!(error = %e, "registry reload failed");
     }
     loop {
         match changes.recv().await {
-            Ok(change) => match change.table {
-                Table::Devices => registry.apply_record(&change.key, change.value.as_deref()),
-                Table::Agencies => agencies.apply_record(&change.key, change.value.as_deref()),
-                Table::Cursors | Table::KpiSnapshots => {}
-            },
+            Ok(change) => {
+                let value = change.value.as_deref();
+                match change.table {
+                    Table::Devices => registry.apply_record(&change.key, value),
+                    Table::Agencies => agencies.apply_record(&change.key, value),
+                    Table::Operators => operators.apply_record(&change.key, value),
+                    Table::Cursors | Table::KpiSnapshots => {}
+                }
+            }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "registry changes lagged; reloading");
-                if let Err(e) = registry.resync().and_then(|()| agencies.resync()) {
+                if let Err(e) = resync() {
                     tracing::error!(error = %e, "registry reload failed");
                 }
             }

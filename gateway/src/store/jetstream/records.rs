@@ -1,7 +1,7 @@
 //! Registry records in a replicated key-value bucket, watched by every node.
 //!
-//! `put_records` (a device added or disabled, an agency added or removed, a sink cursor, a KPI
-//! snapshot) writes to the bucket, pipelined, and returns once this node has applied its own
+//! `put_records` (a device added or disabled, an agency or console operator added or removed, a
+//! sink cursor, a KPI snapshot) writes to the bucket, pipelined, and returns once this node has applied its own
 //! write back from the watch (read-your-writes). Every node's watcher applies each change to its
 //! store in bucket order, keeps the bucket revision it reached in the same commit (a restart
 //! resumes after it), and announces it on [`Store::record_changes`], from which the registry and
@@ -26,9 +26,10 @@ use crate::store::{keys, RecordChange, Store, StoreError, Table};
 /// Most bucket entries applied in one commit.
 const BATCH: usize = 4096;
 
-const TABLES: [(Table, &str); 4] = [
+const TABLES: [(Table, &str); 5] = [
     (Table::Devices, "devices"),
     (Table::Agencies, "agencies"),
+    (Table::Operators, "operators"),
     (Table::Cursors, "cursors"),
     (Table::KpiSnapshots, "kpi"),
 ];
