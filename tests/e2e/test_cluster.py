@@ -10,10 +10,13 @@ What a city operator would notice, checked end to end with real clients:
   is exact;
 - `device disable` on node A closes the device's live session on node B within a second and
   refuses it there;
+- three nodes bridging one LoRaWAN network server's broker share its uplinks (one node each),
+  and a copy sent again that reaches another node is stored once;
 - kill -9 of a gateway node under load (paho publishers on all three nodes, devices move to a
   survivor): every PUBACKed reading reaches a subscription on a survivor; duplicates are counted
   and reported, not hidden;
 - kill -9 of the stream's leader NATS node under load: nothing acknowledged is lost;
+- kill -9 of the NATS server holding nodes' registry watches: changes still reach them at once;
 - two of three NATS nodes stopped: no success PUBACK, `/readyz` 503; restarted: ingestion
   resumes without restarting citygw;
 - VictoriaMetrics ends with every reading after the node forwarding it is killed.
@@ -21,6 +24,7 @@ What a city operator would notice, checked end to end with real clients:
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -29,7 +33,9 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from support import Device, Gateway, GatewayFactory, unique_id, wait_until
+from support import Device, Gateway, GatewayFactory, now_ms, unique_id, wait_until
+from support.lorawan import (Brokers, chirpstack_topic, chirpstack_uplink, lorawan_toml,
+                             new_dev_eui, wait_bridge_connected)
 from support.nats import NatsCluster
 from support.tsdb import Stores, vm_sink
 
@@ -64,17 +70,29 @@ def cluster_gateways():
 
 
 @pytest.fixture(scope="module")
-def cl(cluster_nats, cluster_stores, cluster_gateways):
-    """The module's cluster; the fixtures above are what conftest attaches logs from."""
+def cluster_brokers():
+    brokers = Brokers("cluster")
+    try:
+        yield brokers
+    finally:
+        brokers.close()
+
+
+@pytest.fixture(scope="module")
+def cl(cluster_nats, cluster_stores, cluster_gateways, cluster_brokers):
+    """The module's cluster; the fixtures above are what conftest attaches logs from. Every node
+    forwards to one VictoriaMetrics and bridges one LoRaWAN network server's broker."""
     vm = cluster_stores.victoria_metrics()
-    gws = [cluster_gateways(config_toml=vm_sink(vm), env={
+    ns_broker = cluster_brokers.mosquitto()
+    gws = [cluster_gateways(config_toml=vm_sink(vm) + lorawan_toml(ns_broker), env={
         "CITYGW_CLUSTER__BACKEND": "jetstream",
         "CITYGW_CLUSTER__NATS_URLS": cluster_nats.urls,
         "CITYGW_CLUSTER__NODE_NAME": f"gw{i + 1}",
         "CITYGW_CLUSTER__LEASE_SECS": str(LEASE_SECS),
         "CITYGW_CLUSTER__ACK_TIMEOUT_MS": "3000",
     }) for i in range(3)]
-    return SimpleNamespace(nats=cluster_nats, vm=vm, gws=gws)
+    return SimpleNamespace(nats=cluster_nats, vm=vm, gws=gws, ns_broker=ns_broker,
+                           ns=cluster_brokers.publisher(ns_broker))
 
 
 def payload(seq: int) -> str:
@@ -265,6 +283,52 @@ def test_disable_on_one_node_refuses_on_another(cl):
         assert again.connect() == 0x87, "disabled device accepted on another node"
     finally:
         again.close()
+
+
+def test_lorawan_bridge_shared_across_nodes_stores_each_uplink_once(cl):
+    """Three nodes bridge one network server's broker as one MQTT shared subscription: each
+    uplink reaches one node (not three), and a copy the network server sends again, landing on
+    another node, is stored once (JetStream's content id: device, frame counter, time)."""
+    for g in cl.gws:
+        wait_bridge_connected(g, timeout=30)
+    eui = new_dev_eui()
+    dev = cl.gws[0].add_device(kind="water_meter", dev_eui=eui, codec="lpp")
+    known_everywhere(cl, [dev])
+
+    def received() -> dict[str, float]:
+        return {node_name(g): g.metric("citygw_lorawan_messages_total", server="ns1", event="up")
+                for g in cl.gws}
+    before = received()
+    js_dups_before = sum(g.metric("citygw_cluster_duplicates_total") for g in cl.gws)
+    counters, t0 = range(1, 31), now_ms() - 600_000
+    events = [(chirpstack_topic(eui), chirpstack_uplink(
+        eui, f_cnt=c, time_ms=t0 + c * 1000, data=bytes([1, 0x67, 0, 200 + c])).SerializeToString())
+        for c in counters]
+    # Every uplink twice, as a network server retrying; the copies rotated by one, so that with
+    # the broker's round robin a copy lands on another node than its original.
+    cl.ns.publish_many(events + events[1:] + events[:1])
+
+    def frame_counters(g) -> collections.Counter:
+        return collections.Counter(r["device_seq"] for r in g.readings(dev.id)
+                                   if r["quantity"] == "frame_counter")
+    wait_until(lambda: set(frame_counters(cl.gws[0])) == set(counters), 30,
+               desc="every uplink stored")
+    wait_until(lambda: sum(received().values()) - sum(before.values()) >= 2 * len(counters), 10,
+               desc="every copy handled")
+    got = {n: v - before[n] for n, v in received().items()}
+    js_dups = sum(g.metric("citygw_cluster_duplicates_total") for g in cl.gws) - js_dups_before
+    print(f"LoRaWAN uplinks per node (60 sent): {got}; stored once by JetStream's content id: "
+          f"{js_dups}")
+    assert sum(got.values()) == 2 * len(counters), f"an uplink went to several nodes: {got}"
+    assert sum(1 for v in got.values() if v > 0) >= 2, f"one node took everything: {got}"
+    assert js_dups > 0, "no copy reached another node than its original: cross-node dedup untested"
+    for g in cl.gws:
+        wait_until(lambda g=g: sum(frame_counters(g).values()) >= len(counters), 10,
+                   desc=f"uplinks on {node_name(g)}")
+        fc = frame_counters(g)
+        assert set(fc) == set(counters) and max(fc.values()) == 1, f"{node_name(g)}: {fc}"
+    ids = [[r["id"] for r in g.readings(dev.id)] for g in cl.gws]
+    assert ids[0] == ids[1] == ids[2]
 
 
 def test_kill9_gateway_node_under_load(cl, telemetry):
