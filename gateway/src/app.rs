@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
+use crate::control::commands::Commands;
 use crate::kpi::Kpi;
 use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
@@ -41,8 +42,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
+    let (commands, command_log) = Commands::load(store.clone(), registry.clone())?;
 
     let shutdown = CancellationToken::new();
+    let command_log = tokio::spawn(command_log.run(cfg.store.retention(), shutdown.clone()));
     let sinks = Sinks::start(&cfg.sinks, &pipeline, &shutdown)?;
     let lwm2m = cfg.coap.lwm2m_enabled.then(|| {
         std::sync::Arc::new(crate::sources::coap::lwm2m::Lwm2m::new(
@@ -80,6 +83,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 sinks: sinks.clone(),
                 kpi: kpi.clone(),
                 lwm2m: lwm2m.clone(),
+                commands: commands.clone(),
             }
             .start(shutdown.clone())
             .await?,
@@ -90,6 +94,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             config: cfg.mqtt.clone(),
             registry: registry.clone(),
             pipeline: pipeline.clone(),
+            commands: commands.clone(),
         }),
         Box::new(CoapSource {
             config: cfg.coap.clone(),
@@ -139,6 +144,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .await;
     tasks.abort_all();
+    // The command log's last changes (expiries, answers that raced the shutdown) go to disk.
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, command_log).await;
     housekeeping.abort();
     kpi_refresh.abort();
     if let Err(e) = registry.persist_last_seen().await {

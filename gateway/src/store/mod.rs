@@ -96,6 +96,8 @@ pub(crate) struct Keyspaces {
     pub(crate) agencies: Keyspace,
     pub(crate) cursors: Keyspace,
     pub(crate) kpi_snapshots: Keyspace,
+    pub(crate) commands: Keyspace,
+    pub(crate) alerts: Keyspace,
     pub(crate) meta: Keyspace,
 }
 
@@ -106,6 +108,8 @@ impl Keyspaces {
             Table::Agencies => &self.agencies,
             Table::Cursors => &self.cursors,
             Table::KpiSnapshots => &self.kpi_snapshots,
+            Table::Commands => &self.commands,
+            Table::Alerts => &self.alerts,
         }
     }
 
@@ -119,6 +123,8 @@ impl Keyspaces {
             agencies: ks(keys::AGENCIES)?,
             cursors: ks(keys::CURSORS)?,
             kpi_snapshots: ks(keys::KPI_SNAPSHOTS)?,
+            commands: ks(keys::COMMANDS)?,
+            alerts: ks(keys::ALERTS)?,
             meta: ks(keys::META)?,
         })
     }

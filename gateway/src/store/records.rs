@@ -15,6 +15,11 @@ pub enum Table {
     Cursors,
     /// Daily KPI snapshots: `{city}/{YYYY-MM-DD}` → figures (one small row per city and day).
     KpiSnapshots,
+    /// The command log: commands with their history, the open ones' markers, LoRaWAN routes
+    /// (`control::commands::log` owns the keys).
+    Commands,
+    /// Alerts, alert rules added through the API, action cool-downs (`control` owns the keys).
+    Alerts,
 }
 
 impl Store {
@@ -36,6 +41,63 @@ impl Store {
         })
         .await?;
         reply.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// One record, by key.
+    pub fn get_record(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .inner
+            .ks
+            .table(table)
+            .get(key.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Up to `limit` records whose keys start with `prefix`, in key order after the key `after`
+    /// (or, with `newest_first`, in reverse key order before it); `after` empty: from the first
+    /// (or last) one. Pages through a large table without loading it whole.
+    pub fn records_with_prefix(
+        &self,
+        table: Table,
+        prefix: &str,
+        after: &str,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let start = prefix.as_bytes().to_vec();
+        // Keys with the prefix sort below the prefix with its last byte incremented.
+        let mut end = start.clone();
+        while end.last() == Some(&u8::MAX) {
+            end.pop();
+        }
+        let end = match end.last_mut() {
+            Some(b) => {
+                *b += 1;
+                Bound::Excluded(end)
+            }
+            None => Bound::Unbounded,
+        };
+        let after = (!after.is_empty()).then(|| after.as_bytes().to_vec());
+        let range = match (after, newest_first) {
+            (None, _) => (Bound::Included(start), end),
+            (Some(a), false) => (Bound::Excluded(a.max(start)), end),
+            (Some(a), true) => (Bound::Included(start), Bound::Excluded(a)),
+        };
+        let iter = self.inner.ks.table(table).range::<Vec<u8>, _>(range);
+        let iter: Box<dyn Iterator<Item = fjall::Guard>> = if newest_first {
+            Box::new(iter.rev())
+        } else {
+            Box::new(iter)
+        };
+        iter.take(limit)
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                let key = String::from_utf8(key.to_vec())
+                    .map_err(|_| StoreError::Corrupt("record key is not UTF-8".into()))?;
+                Ok((key, value.to_vec()))
+            })
+            .collect()
     }
 
     /// Every record of a table, ordered by key; the registry loads them once at start.

@@ -1,0 +1,189 @@
+//! The durable command log: every command with its whole history, in the store's `commands`
+//! table, written through the group commit (so a state change survives kill -9 once it is
+//! acknowledged anywhere).
+//!
+//! Keys:
+//! - `c/{id}`: the command (protobuf `Command`, history included). Ids are UUIDv7, so key order
+//!   is creation order and listing newest-first is a reverse range scan.
+//! - `o/{id}`: marks a command still open (not final); the gateway reloads only these at start.
+//! - `r/{device}`: where a LoRaWAN device's downlinks go, learned from its uplinks.
+//!
+//! This is the one place the command state touches storage: a replicated backend (cluster mode)
+//! replaces this file, not the state machine.
+
+use prost::Message as _;
+
+use crate::proto::Command;
+use crate::store::{Store, StoreError, Table};
+
+const COMMAND: &str = "c/";
+const OPEN: &str = "o/";
+const ROUTE: &str = "r/";
+
+/// How many records one scan reads at a time.
+const PAGE: usize = 1000;
+
+#[derive(Clone)]
+pub struct CommandLog {
+    store: Store,
+}
+
+/// One write of the log: the command as it now is, and whether it is still open.
+pub struct Entry {
+    pub command: Command,
+    pub open: bool,
+}
+
+impl CommandLog {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// Writes commands (and their open markers) in one durable commit.
+    pub async fn save(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        let mut records = Vec::with_capacity(entries.len() * 2);
+        for e in entries {
+            let id = &e.command.id;
+            records.push((format!("{COMMAND}{id}"), Some(e.command.encode_to_vec())));
+            records.push((format!("{OPEN}{id}"), e.open.then(Vec::new)));
+        }
+        self.store.put_records(Table::Commands, records).await
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Command>, StoreError> {
+        self.store
+            .get_record(Table::Commands, &format!("{COMMAND}{id}"))?
+            .map(|bytes| decode(id, &bytes))
+            .transpose()
+    }
+
+    /// Every open command, oldest first.
+    pub fn load_open(&self) -> Result<Vec<Command>, StoreError> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page =
+                self.store
+                    .records_with_prefix(Table::Commands, OPEN, &after, false, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(out);
+            };
+            after = last.clone();
+            for (key, _) in &page {
+                let id = &key[OPEN.len()..];
+                match self.get(id)? {
+                    Some(c) => out.push(c),
+                    None => tracing::warn!(command = id, "open marker without its command"),
+                }
+            }
+        }
+    }
+
+    /// Commands newest first, older than `before_id` (empty: from the newest), that `keep`
+    /// accepts; at most `limit`, scanning at most `max_scan` records.
+    pub fn list(
+        &self,
+        before_id: &str,
+        limit: usize,
+        max_scan: usize,
+        mut keep: impl FnMut(&Command) -> bool,
+    ) -> Result<Vec<Command>, StoreError> {
+        let mut out = Vec::new();
+        let mut before = if before_id.is_empty() {
+            String::new()
+        } else {
+            format!("{COMMAND}{before_id}")
+        };
+        let mut scanned = 0;
+        while out.len() < limit && scanned < max_scan {
+            let page =
+                self.store
+                    .records_with_prefix(Table::Commands, COMMAND, &before, true, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            before = last.clone();
+            for (key, bytes) in &page {
+                scanned += 1;
+                let c = decode(&key[COMMAND.len()..], bytes)?;
+                if keep(&c) {
+                    out.push(c);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes final commands created before `cutoff_ms` (retention), a page at a time;
+    /// returns how many went. Open commands stay whatever their age (their TTL ends them).
+    pub async fn expire(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let mut deleted = 0;
+        let mut after = String::new();
+        loop {
+            let page =
+                self.store
+                    .records_with_prefix(Table::Commands, COMMAND, &after, false, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(deleted);
+            };
+            after = last.clone();
+            let mut gone = Vec::new();
+            let mut reached_cutoff = page.len() < PAGE;
+            for (key, bytes) in &page {
+                let c = decode(&key[COMMAND.len()..], bytes)?;
+                if c.created_time_ms >= cutoff_ms {
+                    reached_cutoff = true;
+                    break;
+                }
+                let open = self
+                    .store
+                    .get_record(Table::Commands, &format!("{OPEN}{}", c.id))?
+                    .is_some();
+                if !open {
+                    gone.push((key.clone(), None));
+                }
+            }
+            deleted += gone.len();
+            self.store.put_records(Table::Commands, gone).await?;
+            if reached_cutoff {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Remembers where a LoRaWAN device's downlinks go (`route` is opaque here).
+    pub async fn save_route(&self, device_id: &str, route: Vec<u8>) -> Result<(), StoreError> {
+        self.store
+            .put_records(
+                Table::Commands,
+                vec![(format!("{ROUTE}{device_id}"), Some(route))],
+            )
+            .await
+    }
+
+    /// Every remembered route: (device id, route).
+    pub fn load_routes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page =
+                self.store
+                    .records_with_prefix(Table::Commands, ROUTE, &after, false, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(out);
+            };
+            after = last.clone();
+            out.extend(
+                page.into_iter()
+                    .map(|(k, v)| (k[ROUTE.len()..].to_string(), v)),
+            );
+        }
+    }
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<Command, StoreError> {
+    Command::decode(bytes).map_err(|e| StoreError::Corrupt(format!("command {id}: {e}")))
+}
