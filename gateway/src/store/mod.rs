@@ -94,6 +94,7 @@ pub(crate) struct Keyspaces {
     pub(crate) dead_letters: Keyspace,
     pub(crate) devices: Keyspace,
     pub(crate) agencies: Keyspace,
+    pub(crate) operators: Keyspace,
     pub(crate) cursors: Keyspace,
     pub(crate) kpi_snapshots: Keyspace,
     pub(crate) commands: Keyspace,
@@ -106,6 +107,7 @@ impl Keyspaces {
         match table {
             Table::Devices => &self.devices,
             Table::Agencies => &self.agencies,
+            Table::Operators => &self.operators,
             Table::Cursors => &self.cursors,
             Table::KpiSnapshots => &self.kpi_snapshots,
             Table::Commands => &self.commands,
@@ -121,6 +123,7 @@ impl Keyspaces {
             dead_letters: ks(keys::DEAD_LETTERS)?,
             devices: ks(keys::DEVICES)?,
             agencies: ks(keys::AGENCIES)?,
+            operators: ks(keys::OPERATORS)?,
             cursors: ks(keys::CURSORS)?,
             kpi_snapshots: ks(keys::KPI_SNAPSHOTS)?,
             commands: ks(keys::COMMANDS)?,
