@@ -60,21 +60,34 @@ impl CommandLog {
     /// Every open command, oldest first.
     pub fn load_open(&self) -> Result<Vec<Command>, StoreError> {
         let mut out = Vec::new();
+        self.scan(OPEN, |key, _| {
+            let id = &key[OPEN.len()..];
+            match self.get(id)? {
+                Some(c) => out.push(c),
+                None => tracing::warn!(command = id, "open marker without its command"),
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every record under `prefix`, a page at a time.
+    fn scan(
+        &self,
+        prefix: &str,
+        mut f: impl FnMut(&str, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut after = String::new();
         loop {
             let page =
                 self.store
-                    .records_with_prefix(Table::Commands, OPEN, &after, false, PAGE)?;
+                    .records_with_prefix(Table::Commands, prefix, &after, false, PAGE)?;
             let Some((last, _)) = page.last() else {
-                return Ok(out);
+                return Ok(());
             };
             after = last.clone();
-            for (key, _) in &page {
-                let id = &key[OPEN.len()..];
-                match self.get(id)? {
-                    Some(c) => out.push(c),
-                    None => tracing::warn!(command = id, "open marker without its command"),
-                }
+            for (key, value) in page {
+                f(&key, value)?;
             }
         }
     }
@@ -167,20 +180,11 @@ impl CommandLog {
     /// Every remembered route: (device id, route).
     pub fn load_routes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
-        let mut after = String::new();
-        loop {
-            let page =
-                self.store
-                    .records_with_prefix(Table::Commands, ROUTE, &after, false, PAGE)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(out);
-            };
-            after = last.clone();
-            out.extend(
-                page.into_iter()
-                    .map(|(k, v)| (k[ROUTE.len()..].to_string(), v)),
-            );
-        }
+        self.scan(ROUTE, |key, value| {
+            out.push((key[ROUTE.len()..].to_string(), value));
+            Ok(())
+        })?;
+        Ok(out)
     }
 }
 
