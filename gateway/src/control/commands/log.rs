@@ -8,8 +8,10 @@
 //! - `o/{id}`: marks a command still open (not final); the gateway reloads only these at start.
 //! - `r/{device}`: where a LoRaWAN device's downlinks go, learned from its uplinks.
 //!
-//! This is the one place the command state touches storage: a replicated backend (cluster mode)
-//! replaces this file, not the state machine.
+//! This is the one place the command state touches storage: a replicated backend replaces this
+//! file, not the state machine. In cluster mode the log is still this node's own
+//! (`put_local_records`): a command lives on the node that accepted it (see the book's
+//! "Commands and alerts", cluster mode).
 
 use prost::Message as _;
 
@@ -39,6 +41,13 @@ impl CommandLog {
         Self { store }
     }
 
+    /// One durable commit of this node's store.
+    async fn put(&self, records: Vec<(String, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        self.store
+            .put_local_records(Table::Commands, records, None)
+            .await
+    }
+
     /// Writes commands (and their open markers) in one durable commit.
     pub async fn save(&self, entries: &[Entry]) -> Result<(), StoreError> {
         let mut records = Vec::with_capacity(entries.len() * 2);
@@ -47,7 +56,7 @@ impl CommandLog {
             records.push((format!("{COMMAND}{id}"), Some(e.command.encode_to_vec())));
             records.push((format!("{OPEN}{id}"), e.open.then(Vec::new)));
         }
-        self.store.put_records(Table::Commands, records).await
+        self.put(records).await
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Command>, StoreError> {
@@ -160,7 +169,7 @@ impl CommandLog {
                 }
             }
             deleted += gone.len();
-            self.store.put_records(Table::Commands, gone).await?;
+            self.put(gone).await?;
             if reached_cutoff {
                 return Ok(deleted);
             }
