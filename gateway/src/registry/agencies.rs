@@ -263,7 +263,11 @@ impl Agencies {
         }
         let unchanged = match (&record, hash) {
             (Some(r), Some(h)) => by_token.get(&h).is_some_and(|a| {
-                a.name == name && a.tenants == r.tenants && a.kinds == r.kinds && a.kpi == r.kpi
+                a.name == name
+                    && a.tenants == r.tenants
+                    && a.kinds == r.kinds
+                    && a.kpi == r.kpi
+                    && a.control == r.control
             }),
             _ => false,
         };
@@ -279,6 +283,7 @@ impl Agencies {
                     tenants: r.tenants,
                     kinds: r.kinds,
                     kpi: r.kpi,
+                    control: r.control,
                     from_config: false,
                 }),
             );

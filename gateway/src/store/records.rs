@@ -29,7 +29,7 @@ pub enum Table {
     Cursors,
     /// Daily KPI snapshots: `{city}/{YYYY-MM-DD}` → figures (one small row per city and day).
     KpiSnapshots,
-    /// The command log: commands with their history, the open ones' markers, LoRaWAN routes
+    /// The command log: commands with their history and the open ones' markers
     /// (`control::commands::log` owns the keys).
     Commands,
     /// Alerts, alert rules added through the API, action cool-downs (`control` owns the keys).
@@ -158,6 +158,62 @@ impl Store {
                 Ok((key, value.to_vec()))
             })
             .collect()
+    }
+
+    /// Calls `f` with every record under `prefix`, in key order, a page at a time.
+    pub fn for_each_record(
+        &self,
+        table: Table,
+        prefix: &str,
+        mut f: impl FnMut(&str, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        const PAGE: usize = 1000;
+        let mut after = String::new();
+        loop {
+            let page = self.records_with_prefix(table, prefix, &after, false, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = last.clone();
+            for (key, value) in page {
+                f(&key, value)?;
+            }
+        }
+    }
+
+    /// Newest first (reverse key order) under `prefix`, below the key `before` (empty: from the
+    /// last): the records `pick` turns into a `T`, at most `limit`, scanning at most `max_scan`
+    /// records (a filter that matches little cannot read a whole table for one page).
+    pub fn newest_records<T>(
+        &self,
+        table: Table,
+        prefix: &str,
+        before: &str,
+        limit: usize,
+        max_scan: usize,
+        mut pick: impl FnMut(&str, &[u8]) -> Result<Option<T>, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        const PAGE: usize = 1000;
+        let mut out = Vec::new();
+        let mut before = before.to_string();
+        let mut scanned = 0;
+        while out.len() < limit && scanned < max_scan {
+            let page = self.records_with_prefix(table, prefix, &before, true, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            before = last.clone();
+            for (key, bytes) in &page {
+                scanned += 1;
+                if let Some(t) = pick(key, bytes)? {
+                    out.push(t);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every record of a table, ordered by key; the registry loads them once at start.

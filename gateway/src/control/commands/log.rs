@@ -6,7 +6,6 @@
 //! - `c/{id}`: the command (protobuf `Command`, history included). Ids are UUIDv7, so key order
 //!   is creation order and listing newest-first is a reverse range scan.
 //! - `o/{id}`: marks a command still open (not final); the gateway reloads only these at start.
-//! - `r/{device}`: where a LoRaWAN device's downlinks go, learned from its uplinks.
 //!
 //! This is the one place the command state touches storage: a replicated backend replaces this
 //! file, not the state machine. In cluster mode the log is still this node's own
@@ -20,7 +19,6 @@ use crate::store::{Store, StoreError, Table};
 
 const COMMAND: &str = "c/";
 const OPEN: &str = "o/";
-const ROUTE: &str = "r/";
 
 /// How many records one scan reads at a time.
 const PAGE: usize = 1000;
@@ -69,36 +67,16 @@ impl CommandLog {
     /// Every open command, oldest first.
     pub fn load_open(&self) -> Result<Vec<Command>, StoreError> {
         let mut out = Vec::new();
-        self.scan(OPEN, |key, _| {
-            let id = &key[OPEN.len()..];
-            match self.get(id)? {
-                Some(c) => out.push(c),
-                None => tracing::warn!(command = id, "open marker without its command"),
-            }
-            Ok(())
-        })?;
+        self.store
+            .for_each_record(Table::Commands, OPEN, |key, _| {
+                let id = &key[OPEN.len()..];
+                match self.get(id)? {
+                    Some(c) => out.push(c),
+                    None => tracing::warn!(command = id, "open marker without its command"),
+                }
+                Ok(())
+            })?;
         Ok(out)
-    }
-
-    /// Calls `f` with every record under `prefix`, a page at a time.
-    fn scan(
-        &self,
-        prefix: &str,
-        mut f: impl FnMut(&str, Vec<u8>) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let mut after = String::new();
-        loop {
-            let page =
-                self.store
-                    .records_with_prefix(Table::Commands, prefix, &after, false, PAGE)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(());
-            };
-            after = last.clone();
-            for (key, value) in page {
-                f(&key, value)?;
-            }
-        }
     }
 
     /// Commands newest first, older than `before_id` (empty: from the newest), that `keep`
@@ -110,33 +88,22 @@ impl CommandLog {
         max_scan: usize,
         mut keep: impl FnMut(&Command) -> bool,
     ) -> Result<Vec<Command>, StoreError> {
-        let mut out = Vec::new();
-        let mut before = if before_id.is_empty() {
+        let before = if before_id.is_empty() {
             String::new()
         } else {
             format!("{COMMAND}{before_id}")
         };
-        let mut scanned = 0;
-        while out.len() < limit && scanned < max_scan {
-            let page =
-                self.store
-                    .records_with_prefix(Table::Commands, COMMAND, &before, true, PAGE)?;
-            let Some((last, _)) = page.last() else {
-                break;
-            };
-            before = last.clone();
-            for (key, bytes) in &page {
-                scanned += 1;
+        self.store.newest_records(
+            Table::Commands,
+            COMMAND,
+            &before,
+            limit,
+            max_scan,
+            |key, bytes| {
                 let c = decode(&key[COMMAND.len()..], bytes)?;
-                if keep(&c) {
-                    out.push(c);
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(out)
+                Ok(keep(&c).then_some(c))
+            },
+        )
     }
 
     /// Deletes final commands created before `cutoff_ms` (retention), a page at a time;
@@ -174,26 +141,6 @@ impl CommandLog {
                 return Ok(deleted);
             }
         }
-    }
-
-    /// Remembers where a LoRaWAN device's downlinks go (`route` is opaque here).
-    pub async fn save_route(&self, device_id: &str, route: Vec<u8>) -> Result<(), StoreError> {
-        self.store
-            .put_records(
-                Table::Commands,
-                vec![(format!("{ROUTE}{device_id}"), Some(route))],
-            )
-            .await
-    }
-
-    /// Every remembered route: (device id, route).
-    pub fn load_routes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        self.scan(ROUTE, |key, value| {
-            out.push((key[ROUTE.len()..].to_string(), value));
-            Ok(())
-        })?;
-        Ok(out)
     }
 }
 

@@ -364,12 +364,17 @@ impl Commands {
             .get(&Kind::Lwm2m)
             .is_some_and(|t| t.reaches(device.id()));
         if lwm2m {
+            if !transports.contains_key(&Kind::Lwm2m) {
+                return Err(SendError::Unroutable(
+                    "lwm2m write/execute: no LwM2M transport in this gateway".into(),
+                ));
+            }
             return Ok(Kind::Lwm2m);
         }
         if !device.dev_eui().is_empty() {
             if !transports.contains_key(&Kind::Lorawan) {
                 return Err(SendError::Unroutable(format!(
-                    "device {} is a LoRaWAN device and no [[lorawan]] network server is configured",
+                    "device {} is a LoRaWAN device: no LoRaWAN downlink transport in this gateway",
                     device.id()
                 )));
             }

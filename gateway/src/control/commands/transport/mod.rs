@@ -2,9 +2,8 @@
 //!
 //! - [`mqtt`]: published into the embedded broker on `devices/{id}/commands/{command}`; the
 //!   device answers on `.../result`.
-//! - [`lwm2m`]: an LwM2M Write (PUT) or Execute (POST) to the client's registered address.
-//! - [`lorawan`]: a downlink queued on the device's network server through its bridge, in the
-//!   server's format ([`chirpstack`], [`tts`]).
+//! - [`lwm2m`]: an LwM2M Write (PUT) or Execute (POST) to the client's registered address (the
+//!   request is checked here; until that transport is attached, such commands are refused).
 //!
 //! A transport never decides a command's fate alone: it reports to [`Commands::progress`], which
 //! keeps the state machine and the log.
