@@ -377,3 +377,21 @@ def test_sink_forwarded_once_and_fails_over(cl):
         assert st["sink_leases"] and st["sink_leases"][0]["node"] != holder_name, st
     finally:
         ensure_up(cl)
+
+
+def test_console_overview_lists_the_cluster_nodes(cl):
+    """The operator console of any node shows the cluster: every node, healthy, with the stream."""
+    import requests
+    gw = cl.gws[1]
+    s = requests.Session()
+    r = s.post(gw.http_base + "/console/api/session", json={"token": gw.token}, timeout=10)
+    assert r.status_code == 200, r.text
+
+    def cluster():
+        return s.get(gw.http_base + "/console/api/overview", timeout=10).json()["cluster"]
+    wait_until(lambda: sorted(n["name"] for n in cluster()["nodes"]) == ["gw1", "gw2", "gw3"],
+               20, desc="three nodes on the console's overview")
+    c = cluster()
+    assert c["backend"] == "jetstream" and c["node"] == "gw2" and c["replicas"] == 3
+    assert [n["name"] for n in c["nodes"] if n["this_node"]] == ["gw2"]
+    assert c["healthy"] and all(n["healthy"] for n in c["nodes"]), c
