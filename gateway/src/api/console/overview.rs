@@ -233,13 +233,24 @@ fn cluster_json(c: &crate::proto::ClusterStatusResponse) -> serde_json::Value {
             })
         })
         .collect();
+    // Leases are named "sink/<name>" (sinks::forwarder); the console names the sink.
+    let leases: Vec<_> = c
+        .sink_leases
+        .iter()
+        .filter_map(|l| Some((l.sink.strip_prefix("sink/")?, &l.node)))
+        .map(|(sink, node)| serde_json::json!({"sink": sink, "node": node}))
+        .collect();
     serde_json::json!({
         "backend": c.backend, "node": c.node, "stream": c.stream, "healthy": c.healthy,
         "problem": c.problem, "replicas": c.replicas, "leader": c.leader,
         "last_sequence": c.last_sequence, "messages": c.messages, "nats_server": c.nats_server,
-        "nodes": nodes,
+        "nodes": nodes, "sink_leases": leases,
     })
 }
+
+/// How long the overview waits for the cluster's view (each NATS call inside has its own 2 s
+/// bound; a lost quorum must not stall the overview of the node's own figures).
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Overview {
     pub fn new(sources: Sources, interval: Duration) -> Overview {
@@ -308,16 +319,23 @@ impl Overview {
 
     /// The whole overview as JSON, now: the cluster's view (when clustered), then a registry
     /// pass and a metrics read on a blocking thread.
-    pub async fn current(&self) -> Result<Arc<str>, crate::store::StoreError> {
+    pub async fn current(&self) -> anyhow::Result<Arc<str>> {
         let store = &self.inner.sources.store;
         let cluster = match store.cluster() {
-            Some(c) => cluster_json(&c.status(store).await),
+            Some(c) => match tokio::time::timeout(CLUSTER_TIMEOUT, c.status(store)).await {
+                Ok(status) => cluster_json(&status),
+                Err(_) => serde_json::json!({
+                    "backend": "jetstream", "healthy": false, "nodes": [], "sink_leases": [],
+                    "problem": format!(
+                        "cluster status: no answer within {} s",
+                        CLUSTER_TIMEOUT.as_secs()
+                    ),
+                }),
+            },
             None => serde_json::json!({"backend": "embedded"}),
         };
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.json(cluster))
-            .await
-            .unwrap_or_else(|e| Err(crate::store::StoreError::Corrupt(e.to_string())))
+        Ok(tokio::task::spawn_blocking(move || me.json(cluster)).await??)
     }
 
     fn json(&self, cluster: serde_json::Value) -> Result<Arc<str>, crate::store::StoreError> {

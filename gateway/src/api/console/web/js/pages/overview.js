@@ -109,9 +109,12 @@ export function render(root) {
     const c = o.cluster || {};
     cluster.hidden = c.backend !== "jetstream";
     if (!cluster.hidden) {
+      const leases = (c.sink_leases || []).map((l) => `${l.sink} → ${l.node}`).join(", ");
       cluster.replaceChildren(
-        h("h2", {}, `${t("ov.cluster")} — ${c.stream} (R${c.replicas}) · ${t("ov.leader")}: ${c.leader || t("none")}`),
-        c.healthy ? "" : h("p", { class: "error" }, c.problem),
+        h("h2", {}, t("ov.cluster")),
+        h("p", { class: "muted" }, `${t("ov.stream")}: ${c.stream || t("none")} (R${c.replicas ?? "?"}) · `
+          + `${t("ov.leader")}: ${c.leader || t("none")} · ${t("ov.forwarding")}: ${leases || t("none")}`),
+        c.healthy ? "" : h("p", { class: "error", id: "cluster-problem" }, c.problem),
         table([
           [t("col.name"), (n) => (n.this_node ? `${n.name} ★` : n.name)],
           [t("col.state"), (n) => h("span", { class: `state ${n.healthy ? "active" : "silent"}` },
