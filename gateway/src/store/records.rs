@@ -38,6 +38,22 @@ impl Store {
         reply.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Calls `f` with every record of a table, in key order, without collecting them: the
+    /// device table of a city (millions of records) is read once at start and never held whole.
+    pub fn for_each_record(
+        &self,
+        table: Table,
+        mut f: impl FnMut(&str, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for guard in self.inner.ks.table(table).iter() {
+            let (key, value) = guard.into_inner()?;
+            let id = std::str::from_utf8(&key)
+                .map_err(|_| StoreError::Corrupt("record key is not UTF-8".into()))?;
+            f(id, &value)?;
+        }
+        Ok(())
+    }
+
     /// Every record of a table, ordered by key; the registry loads them once at start.
     pub fn load_records(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner
