@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::intern::Sym;
 use super::{secret, KINDS};
-use crate::proto::Device;
+use crate::proto::{Device, Protocol};
 
 /// The persisted form of a device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +52,9 @@ pub(super) struct Record {
     /// The DTLS PSK sealed by [`super::psk::Sealer`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub psk_sealed: Option<String>,
+    /// `Protocol` of the last accepted reading (0: never seen); saved with the last-seen time.
+    #[serde(default)]
+    pub protocol: i32,
 }
 
 /// Live state bits.
@@ -93,6 +96,8 @@ pub struct DeviceEntry {
     lon_e7: i32,
     sessions: AtomicU32,
     state: AtomicU8,
+    /// `Protocol` of the last accepted reading.
+    protocol: AtomicU8,
     kind: u8,
     fixed: u8,
 }
@@ -181,6 +186,7 @@ impl DeviceEntry {
             lon_e7,
             sessions: AtomicU32::new(0),
             state: AtomicU8::new(if r.enabled { ENABLED } else { 0 }),
+            protocol: AtomicU8::new(u8::try_from(r.protocol).unwrap_or(0)),
             kind,
             fixed: if dev_eui.is_some() { HAS_DEV_EUI } else { 0 },
         })
@@ -208,6 +214,7 @@ impl DeviceEntry {
             dev_eui: self.dev_eui(),
             codec: self.codec().to_string(),
             psk_sealed: extra.and_then(|e| e.psk_sealed.as_deref().map(str::to_string)),
+            protocol: self.protocol.load(Ordering::Relaxed).into(),
         }
     }
 
@@ -297,6 +304,21 @@ impl DeviceEntry {
             && self.state.fetch_and(!LAST_SEEN_DIRTY, Ordering::Relaxed) & LAST_SEEN_DIRTY != 0
     }
 
+    /// Records the protocol an accepted reading came over (saved with the next last-seen write).
+    pub fn reported_over(&self, protocol: Protocol) {
+        self.protocol.store(protocol as u8, Ordering::Relaxed);
+    }
+
+    /// The protocol of the last accepted reading; `Unspecified` when the device never reported.
+    pub fn protocol(&self) -> Protocol {
+        Protocol::try_from(i32::from(self.protocol.load(Ordering::Relaxed))).unwrap_or_default()
+    }
+
+    /// Whether a live connection (MQTT session) is open now.
+    pub fn online(&self) -> bool {
+        self.sessions.load(Ordering::Relaxed) > 0
+    }
+
     pub fn session_opened(&self) {
         self.sessions.fetch_add(1, Ordering::Relaxed);
     }
@@ -321,10 +343,11 @@ impl DeviceEntry {
             created_time_ms: self.created_ms,
             last_seen_time_ms: self.last_seen_ms(),
             name: self.name().to_string(),
-            online: self.sessions.load(Ordering::Relaxed) > 0,
+            online: self.online(),
             dev_eui: self.dev_eui(),
             codec: self.codec().to_string(),
             has_psk: self.psk_sealed().is_some(),
+            protocol: self.protocol.load(Ordering::Relaxed).into(),
         }
     }
 }
@@ -349,6 +372,7 @@ mod tests {
             dev_eui: String::new(),
             codec: String::new(),
             psk_sealed: None,
+            protocol: 0,
         }
     }
 
@@ -372,6 +396,7 @@ mod tests {
         full.codec = "lpp".into();
         full.psk_sealed = Some("aes256gcm$AAAA".into());
         full.enabled = false;
+        full.protocol = Protocol::Lorawan as i32;
         full.lat = None;
         full.lon = None;
         for r in [plain, full] {

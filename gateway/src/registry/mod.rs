@@ -10,6 +10,7 @@
 pub mod agencies;
 mod entry;
 mod intern;
+pub mod operators;
 pub mod psk;
 pub mod secret;
 
@@ -336,6 +337,7 @@ impl Registry {
                         name: new.name,
                         dev_eui: new.dev_eui,
                         codec: new.codec,
+                        protocol: 0,
                     };
                     let row = serde_json::to_vec(&record).expect("record serialises");
                     let entry = DeviceEntry::new(record).map_err(RegistryError::Invalid)?;
