@@ -28,7 +28,7 @@ use super::{secret, KINDS};
 use crate::proto::{Device, Protocol};
 
 /// The persisted form of a device.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(super) struct Record {
     pub id: String,
     pub tenant: String,

@@ -121,8 +121,8 @@ struct Inner {
     psk_sealer: OnceLock<psk::Sealer>,
 }
 
-/// The registry's lookups. Devices are only ever added (disabling keeps them), so an entry is
-/// in every index it belongs to from its insertion on.
+/// The registry's lookups: an entry is in every index it belongs to from its insertion to its
+/// removal (only the cluster removes or replaces devices; disabling keeps them).
 #[derive(Default)]
 struct Index {
     /// Authentication and the per-reading lookup: one hash probe.
@@ -144,6 +144,16 @@ impl Index {
 
     fn get(&self, id: &str) -> Option<&Arc<DeviceEntry>> {
         self.by_id.get(id).map(|e| &e.0)
+    }
+
+    /// Cluster mode only: a device removed (or replaced) by the cluster.
+    fn remove(&mut self, id: &str) {
+        if let Some(ById(entry)) = self.by_id.take(id) {
+            self.ordered.remove(id);
+            if let Some(eui) = entry.dev_eui_u64() {
+                self.by_dev_eui.remove(&eui);
+            }
+        }
     }
 }
 
@@ -490,9 +500,153 @@ impl Registry {
         };
         let n = rows.len();
         if n > 0 {
-            self.inner.store.put_records(Table::Devices, rows).await?;
+            // Local only: in cluster mode every node derives last-seen times from the readings
+            // it materialises, so they need no replication.
+            self.inner
+                .store
+                .put_local_records(Table::Devices, rows, None)
+                .await?;
         }
         Ok(n)
+    }
+
+    /// Cluster mode: applies a device record as the cluster agreed on it (written by any node,
+    /// this one included); `None` removes the device. Disabling closes its live sessions here.
+    pub fn apply_record(&self, id: &str, bytes: Option<&[u8]>) {
+        let record = match bytes.map(serde_json::from_slice::<Record>) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                tracing::error!(device = id, error = %e, "replicated device record is corrupt; ignored");
+                return;
+            }
+        };
+        let mut index = self.inner.index.write().expect("registry lock");
+        let existing = index.get(id).cloned();
+        let was_enabled = existing.as_ref().is_some_and(|e| e.enabled());
+        let now_enabled = record.as_ref().is_some_and(|r| r.enabled);
+        match (existing, record) {
+            (Some(entry), Some(record)) if same_identity(&entry.record(), &record) => {
+                // Only live state changed (enabled); last-seen never goes back.
+                entry.set_enabled(record.enabled);
+                entry.touch(record.last_seen_time_ms);
+            }
+            (existing, record) => {
+                if existing.is_some() {
+                    index.remove(id);
+                }
+                if let Some(record) = record {
+                    let entry = match DeviceEntry::new(record) {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            tracing::error!(device = id, error = %e, "replicated device record is invalid; ignored");
+                            return;
+                        }
+                    };
+                    if let Some(old) = existing {
+                        entry.touch(old.last_seen_ms());
+                    }
+                    index.insert(Arc::new(entry));
+                }
+            }
+        }
+        drop(index);
+        if was_enabled && !now_enabled {
+            let _ = self
+                .inner
+                .events
+                .send(RegistryEvent::Disabled(id.to_string()));
+            tracing::info!(device = id, "device disabled by the cluster");
+        }
+    }
+
+    /// Cluster mode: re-applies every stored device record (after missing changes), one record
+    /// at a time.
+    pub fn resync(&self) -> Result<(), StoreError> {
+        self.inner
+            .store
+            .for_each_record(Table::Devices, |id, bytes| {
+                self.apply_record(id, Some(bytes));
+                Ok(())
+            })
+    }
+
+    /// Cluster mode: marks devices seen as the node materialises their readings from the
+    /// stream, so last-seen times (and the KPI) are the same on every node, whichever node the
+    /// device reported to.
+    pub async fn touch_from_feed(self, mut feed: broadcast::Receiver<crate::store::Committed>) {
+        loop {
+            match feed.recv().await {
+                Ok(commit) => {
+                    let mut last: Option<(&str, i64)> = None;
+                    for r in commit.iter().map(|f| &f.reading) {
+                        if last == Some((r.device_id.as_str(), r.received_time_ms)) {
+                            continue;
+                        }
+                        last = Some((&r.device_id, r.received_time_ms));
+                        if let Some(d) = self.get(&r.device_id) {
+                            d.touch(r.received_time_ms);
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// Two records of the same device that differ at most in live state (enabled, last seen, the
+/// protocol of the last reading). `a` comes from the registry, so `b`'s position is compared as
+/// the registry keeps it (10⁻⁷ degree).
+fn same_identity(a: &Record, b: &Record) -> bool {
+    let mut b = b.clone();
+    b.enabled = a.enabled;
+    b.last_seen_time_ms = a.last_seen_time_ms;
+    b.protocol = a.protocol;
+    b.lat = b.lat.map(entry::round_e7);
+    b.lon = b.lon.map(entry::round_e7);
+    *a == b
+}
+
+/// Cluster mode: applies record changes from the cluster to the registry, the agencies and the
+/// operators until the store closes.
+pub async fn follow_changes(
+    store: Store,
+    registry: Registry,
+    agencies: agencies::Agencies,
+    operators: operators::Operators,
+) {
+    let resync = || {
+        registry
+            .resync()
+            .and_then(|()| agencies.resync())
+            .and_then(|()| operators.resync())
+    };
+    let mut changes = store.record_changes();
+    // Whatever changed between loading and subscribing.
+    if let Err(e) = resync() {
+        tracing::error!(error = %e, "registry reload failed");
+    }
+    loop {
+        match changes.recv().await {
+            Ok(change) => {
+                let value = change.value.as_deref();
+                match change.table {
+                    Table::Devices => registry.apply_record(&change.key, value),
+                    Table::Agencies => agencies.apply_record(&change.key, value),
+                    Table::Operators => operators.apply_record(&change.key, value),
+                    Table::Cursors | Table::KpiSnapshots => {}
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "registry changes lagged; reloading");
+                if let Err(e) = resync() {
+                    tracing::error!(error = %e, "registry reload failed");
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 
@@ -759,6 +913,49 @@ mod tests {
             (b.lat, b.lon, b.created_time_ms),
             (Some(21.0285115), Some(105.8048), 7)
         );
+    }
+
+    #[tokio::test]
+    async fn replicated_records_replace_and_remove_devices_in_every_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut lw = new("lw-1");
+        lw.dev_eui = "70b3d57ed0000001".into();
+        let (dev, secret) = reg.add(lw, 1).await.unwrap();
+        reg.get("lw-1").unwrap().touch(5_000);
+        let mut events = reg.events();
+
+        // Another node moved the device to another DevEUI and disabled it.
+        let mut record = reg.get("lw-1").unwrap().record();
+        record.dev_eui = "70b3d57ed0000002".into();
+        record.enabled = false;
+        record.last_seen_time_ms = 10;
+        reg.apply_record(&dev.id, Some(&serde_json::to_vec(&record).unwrap()));
+        assert!(reg.by_dev_eui("70b3d57ed0000001").is_none());
+        let moved = reg.by_dev_eui("70b3d57ed0000002").unwrap();
+        assert_eq!(moved.last_seen_ms(), 5_000, "last seen never goes back");
+        assert!(!moved.enabled());
+        assert!(matches!(events.recv().await.unwrap(), RegistryEvent::Disabled(id) if id == "lw-1"));
+        assert_eq!(
+            reg.authenticate("lw-1", Some(secret.as_bytes()))
+                .await
+                .unwrap_err(),
+            AuthError::DisabledDevice
+        );
+        // Live state only: the same entry, enabled again.
+        record.enabled = true;
+        reg.apply_record(&dev.id, Some(&serde_json::to_vec(&record).unwrap()));
+        assert!(Arc::ptr_eq(&moved, &reg.get("lw-1").unwrap()));
+        assert!(reg
+            .authenticate("lw-1", Some(secret.as_bytes()))
+            .await
+            .is_ok());
+
+        reg.apply_record(&dev.id, None);
+        assert!(reg.get("lw-1").is_none() && reg.by_dev_eui("70b3d57ed0000002").is_none());
+        assert!(reg.list("", "", "", 10).is_empty() && reg.is_empty());
+        reg.apply_record("x", Some(b"not json"));
+        assert!(reg.is_empty());
     }
 
     #[test]
