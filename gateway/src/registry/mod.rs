@@ -935,7 +935,9 @@ mod tests {
         let moved = reg.by_dev_eui("70b3d57ed0000002").unwrap();
         assert_eq!(moved.last_seen_ms(), 5_000, "last seen never goes back");
         assert!(!moved.enabled());
-        assert!(matches!(events.recv().await.unwrap(), RegistryEvent::Disabled(id) if id == "lw-1"));
+        assert!(
+            matches!(events.recv().await.unwrap(), RegistryEvent::Disabled(id) if id == "lw-1")
+        );
         assert_eq!(
             reg.authenticate("lw-1", Some(secret.as_bytes()))
                 .await
