@@ -193,8 +193,8 @@ impl Registry {
     /// twice in memory, not even while it loads).
     pub fn load(store: Store) -> anyhow::Result<Registry> {
         let mut index = Index::default();
-        store.for_each_record(Table::Devices, |id, bytes| {
-            let entry = serde_json::from_slice::<Record>(bytes)
+        store.for_each_record(Table::Devices, "", |id, bytes| {
+            let entry = serde_json::from_slice::<Record>(&bytes)
                 .map_err(|e| e.to_string())
                 .and_then(DeviceEntry::new)
                 .map_err(|e| StoreError::Corrupt(format!("device record {id:?}: {e}")))?;
@@ -565,8 +565,8 @@ impl Registry {
     pub fn resync(&self) -> Result<(), StoreError> {
         self.inner
             .store
-            .for_each_record(Table::Devices, |id, bytes| {
-                self.apply_record(id, Some(bytes));
+            .for_each_record(Table::Devices, "", |id, bytes| {
+                self.apply_record(id, Some(&bytes));
                 Ok(())
             })
     }
@@ -636,7 +636,7 @@ pub async fn follow_changes(
                     Table::Devices => registry.apply_record(&change.key, value),
                     Table::Agencies => agencies.apply_record(&change.key, value),
                     Table::Operators => operators.apply_record(&change.key, value),
-                    Table::Cursors | Table::KpiSnapshots => {}
+                    Table::Cursors | Table::KpiSnapshots | Table::Commands | Table::Alerts => {}
                 }
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
