@@ -66,7 +66,7 @@ pub struct MqttConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct CoapConfig {
     /// Plain (unencrypted) CoAP listener. Off by default: requests then carry the device
-    /// secret in clear text, acceptable only on a private APN (see the README).
+    /// secret in clear text, acceptable only on a private APN (docs/src/coap.md).
     pub plain_enabled: bool,
     pub listen: SocketAddr,
     /// Largest payload accepted, in one datagram or reassembled from Block1 transfers;
@@ -82,7 +82,7 @@ pub struct CoapConfig {
     /// LwM2M register interface and information reporting on the CoAP listeners.
     pub lwm2m_enabled: bool,
     /// LwM2M "NoSec": on plain CoAP, trust the endpoint name of a registration that carries no
-    /// secret. Only for private networks (see the README).
+    /// secret. Only for private networks (docs/src/coap.md).
     pub lwm2m_nosec: bool,
     /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
     pub dtls_enabled: bool,
