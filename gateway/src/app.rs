@@ -31,6 +31,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             commit_window: cfg.store.commit_window(),
             max_batch: cfg.store.max_batch,
             retention: cfg.store.retention(),
+            min_free_bytes: cfg.store.min_free_bytes(),
         },
     )?;
     let registry = Registry::load(store.clone())?;
@@ -38,7 +39,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &cfg.coap.psk_key_path(&cfg.data_dir),
     )?);
     let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
-    let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
+    let pipeline = Pipeline::with_device_clock(
+        store.clone(),
+        cfg.mqtt.max_payload_bytes,
+        cfg.ingest.device_clock(),
+    );
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
 
@@ -60,6 +65,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 http::Api {
                     metrics: metrics.clone(),
                     ready: ready.clone(),
+                    store: store.clone(),
                     agencies: agencies.clone(),
                     admin_token: admin_token.clone(),
                     kpi: kpi.clone(),

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::kpi::{Kpi, KpiError};
 use crate::registry::agencies::Agencies;
 use crate::registry::secret::constant_time_eq;
+use crate::store::Store;
 
 /// Set once every listener is up; cleared when shutdown begins so load balancers drain us.
 #[derive(Clone, Default)]
@@ -34,6 +35,8 @@ impl Readiness {
 pub struct Api {
     pub metrics: PrometheusHandle,
     pub ready: Readiness,
+    /// Not ready while the store refuses new data (disk full, a failed engine being reopened).
+    pub store: Store,
     /// `/api/v1/kpi` accepts an agency token with the KPI scope...
     pub agencies: Agencies,
     /// ...or the operator's admin token.
@@ -69,11 +72,16 @@ async fn render_metrics(State(state): State<Api>) -> String {
     state.metrics.render()
 }
 
-async fn readyz(State(state): State<Api>) -> (StatusCode, &'static str) {
-    if state.ready.0.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+async fn readyz(State(state): State<Api>) -> (StatusCode, String) {
+    if !state.ready.0.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into());
+    }
+    match state.store.unwritable() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: store: {why}\n"),
+        ),
     }
 }
 

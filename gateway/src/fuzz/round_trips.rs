@@ -64,7 +64,6 @@ fn senml_record() -> impl Strategy<Value = Record> {
             }
             put("s", 5, s);
             put("t", 6, t);
-            drop(put);
             r
         })
 }
@@ -138,9 +137,11 @@ fn senml_json_and_cbor_agree() {
         .unwrap_or_else(|e| panic!("SenML JSON/CBOR: {e}"));
 }
 
-/// The LPP reference's types, written down here independently of the decoder's table: id, names,
-/// bytes per value, multiplier, signed, unit.
-const LPP: &[(u8, &[&str], usize, f64, bool, &str)] = &[
+/// An LPP reference type: id, names, bytes per value, multiplier, signed, unit.
+type LppType = (u8, &'static [&'static str], usize, f64, bool, &'static str);
+
+/// The LPP reference's types, written down here independently of the decoder's table.
+const LPP: &[LppType] = &[
     (0, &["digital_input"], 1, 1.0, false, ""),
     (2, &["analog_input"], 2, 100.0, true, ""),
     (101, &["lux"], 2, 1.0, false, "lx"),

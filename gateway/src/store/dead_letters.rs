@@ -49,7 +49,8 @@ impl Store {
         if limit == 0 {
             return Ok(out);
         }
-        for guard in self.inner.ks.dead_letters.range(keys::id_key(start)..) {
+        let engine = self.engine()?;
+        for guard in engine.ks.dead_letters.range(keys::id_key(start)..) {
             let (key, value) = guard.into_inner()?;
             let dl = decode(&key, &value)?;
             if device_id.is_some_and(|d| d != dl.device_id) {

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::runs::{encode, Run};
 use super::writer::Request;
-use super::{keys, Store, StoreError};
+use super::{keys, Engine, Store, StoreError};
 use crate::proto::Reading;
 
 impl Store {
@@ -71,7 +71,7 @@ impl Store {
         if limit == 0 || from_ms > to_ms {
             return Ok(out);
         }
-        let inner = &self.inner;
+        let inner = self.engine()?;
         // One snapshot for index and log: retention deletes both in one batch.
         let snap = inner.db.snapshot();
         let key_len = keys::index_key_len(device_id.len());
@@ -127,6 +127,16 @@ impl Store {
     /// forwarders and streams. Only committed (fsync'd) readings are visible, and they become
     /// visible in id order, so paging by the last seen id never skips one.
     pub fn readings_after(&self, after_id: u64, limit: usize) -> Result<Vec<Reading>, StoreError> {
+        self.engine()?.readings_after(after_id, limit)
+    }
+}
+
+impl Engine {
+    pub(super) fn readings_after(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError> {
         let mut out = Vec::new();
         let Some(start) = after_id.checked_add(1) else {
             return Ok(out);
@@ -134,7 +144,7 @@ impl Store {
         if limit == 0 {
             return Ok(out);
         }
-        let log = &self.inner.ks.log;
+        let log = &self.ks.log;
         // The run holding `start` may begin before it.
         let first_key = match log.range(..=keys::id_key(start)).next_back() {
             Some(guard) => guard.key()?.to_vec(),

@@ -40,7 +40,7 @@ impl Store {
 
     /// Every record of a table, ordered by key; the registry loads them once at start.
     pub fn load_records(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner
+        self.engine()?
             .ks
             .table(table)
             .iter()
