@@ -106,7 +106,7 @@ impl Store {
     /// One record, by key.
     pub fn get_record(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
-            .inner
+            .engine()?
             .ks
             .table(table)
             .get(key.as_bytes())?
@@ -144,7 +144,8 @@ impl Store {
             (Some(a), false) => (Bound::Excluded(a.max(start)), end),
             (Some(a), true) => (Bound::Included(start), Bound::Excluded(a)),
         };
-        let iter = self.inner.ks.table(table).range::<Vec<u8>, _>(range);
+        let engine = self.engine()?;
+        let iter = engine.ks.table(table).range::<Vec<u8>, _>(range);
         let iter: Box<dyn Iterator<Item = fjall::Guard>> = if newest_first {
             Box::new(iter.rev())
         } else {
