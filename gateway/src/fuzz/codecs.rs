@@ -89,11 +89,16 @@ fn mqtt_topic() {
                 let rest = t
                     .strip_prefix(&format!("devices/{id}/"))
                     .unwrap_or_else(|| panic!("{id} may subscribe to {t:?}"));
-                assert!(!rest.contains('+'), "{t:?}");
-                assert!(
-                    !rest.contains('#') || rest == "#" || rest.ends_with("/#"),
-                    "{t:?}"
-                );
+                // Wildcards only as whole levels, `#` only last: never above its own prefix.
+                let levels: Vec<&str> = rest.split('/').collect();
+                for (i, level) in levels.iter().enumerate() {
+                    assert!(
+                        *level == "+"
+                            || (*level == "#" && i == levels.len() - 1)
+                            || !level.contains(['+', '#']),
+                        "{t:?}"
+                    );
+                }
             }
         }
     });
