@@ -130,6 +130,7 @@ fn describe() {
         "Records deleted by retention, by kind"
     );
     describe_gauge!("citygw_registered_devices", "Devices in the registry");
+    describe_gauge!("citygw_commands_open", "Commands not final yet");
     describe_counter!(
         "citygw_api_denied_total",
         "Authenticated API calls refused for lack of scope, by api"
