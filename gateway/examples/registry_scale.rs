@@ -120,6 +120,7 @@ fn store_options() -> StoreOptions {
         commit_window: Duration::ZERO,
         max_batch: 8192,
         retention: Duration::from_secs(86_400),
+        ..StoreOptions::default()
     }
 }
 

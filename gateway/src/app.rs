@@ -36,6 +36,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             commit_window: cfg.store.commit_window(),
             max_batch: cfg.store.max_batch,
             retention: cfg.store.retention(),
+            min_free_bytes: cfg.store.min_free_bytes(),
         },
     )?;
     let shutdown = CancellationToken::new();
@@ -53,7 +54,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     )?);
     let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
     let operators = Operators::load(store.clone(), &cfg.operators)?;
-    let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
+    let pipeline = Pipeline::with_device_clock(
+        store.clone(),
+        cfg.mqtt.max_payload_bytes,
+        cfg.ingest.device_clock(),
+    );
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
     let (commands, command_log) = Commands::load(store.clone(), registry.clone())?;
@@ -110,6 +115,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 http::Api {
                     metrics: metrics.clone(),
                     ready: ready.clone(),
+                    store: store.clone(),
                     agencies: agencies.clone(),
                     admin_token: admin_token.clone(),
                     kpi: kpi.clone(),

@@ -25,6 +25,7 @@ pub struct Config {
     pub store: StoreConfig,
     /// The operator console on the HTTP listener.
     pub console: ConsoleConfig,
+    pub ingest: IngestConfig,
     /// Agencies fixed in the file; more can be added through the admin API.
     pub agencies: Vec<crate::registry::agencies::AgencyConfig>,
     /// Console operators (read-only) fixed in the file; more through the admin API.
@@ -153,6 +154,36 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
 }
 
+/// What the pipeline believes of a device (`pipeline::clock`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// A device time more than this ahead of the receive time is replaced by the receive time.
+    pub device_time_max_ahead_secs: u64,
+    /// A device time more than this before the receive time is replaced by the receive time
+    /// (a clock reset to 1970 or 2000); older buffered readings are kept as sent.
+    pub device_time_max_behind_days: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            device_time_max_ahead_secs: 600,
+            device_time_max_behind_days: 3650,
+        }
+    }
+}
+
+impl IngestConfig {
+    pub fn device_clock(&self) -> crate::pipeline::clock::DeviceClock {
+        let ms = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        crate::pipeline::clock::DeviceClock {
+            max_ahead_ms: ms(self.device_time_max_ahead_secs),
+            max_behind_ms: ms(self.device_time_max_behind_days.saturating_mul(86_400)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
@@ -162,6 +193,10 @@ pub struct StoreConfig {
     pub max_batch: usize,
     /// Readings and dead letters older than this are deleted.
     pub retention_days: u64,
+    /// Low-space watermark (MiB free on the data directory's filesystem): below it new readings
+    /// are refused (devices retry), keeping room for dead letters, registry records, sink cursors
+    /// and the store's recovery; below half of it dead letters are refused too.
+    pub min_free_mb: u64,
 }
 
 impl Default for Config {
@@ -176,6 +211,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
             console: ConsoleConfig::default(),
+            ingest: IngestConfig::default(),
             agencies: Vec::new(),
             operators: Vec::new(),
             sinks: Vec::new(),
@@ -283,6 +319,7 @@ impl Default for StoreConfig {
             commit_window_ms: 0,
             max_batch: 8192,
             retention_days: 30,
+            min_free_mb: 256,
         }
     }
 }
@@ -294,6 +331,10 @@ impl StoreConfig {
 
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_days * 86_400)
+    }
+
+    pub fn min_free_bytes(&self) -> u64 {
+        self.min_free_mb.saturating_mul(1 << 20)
     }
 }
 

@@ -20,3 +20,6 @@ pub mod registry;
 pub mod sinks;
 pub mod sources;
 pub mod store;
+
+#[cfg(test)]
+mod fuzz;

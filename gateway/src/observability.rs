@@ -96,6 +96,27 @@ fn describe() {
     );
     describe_counter!("citygw_store_commit_errors_total", "Failed group commits");
     describe_gauge!(
+        "citygw_store_writable",
+        "1 while the store accepts new readings, 0 while it refuses them (low space, engine failed)"
+    );
+    describe_gauge!(
+        "citygw_store_free_bytes",
+        Unit::Bytes,
+        "Free space on the data directory's filesystem (available to unprivileged users)"
+    );
+    describe_counter!(
+        "citygw_store_refused_total",
+        "Writes refused without trying (low space, engine being reopened), by what and reason"
+    );
+    describe_counter!(
+        "citygw_store_recoveries_total",
+        "Storage engine reopened from disk after a failed commit"
+    );
+    describe_counter!(
+        "citygw_device_time_replaced_total",
+        "Implausible device times replaced by the receive time, by protocol and direction"
+    );
+    describe_gauge!(
         "citygw_store_write_buffer_bytes",
         Unit::Bytes,
         "Storage engine write buffers in memory (active and sealed memtables)"
@@ -110,6 +131,7 @@ fn describe() {
         "Records deleted by retention, by kind"
     );
     describe_gauge!("citygw_registered_devices", "Devices in the registry");
+    describe_gauge!("citygw_commands_open", "Commands not final yet");
     describe_counter!(
         "citygw_api_denied_total",
         "Authenticated API calls refused for lack of scope, by api"

@@ -606,3 +606,59 @@ def test_console_overview_lists_the_cluster_nodes(cl):
     assert [n["name"] for n in c["nodes"] if n["this_node"]] == ["gw2"]
     assert c["sink_leases"][0]["node"] in ("gw1", "gw2", "gw3"), c
     assert c["leader"], "a stream leader is named"
+
+
+def test_stream_cap_refuses_then_resumes_without_restart(cl, cluster_gateways):
+    """JetStream's own limit (issue 19): a stream at `cluster.stream_max_bytes` refuses new
+    readings (never deletes acknowledged ones), `/readyz` says so, and raising the cap (here: a
+    node started with a larger one updates the stream) makes the running node ingest again."""
+    def env(node: str, cap: int) -> dict[str, str]:
+        return {
+            "CITYGW_CLUSTER__BACKEND": "jetstream",
+            "CITYGW_CLUSTER__NATS_URLS": cl.nats.urls,
+            "CITYGW_CLUSTER__NODE_NAME": node,
+            "CITYGW_CLUSTER__STREAM": "CAPPED_READINGS",
+            "CITYGW_CLUSTER__SUBJECT_PREFIX": "citygw.capped",
+            "CITYGW_CLUSTER__RECORDS_BUCKET": "capped_records",
+            "CITYGW_CLUSTER__LEASES_BUCKET": "capped_leases",
+            "CITYGW_CLUSTER__STREAM_MAX_BYTES": str(cap),
+            "CITYGW_CLUSTER__ACK_TIMEOUT_MS": "3000",
+        }
+    gw = cluster_gateways(env=env("cap1", 64 * 1024))
+    dev = gw.add_device()
+    acked: set[int] = set()
+    refused = 0
+    seq = 0
+    with gw.connected_client(dev, version=5) as c:
+        while not refused:
+            assert seq < 5000, "64 KiB of readings never refused"
+            batch = list(range(seq + 1, seq + 201))
+            seq += 200
+            for (code, _), s in zip(c.publish_many(dev.topic, [payload(s) for s in batch],
+                                                   max_inflight=20), batch):
+                if code == 0:
+                    acked.add(s)
+                else:
+                    assert code == 0x80, f"reading {s} refused with {code:#x}"
+                    refused += 1
+    assert acked, "nothing acknowledged before the cap"
+    wait_until(lambda: gw.http_get("/readyz").status_code == 503, 10,
+               desc="/readyz 503 at the stream's cap")
+    assert "is full" in gw.http_get("/readyz").text
+    assert gw.metric("citygw_cluster_healthy") == 0
+
+    # The operator raises the cap: a node started with a larger one updates the stream.
+    gw2 = cluster_gateways(env=env("cap2", 4 * 1024 * 1024))
+    try:
+        wait_until(lambda: gw.http_get("/readyz").status_code == 200, 15,
+                   desc="the running node ready again once the stream has room")
+        with gw.connected_client(dev, version=5) as c:
+            assert c.publish(dev.topic, payload(seq + 1), timeout=10) == 0
+        acked.add(seq + 1)
+        for g in (gw, gw2):
+            wait_until(lambda g=g: acked <= {r["device_seq"] for r in g.readings(dev.id)}, 30,
+                       desc=f"every acknowledged reading on {g.name}")
+        assert gw.starts == 1, "citygw was restarted"
+    finally:
+        gw2.close()
+        gw.close()

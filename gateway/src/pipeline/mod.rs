@@ -4,6 +4,7 @@
 //! the same rules decide what is stored and what is refused, and a refusal always leaves a
 //! dead-letter record and a counter behind.
 
+pub mod clock;
 pub mod normalise;
 
 use std::sync::Arc;
@@ -75,14 +76,25 @@ pub struct Pipeline {
 struct Inner {
     store: Store,
     max_payload_bytes: usize,
+    clock: clock::DeviceClock,
 }
 
 impl Pipeline {
     pub fn new(store: Store, max_payload_bytes: usize) -> Self {
+        Self::with_device_clock(store, max_payload_bytes, clock::DeviceClock::default())
+    }
+
+    /// With a policy for device timestamps other than the default (see [`clock`]).
+    pub fn with_device_clock(
+        store: Store,
+        max_payload_bytes: usize,
+        clock: clock::DeviceClock,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 max_payload_bytes,
+                clock,
             }),
         }
     }
@@ -139,7 +151,7 @@ impl Pipeline {
         let started = Instant::now();
         count_received(protocol_label(protocol), size);
         let now_ms = now_ms();
-        let readings = to_readings(device, protocol, decoded, now_ms);
+        let readings = to_readings(device, protocol, decoded, now_ms, &self.inner.clock);
         self.store_readings(
             device,
             protocol,
@@ -197,7 +209,13 @@ impl Pipeline {
                 reason: e.reason,
                 detail: e.detail,
             })?;
-        Ok(to_readings(msg.device, msg.protocol, decoded, now_ms))
+        Ok(to_readings(
+            msg.device,
+            msg.protocol,
+            decoded,
+            now_ms,
+            &self.inner.clock,
+        ))
     }
 
     /// Refuses a message before decoding (wrong topic, spoofed identity): counted as received,
@@ -256,8 +274,11 @@ impl Pipeline {
                 .unwrap_or_default(),
             payload_size: payload.map_or(0, |p| p.len() as u64),
         };
-        if let Err(e) = self.inner.store.dead_letter(dl).await {
-            tracing::error!(error = %e, device = device_id, "could not store dead letter");
+        match self.inner.store.dead_letter(dl).await {
+            Err(e) if !e.is_refusal() => {
+                tracing::error!(error = %e, device = device_id, "could not store dead letter")
+            }
+            _ => {}
         }
     }
 }
@@ -268,8 +289,10 @@ fn to_readings(
     protocol: Protocol,
     decoded: Vec<codec::Decoded>,
     now_ms: i64,
+    clock: &clock::DeviceClock,
 ) -> Vec<Reading> {
     let device_location = device.location();
+    let label = protocol_label(protocol);
     decoded
         .into_iter()
         .map(|d| {
@@ -281,7 +304,7 @@ fn to_readings(
                 quantity: quantity.into_owned(),
                 value: Some(d.value),
                 unit: unit.into_owned(),
-                device_time_ms: d.time_ms.unwrap_or(now_ms),
+                device_time_ms: clock.device_time(d.time_ms, now_ms, label),
                 received_time_ms: now_ms,
                 protocol: protocol as i32,
                 location: d.location.or(device_location),

@@ -759,6 +759,7 @@ mod tests {
             commit_window: std::time::Duration::ZERO,
             max_batch: 1024,
             retention: std::time::Duration::from_secs(86_400),
+            ..Default::default()
         };
         let store = Store::open(dir, opts).unwrap();
         Registry::load(store).unwrap()

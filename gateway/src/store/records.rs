@@ -107,7 +107,7 @@ impl Store {
     /// One record, by key.
     pub fn get_record(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
-            .inner
+            .engine()?
             .ks
             .table(table)
             .get(key.as_bytes())?
@@ -145,7 +145,8 @@ impl Store {
             (Some(a), false) => (Bound::Excluded(a.max(start)), end),
             (Some(a), true) => (Bound::Included(start), Bound::Excluded(a)),
         };
-        let iter = self.inner.ks.table(table).range::<Vec<u8>, _>(range);
+        let engine = self.engine()?;
+        let iter = engine.ks.table(table).range::<Vec<u8>, _>(range);
         let iter: Box<dyn Iterator<Item = fjall::Guard>> = if newest_first {
             Box::new(iter.rev())
         } else {
@@ -219,7 +220,7 @@ impl Store {
 
     /// Every record of a small table (agencies, operators, cursors), ordered by key, collected.
     pub fn load_records(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner
+        self.engine()?
             .ks
             .table(table)
             .iter()

@@ -272,7 +272,9 @@ impl Handler {
             Ok(_) => Response::new(ResponseType::Changed),
             Err(IngestError::Rejected(r)) => rejected(&r),
             Err(IngestError::Store(e)) => {
-                tracing::error!(device = device.id(), error = %e, "coap reading not stored");
+                if !e.is_refusal() {
+                    tracing::error!(device = device.id(), error = %e, "coap reading not stored");
+                }
                 let mut r = Response::refuse(
                     ResponseType::ServiceUnavailable,
                     "store_unavailable",

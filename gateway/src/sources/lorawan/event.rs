@@ -163,6 +163,10 @@ pub fn readings(
         _ => Vec::new(),
     };
     let mut push = |quantity: &str, value: Value, unit: &str| {
+        // A network server's NaN (a protobuf float says nothing else) is no measurement: left out.
+        if matches!(value, Value::Number(n) if !n.is_finite()) {
+            return;
+        }
         out.push(Decoded {
             quantity: quantity.to_string(),
             value,

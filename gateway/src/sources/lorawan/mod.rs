@@ -374,8 +374,10 @@ impl Bridge {
                 true
             }
             Err(e) => {
-                tracing::error!(server = %self.name, topic = %publish.topic, error = %e,
-                    "lorawan event not stored; left unacknowledged for redelivery");
+                if !matches!(&e, IngestError::Store(e) if e.is_refusal()) {
+                    tracing::error!(server = %self.name, topic = %publish.topic, error = %e,
+                        "lorawan event not stored; left unacknowledged for redelivery");
+                }
                 false
             }
         }

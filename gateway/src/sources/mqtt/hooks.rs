@@ -235,7 +235,9 @@ impl Hooks {
                 false,
             ),
             Err(IngestError::Store(e)) => {
-                tracing::error!(device = device_id, error = %e, "reading not stored");
+                if !e.is_refusal() {
+                    tracing::error!(device = device_id, error = %e, "reading not stored");
+                }
                 // Never acknowledge what is not on disk: 3.1.1 clients learn it by the disconnect
                 // and resend; MQTT 5 clients get an error PUBACK.
                 refuse(

@@ -50,6 +50,11 @@ pub struct ClusterConfig {
     /// How long the stream keeps readings; 0: `store.retention_days`. A node that was down
     /// longer than this cannot catch up from the stream.
     pub stream_max_age_days: u64,
+    /// Caps the readings stream's size (bytes per replica); 0: no cap but the servers' own
+    /// (`max_file_store`, the disk). At the cap JetStream refuses new readings (discard new)
+    /// rather than deleting old ones a lagging node has not read yet, and keeps the rest of the
+    /// servers' JetStream storage for the records bucket (devices, sink cursors) and the leases.
+    pub stream_max_bytes: u64,
     /// A node or sink lease not renewed for this long expires; another node takes the sink.
     pub lease_secs: u64,
 }
@@ -73,6 +78,7 @@ impl Default for ClusterConfig {
             ack_timeout_ms: 5_000,
             duplicate_window_secs: 600,
             stream_max_age_days: 0,
+            stream_max_bytes: 0,
             lease_secs: 10,
         }
     }

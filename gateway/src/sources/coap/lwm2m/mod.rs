@@ -349,7 +349,9 @@ impl Lwm2m {
                 r.to_string(),
             )),
             Err(IngestError::Store(e)) => {
-                tracing::error!(device = device.id(), error = %e, "lwm2m reading not stored");
+                if !e.is_refusal() {
+                    tracing::error!(device = device.id(), error = %e, "lwm2m reading not stored");
+                }
                 let mut r = Response::refuse(
                     ResponseType::ServiceUnavailable,
                     "store_unavailable",
