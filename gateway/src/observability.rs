@@ -36,7 +36,9 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-fn describe() {
+/// Every metric the gateway records, with its help text: the one place they are described
+/// (docs/src/reference/metrics.md is generated from it, see `reference_docs`).
+pub(crate) fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         "citygw_messages_received_total",
@@ -49,19 +51,20 @@ fn describe() {
     );
     describe_counter!(
         "citygw_messages_rejected_total",
-        "Messages refused, by protocol and reason"
+        "Messages refused and dead-lettered, by protocol and reason (docs/src/reference/dead-letters.md)"
     );
     describe_counter!(
         "citygw_auth_failures_total",
-        "Refused device authentications, by protocol and reason"
+        "Refused device authentications, by protocol and reason (bad_credentials, unknown_device, \
+         disabled_device, anonymous, session_limit)"
     );
     describe_counter!(
         "citygw_subscribe_denied_total",
-        "Refused MQTT subscriptions"
+        "Refused MQTT subscriptions (outside the device's own topics), by protocol"
     );
     describe_counter!(
         "citygw_api_auth_failures_total",
-        "Refused API calls with a wrong token"
+        "Refused API calls with a missing or wrong token, by api (telemetry, admin, http)"
     );
     describe_gauge!(
         "citygw_connected_devices",
@@ -169,5 +172,130 @@ fn describe() {
     describe_counter!(
         "citygw_coap_malformed_total",
         "CoAP datagrams dropped or reset as malformed, by reason"
+    );
+    describe_counter!(
+        "citygw_coaps_datagrams_total",
+        "Datagrams received on the CoAPS (DTLS) listener, before decryption"
+    );
+    describe_counter!(
+        "citygw_coaps_datagrams_dropped_total",
+        "CoAPS datagrams dropped: not a ClientHello from an unknown peer, the session limit \
+         reached, or a session's queue full"
+    );
+    describe_counter!(
+        "citygw_coaps_handshakes_total",
+        "DTLS handshakes, by result (ok, failed)"
+    );
+    describe_counter!(
+        "citygw_coaps_handshake_failures_total",
+        "Failed DTLS handshakes, by reason (timeout: a wrong PSK shows as one; handshake)"
+    );
+    describe_gauge!(
+        "citygw_coaps_sessions",
+        "DTLS sessions held, handshaking or established"
+    );
+    describe_gauge!(
+        "citygw_lwm2m_registrations_active",
+        "LwM2M clients registered and not expired"
+    );
+    describe_counter!(
+        "citygw_lwm2m_registrations_total",
+        "LwM2M registration events, by event (register, update, deregister, expire)"
+    );
+    describe_counter!(
+        "citygw_lwm2m_notifications_total",
+        "LwM2M observe notifications received"
+    );
+    describe_counter!(
+        "citygw_lwm2m_observe_errors_total",
+        "LwM2M observations that failed, by reason (timeout, bad_value, refused)"
+    );
+    describe_gauge!(
+        "citygw_lorawan_connected",
+        "1 while connected to the network server's broker, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_connects_total",
+        "Connections made to a network server's broker, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_connection_errors_total",
+        "Broker connections lost or failed, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_messages_total",
+        "Network-server events handled, by server, event (up, join, status, error, ...) and \
+         outcome (stored, duplicate, dead_letter, ignored)"
+    );
+    describe_counter!(
+        "citygw_lorawan_dead_letters_total",
+        "Network-server events dead-lettered, by server and reason"
+    );
+    describe_counter!(
+        "citygw_lorawan_unknown_devices_total",
+        "Events for DevEUIs no device is registered with, by server"
+    );
+    describe_gauge!(
+        "citygw_mqtt_session_limit",
+        "MQTT sessions this process may hold (from its open-files limit less a reserve for the \
+         store)"
+    );
+    describe_counter!(
+        "citygw_store_best_effort_dropped_total",
+        "Best-effort readings (MQTT QoS 0, CoAP NON) dropped because the store's queue was full"
+    );
+    describe_counter!(
+        "citygw_retention_held_total",
+        "Readings retention kept past store.retention_days because a sink has not delivered them"
+    );
+    describe_gauge!("citygw_subscribers", "Live agency subscriptions, by agency");
+    describe_counter!(
+        "citygw_readings_streamed_total",
+        "Readings sent to agency subscriptions, by agency"
+    );
+    describe_counter!(
+        "citygw_subscriber_overflows_total",
+        "Subscriptions ended (RESOURCE_EXHAUSTED, with a resume point) for a client too slow to \
+         read, by agency"
+    );
+    describe_histogram!(
+        "citygw_query_seconds",
+        Unit::Seconds,
+        "Agency history and device queries, by method"
+    );
+    describe_counter!(
+        "citygw_sink_batches_total",
+        "Batches a time-series store acknowledged, by sink"
+    );
+    describe_counter!(
+        "citygw_sink_points_total",
+        "Readings a time-series store acknowledged, by sink"
+    );
+    describe_counter!(
+        "citygw_sink_retries_total",
+        "Writes retried after a network error, 429, 5xx or a configuration error, by sink"
+    );
+    describe_counter!(
+        "citygw_sink_errors_total",
+        "Failed writes, by sink and status (HTTP status, or the kind of network error)"
+    );
+    describe_histogram!(
+        "citygw_sink_write_seconds",
+        Unit::Seconds,
+        "One write to a time-series store, request to answer, by sink"
+    );
+    describe_gauge!(
+        "citygw_sink_lag_readings",
+        "Stored readings not yet delivered, by sink"
+    );
+    describe_gauge!(
+        "citygw_sink_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest reading not yet delivered, by sink (0 when none)"
+    );
+    describe_gauge!(
+        "citygw_sink_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last write a time-series store acknowledged, by sink"
     );
 }

@@ -35,9 +35,10 @@ use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
 use crate::registry::{DeviceEntry, Registry};
 
+use crate::reason;
 use config::{LorawanConfig, ServerType};
 use dedup::{Dedup, Key, Stored};
-use event::{bridge_reason, Event, Malformed, Parsed};
+use event::{Event, Malformed, Parsed};
 
 /// How long in-flight uplinks get to become durable and be acknowledged at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -240,7 +241,7 @@ impl Bridge {
             Err(Malformed {
                 device: Default::default(),
                 rejection: Rejection::new(
-                    "payload_too_large",
+                    reason::PAYLOAD_TOO_LARGE,
                     format!("{} bytes, limit {MAX_EVENT_BYTES}", publish.payload.len()),
                 ),
             })
@@ -280,7 +281,7 @@ impl Bridge {
         let device = match self.device(event) {
             Ok(d) => d,
             Err((device_id, rejection)) => {
-                if rejection.reason == bridge_reason::UNKNOWN_DEVICE {
+                if rejection.reason == reason::UNKNOWN_DEVICE {
                     metrics::counter!("citygw_lorawan_unknown_devices_total", "server" => self.name.clone())
                         .increment(1);
                 }
@@ -335,7 +336,7 @@ impl Bridge {
         };
         let device = found.ok_or_else(|| {
             let rejection = Rejection::new(
-                bridge_reason::UNKNOWN_DEVICE,
+                reason::UNKNOWN_DEVICE,
                 format!(
                     "no device registered with {} {}",
                     if r.dev_eui.is_empty() {
@@ -351,13 +352,13 @@ impl Bridge {
         let refuse = |rejection| Err((device.id().to_string(), rejection));
         if !device.enabled() {
             return refuse(Rejection::new(
-                bridge_reason::DISABLED_DEVICE,
+                reason::DISABLED_DEVICE,
                 format!("device {} is disabled", device.id()),
             ));
         }
         if !self.tenant.is_empty() && device.tenant() != self.tenant {
             return refuse(Rejection::new(
-                bridge_reason::TENANT_MISMATCH,
+                reason::TENANT_MISMATCH,
                 format!(
                     "device {} belongs to tenant {}, this network server to {}",
                     device.id(),
@@ -377,7 +378,7 @@ impl Bridge {
         rejection: &Rejection,
     ) {
         metrics::counter!("citygw_lorawan_dead_letters_total", "server" => self.name.clone(),
-            "reason" => rejection.reason)
+            "reason" => rejection.reason.as_str())
         .increment(1);
         let address = format!("{}: {}", self.name, publish.topic);
         self.pipeline

@@ -16,6 +16,7 @@ use super::topic::{self, Topic};
 use crate::codec::Format;
 use crate::pipeline::{Delivery, Inbound, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
+use crate::reason;
 use crate::registry::{AuthError, Registry};
 
 const PROTOCOL: &str = "mqtt";
@@ -125,7 +126,7 @@ impl Hooks {
                 device_id: claimed, ..
             } if claimed != device_id => {
                 let rejection = Rejection::new(
-                    "spoofed_topic",
+                    reason::SPOOFED_TOPIC,
                     format!("device {device_id} published for {claimed}"),
                 );
                 // Nothing of a spoofed message is kept, only the fact that it was tried.
@@ -150,7 +151,7 @@ impl Hooks {
             }
             Topic::Other => {
                 let rejection = Rejection::new(
-                    "bad_topic",
+                    reason::BAD_TOPIC,
                     "devices publish to devices/{id}/telemetry[/{format}]",
                 );
                 self.pipeline
