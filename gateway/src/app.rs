@@ -5,11 +5,13 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::console::{self, Console};
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
 use crate::kpi::Kpi;
 use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
+use crate::registry::operators::Operators;
 use crate::registry::Registry;
 use crate::sinks::Sinks;
 use crate::sources::{coap::CoapSource, lorawan::LorawanSource, mqtt::MqttSource, Source};
@@ -38,6 +40,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &cfg.coap.psk_key_path(&cfg.data_dir),
     )?);
     let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
+    let operators = Operators::load(store.clone(), &cfg.operators)?;
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
@@ -52,6 +55,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ))
     });
     let ready = http::Readiness::default();
+    let console = cfg.console.enabled.then(|| {
+        Console::new(console::Setup {
+            cfg: cfg.console.clone(),
+            admin_token: admin_token.clone(),
+            operators: operators.clone(),
+            registry: registry.clone(),
+            store: store.clone(),
+            kpi: kpi.clone(),
+            sinks: sinks.clone(),
+            metrics: metrics.clone(),
+            tls: false,
+        })
+    });
+    let console_sampler = console
+        .as_ref()
+        .map(|c| tokio::spawn(c.run(shutdown.clone())));
     let mut servers: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = vec![
         (
             "http",
@@ -63,6 +82,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     agencies: agencies.clone(),
                     admin_token: admin_token.clone(),
                     kpi: kpi.clone(),
+                    console,
                 },
                 shutdown.clone(),
             )
@@ -76,6 +96,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 subscription_buffer: cfg.grpc.subscription_buffer,
                 registry: registry.clone(),
                 agencies,
+                operators,
                 pipeline: pipeline.clone(),
                 sinks: sinks.clone(),
                 kpi: kpi.clone(),
@@ -141,6 +162,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tasks.abort_all();
     housekeeping.abort();
     kpi_refresh.abort();
+    if let Some(sampler) = console_sampler {
+        sampler.abort();
+    }
     if let Err(e) = registry.persist_last_seen().await {
         tracing::warn!(error = %e, "last-seen times not saved");
     }

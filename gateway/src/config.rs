@@ -31,8 +31,12 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The embedded durable store.
     pub store: StoreConfig,
+    /// The operator console on the HTTP listener.
+    pub console: ConsoleConfig,
     /// Agencies fixed in the file; more can be added through the admin API.
     pub agencies: Vec<crate::registry::agencies::AgencyConfig>,
+    /// Console operators (read-only) fixed in the file; more through the admin API.
+    pub operators: Vec<crate::registry::operators::OperatorConfig>,
     /// Time-series stores to forward every reading to.
     pub sinks: Vec<crate::sinks::config::SinkConfig>,
     /// IoT connections per resident.
@@ -132,6 +136,25 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
 }
 
+/// The operator console (`api::console`), served at `/console/` on the HTTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve the console at `/console/` on the HTTP listener.
+    pub enabled: bool,
+    /// IANA time zone the console shows dates in (the city's).
+    pub time_zone: String,
+    /// A session ends this long after sign-in, whatever happens.
+    pub session_hours: u64,
+    /// A session ends after this long without a request (an open live page keeps it alive).
+    pub idle_minutes: u64,
+    /// Sessions held at once; signing in beyond it ends the oldest session.
+    pub max_sessions: usize,
+    /// How often the overview's live figures are sampled and pushed to open pages.
+    pub live_interval_ms: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
@@ -168,7 +191,9 @@ impl Default for Config {
             http: HttpConfig::default(),
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
+            console: ConsoleConfig::default(),
             agencies: Vec::new(),
+            operators: Vec::new(),
             sinks: Vec::new(),
             kpi: crate::kpi::KpiConfig::default(),
             lorawan: Vec::new(),
@@ -252,6 +277,19 @@ impl Default for HttpConfig {
     }
 }
 
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            time_zone: "Asia/Ho_Chi_Minh".into(),
+            session_hours: 12,
+            idle_minutes: 60,
+            max_sessions: 1000,
+            live_interval_ms: 2000,
+        }
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
@@ -321,6 +359,25 @@ impl Config {
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
         );
         self.kpi.validate()?;
+        let c = &self.console;
+        anyhow::ensure!(
+            c.session_hours > 0 && c.idle_minutes > 0 && c.max_sessions > 0,
+            "console.session_hours, console.idle_minutes and console.max_sessions must be positive"
+        );
+        anyhow::ensure!(
+            c.live_interval_ms >= 100,
+            "console.live_interval_ms must be at least 100"
+        );
+        // An IANA name (Region/City, UTC, Etc/GMT-7): the browser resolves it.
+        anyhow::ensure!(
+            !c.time_zone.is_empty()
+                && c.time_zone.len() <= 64
+                && c.time_zone
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'+')),
+            "console.time_zone {:?} is not an IANA time zone name (e.g. Asia/Ho_Chi_Minh)",
+            c.time_zone
+        );
         let mut names = std::collections::HashSet::new();
         for l in &self.lorawan {
             l.validate()?;
@@ -385,9 +442,9 @@ impl Config {
 }
 
 /// The sections whose keys `CITYGW_<SECTION>__<KEY>` variables override (the arrays of tables,
-/// `[[sinks]]`, `[[lorawan]]`, `[[agencies]]`, come from the file only).
+/// `[[sinks]]`, `[[lorawan]]`, `[[agencies]]`, `[[operators]]`, come from the file only).
 pub(crate) const ENV_SECTIONS: &[&str] = &[
-    "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi",
+    "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console",
 ];
 
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN

@@ -64,7 +64,7 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         "citygw_api_auth_failures_total",
-        "Refused API calls with a missing or wrong token, by api (telemetry, admin, http)"
+        "Refused API calls with a missing or wrong token, by api (admin, telemetry, http, console)"
     );
     describe_gauge!(
         "citygw_connected_devices",
@@ -297,5 +297,17 @@ pub(crate) fn describe() {
         "citygw_sink_last_success_timestamp_seconds",
         Unit::Seconds,
         "Unix time of the last write a time-series store acknowledged, by sink"
+    );
+    describe_counter!(
+        "citygw_console_sign_ins_total",
+        "Console sign-ins, by role (admin, operator)"
+    );
+    describe_counter!(
+        "citygw_console_requests_refused_total",
+        "Console requests refused, by reason (no_session, csrf, cross_origin, read_only)"
+    );
+    describe_gauge!(
+        "citygw_console_live_streams",
+        "Console server-sent event streams open"
     );
 }

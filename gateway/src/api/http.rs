@@ -1,5 +1,5 @@
-//! HTTP for operators and orchestrators: `/metrics` (Prometheus), `/healthz`, `/readyz`, and the
-//! connections KPI as JSON at `/api/v1/kpi`.
+//! HTTP for operators and orchestrators: `/metrics` (Prometheus), `/healthz`, `/readyz`, the
+//! connections KPI as JSON at `/api/v1/kpi`, and the operator console under `/console/`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +39,8 @@ pub struct Api {
     /// ...or the operator's admin token.
     pub admin_token: String,
     pub kpi: Kpi,
+    /// The operator console's routes, when `console.enabled`.
+    pub console: Option<crate::api::console::Console>,
 }
 
 pub async fn start(
@@ -50,12 +52,18 @@ pub async fn start(
         .await
         .map_err(|e| anyhow::anyhow!("http listener {listen}: {e}"))?;
     tracing::info!(%listen, "http listening");
-    let app = Router::new()
+    let console = api.console.clone();
+    let mut app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/kpi", get(kpi))
         .with_state(api);
+    if let Some(console) = console {
+        app = app.merge(console.router());
+    }
+    // The peer address reaches handlers (the console throttles failed sign-ins per address).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     Ok(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -79,6 +79,9 @@ enum Command {
     /// Agencies of the Telemetry API and their scopes.
     #[command(subcommand)]
     Agency(AgencyCommand),
+    /// Console operators: read-only sign-in tokens for the web console.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Forwarding to time-series stores.
     #[command(subcommand)]
     Sink(SinkCommand),
@@ -247,6 +250,27 @@ enum AgencyCommand {
 }
 
 #[derive(Subcommand)]
+enum OperatorCommand {
+    /// Create an operator (read-only console sign-in); prints the token once.
+    Add {
+        /// The operator's name (a-z 0-9 - _).
+        name: String,
+    },
+    /// Operators and where they were defined (config file or API).
+    List,
+    /// Revoke an operator's token (API-created operators only); their sessions end.
+    Remove {
+        /// The operator's name.
+        name: String,
+    },
+    /// Print the SHA-256 of a token, for `token_sha256` of an operator in the config file.
+    HashToken {
+        /// The operator's sign-in token.
+        token: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Lwm2mCommand {
     /// Live registrations: endpoint, address, lifetime, objects, last observation error.
     List {
@@ -297,7 +321,8 @@ pub fn main() -> ExitCode {
             Output::new(cli.conn.output).quantities();
             Ok(())
         }
-        Command::Agency(AgencyCommand::HashToken { token }) => {
+        Command::Agency(AgencyCommand::HashToken { token })
+        | Command::Operator(OperatorCommand::HashToken { token }) => {
             println!(
                 "{}",
                 hex::encode(crate::registry::agencies::token_hash(&token))
@@ -403,10 +428,20 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
             client.remove_agency(&name).await?;
             println!("agency {name} removed; its token no longer works");
         }
+        Command::Operator(OperatorCommand::Add { name }) => {
+            let (operator, token) = client.add_operator(name).await?;
+            out.operator_added(&operator, &token);
+        }
+        Command::Operator(OperatorCommand::List) => out.operators(&client.list_operators().await?),
+        Command::Operator(OperatorCommand::Remove { name }) => {
+            client.remove_operator(&name).await?;
+            println!("operator {name} removed; their console sessions have ended");
+        }
         Command::Run
         | Command::Config(_)
         | Command::Quantities
-        | Command::Agency(AgencyCommand::HashToken { .. }) => {
+        | Command::Agency(AgencyCommand::HashToken { .. })
+        | Command::Operator(OperatorCommand::HashToken { .. }) => {
             unreachable!("handled without a client")
         }
     }

@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use super::Format;
 use crate::pipeline::protocol_label;
 use crate::proto::{
-    reading, AgencyInfo, DeadLetter, Device, ImportResult, Lwm2mRegistration, Protocol, Reading,
-    SinkState,
+    reading, AgencyInfo, DeadLetter, Device, ImportResult, Lwm2mRegistration, OperatorInfo,
+    Protocol, Reading, SinkState,
 };
 
 pub struct Output {
@@ -22,7 +22,20 @@ fn device_json(d: &Device) -> Value {
         "lat": d.lat, "lon": d.lon, "enabled": d.enabled, "created_time_ms": d.created_time_ms,
         "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online,
         "dev_eui": d.dev_eui, "codec": d.codec, "has_psk": d.has_psk,
+        "protocol": device_protocol(d),
     })
+}
+
+/// The protocol a device last reported over; "" when it never did.
+fn device_protocol(d: &Device) -> &'static str {
+    match d.protocol {
+        0 => "",
+        p => protocol(p),
+    }
+}
+
+fn operator_json(o: &OperatorInfo) -> Value {
+    json!({"name": o.name, "created_time_ms": o.created_time_ms, "from_config": o.from_config})
 }
 
 fn agency_json(a: &AgencyInfo) -> Value {
@@ -144,6 +157,7 @@ impl Output {
                     "commune",
                     "enabled",
                     "online",
+                    "via",
                     "last seen",
                 ],
                 devices
@@ -156,6 +170,7 @@ impl Output {
                             d.commune_code.clone(),
                             d.enabled.to_string(),
                             d.online.to_string(),
+                            device_protocol(d).to_string(),
                             time(d.last_seen_time_ms),
                         ]
                     })
@@ -236,6 +251,35 @@ impl Output {
                 self.agencies(std::slice::from_ref(a));
                 println!("\ntoken: {token}\n(shown once; the gateway keeps only its SHA-256)");
             }
+        }
+    }
+
+    pub fn operator_added(&self, o: &OperatorInfo, token: &str) {
+        match self.format {
+            Format::Json => self.json(json!({"operator": operator_json(o), "token": token})),
+            Format::Table => {
+                self.operators(std::slice::from_ref(o));
+                println!("\ntoken: {token}\n(shown once; the gateway keeps only its SHA-256)");
+            }
+        }
+    }
+
+    pub fn operators(&self, operators: &[OperatorInfo]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(operators.iter().map(operator_json).collect())),
+            Format::Table => table(
+                &["name", "created", "source"],
+                operators
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.name.clone(),
+                            time(o.created_time_ms),
+                            if o.from_config { "config" } else { "api" }.to_string(),
+                        ]
+                    })
+                    .collect(),
+            ),
         }
     }
 

@@ -111,7 +111,7 @@ impl Pipeline {
         };
         self.store_readings(
             msg.device,
-            protocol,
+            msg.protocol,
             readings,
             msg.delivery,
             now_ms,
@@ -136,15 +136,14 @@ impl Pipeline {
         count_received(protocol_label(protocol), size);
         let now_ms = now_ms();
         let readings = to_readings(device, protocol, decoded, now_ms);
-        let label = protocol_label(protocol);
-        self.store_readings(device, label, readings, delivery, now_ms, started)
+        self.store_readings(device, protocol, readings, delivery, now_ms, started)
             .await
     }
 
     async fn store_readings(
         &self,
         device: &DeviceEntry,
-        protocol: &'static str,
+        protocol: Protocol,
         readings: Vec<Reading>,
         delivery: Delivery,
         now_ms: i64,
@@ -158,7 +157,8 @@ impl Pipeline {
             Delivery::BestEffort => self.inner.store.append_best_effort(readings),
         }
         device.touch(now_ms);
-        metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol)
+        device.reported_over(protocol);
+        metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol_label(protocol))
             .record(started.elapsed().as_secs_f64());
         Ok(n)
     }

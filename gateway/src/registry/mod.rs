@@ -6,17 +6,18 @@
 //! background instead (see [`Registry::persist_last_seen`]).
 
 pub mod agencies;
+pub mod operators;
 pub mod psk;
 pub mod secret;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::proto::Device;
+use crate::proto::{Device, Protocol};
 use crate::store::{Store, StoreError, Table};
 
 /// Device kinds the platform knows; KPI and agency scopes are expressed in them.
@@ -100,6 +101,9 @@ struct Record {
     /// The DTLS PSK sealed by [`psk::Sealer`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     psk_sealed: Option<String>,
+    /// `Protocol` of the last accepted reading (0: never seen); saved with the last-seen time.
+    #[serde(default)]
+    protocol: i32,
 }
 
 /// One device as the hot path sees it: immutable identity plus atomically updated live state.
@@ -109,6 +113,7 @@ pub struct DeviceEntry {
     enabled: AtomicBool,
     last_seen_ms: AtomicI64,
     last_seen_dirty: AtomicBool,
+    protocol: AtomicI32,
     sessions: AtomicU32,
     verified: Mutex<Option<[u8; 32]>>,
 }
@@ -119,6 +124,7 @@ impl DeviceEntry {
             enabled: AtomicBool::new(record.enabled),
             last_seen_ms: AtomicI64::new(record.last_seen_time_ms),
             last_seen_dirty: AtomicBool::new(false),
+            protocol: AtomicI32::new(record.protocol),
             sessions: AtomicU32::new(0),
             verified: Mutex::new(None),
             record,
@@ -133,6 +139,9 @@ impl DeviceEntry {
     }
     pub fn kind(&self) -> &str {
         &self.record.kind
+    }
+    pub fn name(&self) -> &str {
+        &self.record.name
     }
     pub fn commune_code(&self) -> &str {
         &self.record.commune_code
@@ -171,6 +180,21 @@ impl DeviceEntry {
         }
     }
 
+    /// Records the protocol an accepted reading came over (saved with the next last-seen write).
+    pub fn reported_over(&self, protocol: Protocol) {
+        self.protocol.store(protocol as i32, Ordering::Relaxed);
+    }
+
+    /// The protocol of the last accepted reading; `Unspecified` when the device never reported.
+    pub fn protocol(&self) -> Protocol {
+        Protocol::try_from(self.protocol.load(Ordering::Relaxed)).unwrap_or_default()
+    }
+
+    /// Whether a live connection (MQTT session) is open now.
+    pub fn online(&self) -> bool {
+        self.sessions.load(Ordering::Relaxed) > 0
+    }
+
     pub fn session_opened(&self) {
         self.sessions.fetch_add(1, Ordering::Relaxed);
     }
@@ -195,10 +219,11 @@ impl DeviceEntry {
             created_time_ms: r.created_time_ms,
             last_seen_time_ms: self.last_seen_ms.load(Ordering::Relaxed),
             name: r.name.clone(),
-            online: self.sessions.load(Ordering::Relaxed) > 0,
+            online: self.online(),
             dev_eui: r.dev_eui.clone(),
             codec: r.codec.clone(),
             has_psk: r.psk_sealed.is_some(),
+            protocol: self.protocol.load(Ordering::Relaxed),
         }
     }
 
@@ -206,6 +231,7 @@ impl DeviceEntry {
         let mut r = self.record.clone();
         r.enabled = self.enabled();
         r.last_seen_time_ms = self.last_seen_ms.load(Ordering::Relaxed);
+        r.protocol = self.protocol.load(Ordering::Relaxed);
         r
     }
 }
@@ -422,6 +448,7 @@ impl Registry {
                         name: new.name,
                         dev_eui: new.dev_eui,
                         codec: new.codec,
+                        protocol: 0,
                     };
                     Ok((record, secret))
                 })

@@ -17,6 +17,8 @@ pub(super) const DEAD_LETTERS: &str = "dead_letters";
 pub(super) const DEVICES: &str = "devices";
 /// Name of the keyspace holding agency records.
 pub(super) const AGENCIES: &str = "agencies";
+/// Name of the keyspace holding operator (console) token records.
+pub(super) const OPERATORS: &str = "operators";
 /// Name of the keyspace holding forwarder cursors.
 pub(super) const CURSORS: &str = "cursors";
 /// Name of the keyspace holding daily KPI snapshots.

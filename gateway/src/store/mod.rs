@@ -94,6 +94,7 @@ pub(crate) struct Keyspaces {
     pub(crate) dead_letters: Keyspace,
     pub(crate) devices: Keyspace,
     pub(crate) agencies: Keyspace,
+    pub(crate) operators: Keyspace,
     pub(crate) cursors: Keyspace,
     pub(crate) kpi_snapshots: Keyspace,
     pub(crate) meta: Keyspace,
@@ -104,6 +105,7 @@ impl Keyspaces {
         match table {
             Table::Devices => &self.devices,
             Table::Agencies => &self.agencies,
+            Table::Operators => &self.operators,
             Table::Cursors => &self.cursors,
             Table::KpiSnapshots => &self.kpi_snapshots,
         }
@@ -117,6 +119,7 @@ impl Keyspaces {
             dead_letters: ks(keys::DEAD_LETTERS)?,
             devices: ks(keys::DEVICES)?,
             agencies: ks(keys::AGENCIES)?,
+            operators: ks(keys::OPERATORS)?,
             cursors: ks(keys::CURSORS)?,
             kpi_snapshots: ks(keys::KPI_SNAPSHOTS)?,
             meta: ks(keys::META)?,

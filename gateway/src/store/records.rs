@@ -11,6 +11,8 @@ use super::{Store, StoreError};
 pub enum Table {
     Devices,
     Agencies,
+    /// Console operators (read-only sign-in tokens).
+    Operators,
     /// Forwarder cursors: sink name → last forwarded reading id.
     Cursors,
     /// Daily KPI snapshots: `{city}/{YYYY-MM-DD}` → figures (one small row per city and day).
