@@ -10,8 +10,8 @@
 //! [`crate::pipeline::normalise`], so every format shares one quantity table.
 //!
 //! A payload is accepted or refused as a whole. A refusal carries a stable [`DecodeError::reason`]
-//! (see [`crate::reason`]) that becomes a metrics label and the dead-letter reason, so an operator can see
-//! why a device's data is missing without reading gateway logs.
+//! (see [`crate::reason`]) that becomes a metrics label and the dead-letter reason, so an operator
+//! can see why a device's data is missing without reading gateway logs.
 
 pub mod cayenne_lpp;
 pub mod json;
