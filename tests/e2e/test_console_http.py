@@ -328,3 +328,20 @@ def test_odd_device_paths_are_answered_cleanly(gw: Gateway, path: str):
     r = s.get(gw.http_base + path, timeout=10)
     assert r.status_code in (404, 414, 431), r.status_code
     assert gw.http_get("/healthz").status_code == 200
+
+
+def test_kpi_map_draws_configured_boundaries(gateway_factory, tmp_path):
+    """With kpi.boundaries_file the map carries each commune's rings (lon, lat) as configured;
+    communes without a boundary keep their centroid."""
+    square = [[105.83, 21.03], [105.85, 21.03], [105.85, 21.05], [105.83, 21.05], [105.83, 21.03]]
+    geojson = tmp_path / "boundaries.geojson"
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"commune_code": "00004"},
+         "geometry": {"type": "Polygon", "coordinates": [square]}}]}))
+    gw: Gateway = gateway_factory(config_toml=f'[kpi]\nboundaries_file = "{geojson}"\n')
+    s, _ = session_for(gw, gw.token)
+    geo = s.get(gw.http_base + "/console/api/kpi/map", timeout=10).json()
+    assert geo["attribution"] == "boundaries"
+    by_code = {c["code"]: c for c in geo["communes"]}
+    assert by_code["00004"]["rings"] == [square]
+    assert by_code["00008"]["rings"] == [] and by_code["00008"]["lat"] > 20

@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
@@ -44,43 +44,20 @@ pub async fn overview(State(c): State<Console>, a: Authed) -> Response {
     let Some(slot) = StreamSlot::take(&c) else {
         return busy();
     };
-    let mut rx = c.inner.overview.subscribe();
+    let rx = c.inner.overview.subscribe();
     let ov = c.inner.overview.clone();
-    let first = tokio::task::spawn_blocking(move || ov.json()).await;
-    let first = match first {
+    let first = match tokio::task::spawn_blocking(move || ov.json()).await {
         Ok(Ok(json)) => json,
         _ => return error(StatusCode::SERVICE_UNAVAILABLE, "overview unavailable"),
     };
-    let stream = channel_stream(move |tx| async move {
-        let _slot = slot;
-        if tx
-            .send(Event::default().event("overview").data(&*first))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let mut recheck = tokio::time::interval(RECHECK);
-        loop {
-            tokio::select! {
-                changed = rx.changed() => {
-                    if changed.is_err() { return; }
-                    let json = rx.borrow_and_update().clone();
-                    if !still_wanted(&c, &a.id, &tx).await
-                        || tx.send(Event::default().event("overview").data(&*json)).await.is_err()
-                    {
-                        return;
-                    }
-                }
-                _ = recheck.tick() => {
-                    if !still_wanted(&c, &a.id, &tx).await {
-                        return;
-                    }
-                }
-            }
-        }
+    let overview = |json: &str| Event::default().event("overview").data(json);
+    let first = overview(&first);
+    let samples = futures::stream::unfold(rx, move |mut rx| async move {
+        rx.changed().await.ok()?;
+        let json = rx.borrow_and_update().clone();
+        Some((Some(overview(&json)), rx))
     });
-    sse(stream)
+    pump(c, a, slot, first, samples)
 }
 
 /// `event: readings` with a JSON array of the device's newly committed readings.
@@ -91,39 +68,68 @@ pub async fn device(State(c): State<Console>, a: Authed, Path(id): Path<String>)
     let Some(slot) = StreamSlot::take(&c) else {
         return busy();
     };
-    let mut feed = c.inner.store.subscribe();
-    let stream = channel_stream(move |tx| async move {
+    let feed = c.inner.store.subscribe();
+    let readings = futures::stream::unfold(feed, move |mut feed| {
+        let id = id.clone();
+        async move {
+            let event = match feed.recv().await {
+                Ok(batch) => {
+                    let mine: Vec<_> = batch
+                        .iter()
+                        .filter(|f| f.reading.device_id == id)
+                        .map(|f| reading_json(&f.reading))
+                        .collect();
+                    (!mine.is_empty()).then(|| {
+                        Event::default()
+                            .event("readings")
+                            .data(serde_json::Value::from(mine).to_string())
+                    })
+                }
+                Err(RecvError::Lagged(_)) => Some(Event::default().event("resync").data("{}")),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((event, feed))
+        }
+    });
+    // `ready` tells the page the stream is open: what it loads after this, plus what follows
+    // here, leaves no gap.
+    pump(
+        c,
+        a,
+        slot,
+        Event::default().event("ready").data("{}"),
+        readings,
+    )
+}
+
+/// Sends `first`, then every event `source` yields (`None` items: nothing to send this time),
+/// for as long as the client reads and the session lives (checked at every event and every
+/// [`RECHECK`]).
+fn pump(
+    c: Console,
+    a: Authed,
+    slot: StreamSlot,
+    first: Event,
+    source: impl Stream<Item = Option<Event>> + Send + 'static,
+) -> Response {
+    sse(channel_stream(move |tx| async move {
         let _slot = slot;
-        // Tells the page the stream is open: what it loads after this, plus what follows here,
-        // leaves no gap.
-        if tx
-            .send(Event::default().event("ready").data("{}"))
-            .await
-            .is_err()
-        {
+        if tx.send(first).await.is_err() {
             return;
         }
+        let mut source = std::pin::pin!(source);
         let mut recheck = tokio::time::interval(RECHECK);
         loop {
             tokio::select! {
-                committed = feed.recv() => {
-                    let event = match committed {
-                        Ok(batch) => {
-                            let mine: Vec<_> = batch
-                                .iter()
-                                .filter(|f| f.reading.device_id == id)
-                                .map(|f| reading_json(&f.reading))
-                                .collect();
-                            if mine.is_empty() { continue; }
-                            Event::default().event("readings").data(serde_json::Value::from(mine).to_string())
+                item = source.next() => match item {
+                    None => return,
+                    Some(None) => {}
+                    Some(Some(event)) => {
+                        if !still_wanted(&c, &a.id, &tx).await || tx.send(event).await.is_err() {
+                            return;
                         }
-                        Err(RecvError::Lagged(_)) => Event::default().event("resync").data("{}"),
-                        Err(RecvError::Closed) => return,
-                    };
-                    if !still_wanted(&c, &a.id, &tx).await || tx.send(event).await.is_err() {
-                        return;
                     }
-                }
+                },
                 _ = recheck.tick() => {
                     if !still_wanted(&c, &a.id, &tx).await {
                         return;
@@ -131,8 +137,7 @@ pub async fn device(State(c): State<Console>, a: Authed, Path(id): Path<String>)
                 }
             }
         }
-    });
-    sse(stream)
+    }))
 }
 
 /// A stream fed by a task: `body` gets the sending half and returns when the stream should end
