@@ -15,6 +15,7 @@ use crate::registry::operators::Operators;
 use crate::registry::Registry;
 use crate::sinks::Sinks;
 use crate::sources::{coap::CoapSource, lorawan::LorawanSource, mqtt::MqttSource, Source};
+use crate::store::jetstream::Cluster;
 use crate::store::{Store, StoreOptions};
 
 /// How often last-seen times are written back and gauges refreshed, and retention runs.
@@ -35,6 +36,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             retention: cfg.store.retention(),
         },
     )?;
+    let shutdown = CancellationToken::new();
+    let cluster = match cfg.cluster.enabled() {
+        true => {
+            let cluster = Cluster::connect(&cfg.cluster, cfg.store.retention()).await?;
+            cluster.start(&store, &shutdown).await?;
+            Some(cluster)
+        }
+        false => None,
+    };
     let registry = Registry::load(store.clone())?;
     registry.set_psk_sealer(crate::registry::psk::Sealer::load_or_create(
         &cfg.coap.psk_key_path(&cfg.data_dir),
@@ -44,8 +54,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
-
-    let shutdown = CancellationToken::new();
+    if cluster.is_some() {
+        tokio::spawn(crate::registry::follow_changes(
+            store.clone(),
+            registry.clone(),
+            agencies.clone(),
+            operators.clone(),
+        ));
+        tokio::spawn(registry.clone().touch_from_feed(store.subscribe()));
+    }
     let sinks = Sinks::start(&cfg.sinks, &pipeline, &shutdown)?;
     let lwm2m = cfg.coap.lwm2m_enabled.then(|| {
         std::sync::Arc::new(crate::sources::coap::lwm2m::Lwm2m::new(
@@ -55,6 +72,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ))
     });
     let ready = http::Readiness::default();
+    if let Some(cluster) = &cluster {
+        ready.depend_on(cluster.clone());
+    }
     let console = cfg.console.enabled.then(|| {
         Console::new(console::Setup {
             cfg: cfg.console.clone(),
@@ -121,7 +141,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ];
     for server in &cfg.lorawan {
         sources.push(Box::new(LorawanSource {
-            config: server.clone(),
+            config: match &cluster {
+                Some(c) => server.for_cluster_node(c.node()),
+                None => server.clone(),
+            },
             registry: registry.clone(),
             pipeline: pipeline.clone(),
         }));

@@ -43,6 +43,8 @@ pub struct Config {
     pub kpi: crate::kpi::KpiConfig,
     /// LoRaWAN network server brokers to bridge (ChirpStack v4, The Things Stack v3).
     pub lorawan: Vec<crate::sources::lorawan::config::LorawanConfig>,
+    /// Single node (embedded store, the default) or several nodes on NATS JetStream.
+    pub cluster: crate::store::jetstream::ClusterConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,6 +199,7 @@ impl Default for Config {
             sinks: Vec::new(),
             kpi: crate::kpi::KpiConfig::default(),
             lorawan: Vec::new(),
+            cluster: Default::default(),
         }
     }
 }
@@ -329,6 +332,8 @@ impl Config {
                     .prefix_separator("_")
                     .separator("__")
                     .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("cluster.nats_urls")
                     .source(Some(config_env())),
             )
             .build()?;
@@ -359,6 +364,7 @@ impl Config {
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
         );
         self.kpi.validate()?;
+        self.cluster.validate()?;
         let c = &self.console;
         anyhow::ensure!(
             c.session_hours > 0 && c.idle_minutes > 0 && c.max_sessions > 0,
@@ -412,6 +418,7 @@ impl Config {
         for server in &mut shown.lorawan {
             redact(&mut server.password);
         }
+        shown.cluster.redact();
         toml::to_string_pretty(&shown).expect("config serialises")
     }
 
@@ -444,7 +451,7 @@ impl Config {
 /// The sections whose keys `CITYGW_<SECTION>__<KEY>` variables override (the arrays of tables,
 /// `[[sinks]]`, `[[lorawan]]`, `[[agencies]]`, `[[operators]]`, come from the file only).
 pub(crate) const ENV_SECTIONS: &[&str] = &[
-    "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console",
+    "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster",
 ];
 
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN
@@ -536,6 +543,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn cluster_keys_from_the_environment_and_hidden_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("citygw.toml");
+        std::fs::write(
+            &file,
+            "[cluster]\nbackend = \"jetstream\"\nnode_name = \"a\"\npassword = \"nats-secret\"\n",
+        )
+        .unwrap();
+        // Only this test sets these variables, so parallel tests are unaffected.
+        std::env::set_var(
+            "CITYGW_CLUSTER__NATS_URLS",
+            "nats://10.0.0.1:4222,nats://10.0.0.2:4222",
+        );
+        std::env::set_var("CITYGW_CLUSTER__TOKEN", "token-secret");
+        let cfg = Config::load(Some(&file));
+        std::env::remove_var("CITYGW_CLUSTER__NATS_URLS");
+        std::env::remove_var("CITYGW_CLUSTER__TOKEN");
+        let cfg = cfg.unwrap();
+        assert!(cfg.cluster.enabled());
+        assert_eq!(
+            cfg.cluster.nats_urls,
+            ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+        );
+        assert_eq!(cfg.cluster.node(), "a");
+        let text = cfg.to_toml();
+        assert!(
+            !text.contains("nats-secret") && !text.contains("token-secret"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -310,4 +310,54 @@ pub(crate) fn describe() {
         "citygw_console_live_streams",
         "Console server-sent event streams open"
     );
+    describe_gauge!(
+        "citygw_cluster_healthy",
+        "Cluster mode: 1 while the readings stream has a leader and a quorum (else /readyz is 503)"
+    );
+    describe_gauge!(
+        "citygw_cluster_lag_messages",
+        "Cluster mode: stream messages this node has not materialised into its store yet"
+    );
+    describe_gauge!(
+        "citygw_cluster_applied_sequence",
+        "Cluster mode: last stream sequence materialised into this node's store"
+    );
+    describe_histogram!(
+        "citygw_cluster_publish_seconds",
+        Unit::Seconds,
+        "Cluster mode: publish to JetStream acknowledgement of one device message"
+    );
+    describe_counter!(
+        "citygw_cluster_publish_errors_total",
+        "Cluster mode: writes JetStream did not acknowledge (the device was told to retry), by \
+         stage (publish, ack, records)"
+    );
+    describe_counter!(
+        "citygw_cluster_duplicates_total",
+        "Cluster mode: messages JetStream recognised as repeats by content id (stored once)"
+    );
+    describe_counter!(
+        "citygw_cluster_materialised_messages_total",
+        "Cluster mode: stream messages written into this node's store"
+    );
+    describe_counter!(
+        "citygw_cluster_materialised_readings_total",
+        "Cluster mode: readings written into this node's store from the stream"
+    );
+    describe_counter!(
+        "citygw_cluster_materialise_restarts_total",
+        "Cluster mode: stream consumer restarts (after a server or quorum loss)"
+    );
+    describe_counter!(
+        "citygw_cluster_messages_skipped_total",
+        "Cluster mode: stream messages that were not citygw records (skipped on every node)"
+    );
+    describe_gauge!(
+        "citygw_cluster_records_revision",
+        "Cluster mode: last records-bucket revision applied to this node"
+    );
+    describe_gauge!(
+        "citygw_sink_lease_held",
+        "Cluster mode: 1 on the node that forwards this sink, by sink"
+    );
 }

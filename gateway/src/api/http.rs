@@ -19,13 +19,32 @@ use crate::kpi::{Kpi, KpiError};
 use crate::registry::agencies::Agencies;
 use crate::registry::secret::constant_time_eq;
 
-/// Set once every listener is up; cleared when shutdown begins so load balancers drain us.
+/// Set once every listener is up; cleared when shutdown begins so load balancers drain us. In
+/// cluster mode also not ready while JetStream has no quorum (writes cannot be acknowledged).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    started: Arc<AtomicBool>,
+    cluster: Arc<std::sync::OnceLock<Arc<crate::store::jetstream::Cluster>>>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.started.store(ready, Ordering::Release);
+    }
+
+    pub fn depend_on(&self, cluster: Arc<crate::store::jetstream::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Ready, or why not.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.started.load(Ordering::Acquire) {
+            return Err("not ready".into());
+        }
+        match self.cluster.get() {
+            Some(cluster) => cluster.health(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -77,11 +96,10 @@ async fn render_metrics(State(state): State<Api>) -> String {
     state.metrics.render()
 }
 
-async fn readyz(State(state): State<Api>) -> (StatusCode, &'static str) {
-    if state.ready.0.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+async fn readyz(State(state): State<Api>) -> (StatusCode, String) {
+    match state.ready.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 

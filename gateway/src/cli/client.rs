@@ -293,6 +293,15 @@ impl Client {
             .sinks)
     }
 
+    pub async fn cluster_status(&mut self) -> anyhow::Result<ClusterStatusResponse> {
+        Ok(self
+            .inner
+            .cluster_status(ClusterStatusRequest {})
+            .await
+            .map_err(rpc)?
+            .into_inner())
+    }
+
     pub async fn connection_kpi(&mut self, city: &str) -> anyhow::Result<ConnectionKpi> {
         Ok(self
             .inner

@@ -88,6 +88,9 @@ enum Command {
     /// LwM2M clients registered over CoAP/CoAPS.
     #[command(subcommand)]
     Lwm2m(Lwm2mCommand),
+    /// Cluster mode: nodes, the readings stream, sink leases.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// The quantity table used for normalisation.
     Quantities,
     /// IoT connections per resident against the city plan's targets.
@@ -281,6 +284,13 @@ enum Lwm2mCommand {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// The citygw nodes (materialisation lag, health), the readings stream (replicas, leader)
+    /// and which node forwards each sink, as the answering node sees them.
+    Status,
+}
+
+#[derive(Subcommand)]
 enum SinkCommand {
     /// Per sink: delivered up to which reading, lag in readings and seconds, last success.
     Status,
@@ -405,6 +415,7 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
         }
         Command::Agency(AgencyCommand::List) => out.agencies(&client.list_agencies().await?),
         Command::Sink(SinkCommand::Status) => out.sinks(&client.sink_status().await?),
+        Command::Cluster(ClusterCommand::Status) => out.cluster(&client.cluster_status().await?),
         Command::Kpi(KpiCommand::Report { city, format }) => {
             let format = format.unwrap_or(match conn.output {
                 Format::Table => kpi::ReportFormat::Table,

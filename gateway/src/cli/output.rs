@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use super::Format;
 use crate::pipeline::protocol_label;
 use crate::proto::{
-    reading, AgencyInfo, DeadLetter, Device, ImportResult, Lwm2mRegistration, OperatorInfo,
-    Protocol, Reading, SinkState,
+    reading, AgencyInfo, ClusterStatusResponse, DeadLetter, Device, ImportResult,
+    Lwm2mRegistration, OperatorInfo, Protocol, Reading, SinkState,
 };
 
 pub struct Output {
@@ -333,6 +333,110 @@ impl Output {
                     })
                     .collect(),
             ),
+        }
+    }
+
+    pub fn cluster(&self, c: &ClusterStatusResponse) {
+        if let Format::Json = self.format {
+            let nodes: Vec<Value> = c
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "name": n.name, "version": n.version, "started_time_ms": n.started_time_ms,
+                        "seen_time_ms": n.seen_time_ms, "applied_sequence": n.applied_sequence,
+                        "lag_messages": n.lag_messages, "healthy": n.healthy, "problem": n.problem,
+                        "this_node": n.this_node,
+                    })
+                })
+                .collect();
+            let replicas: Vec<Value> = c.stream_replicas.iter().map(|r| json!({
+                "name": r.name, "leader": r.leader, "current": r.current, "offline": r.offline,
+                "lag": r.lag, "active_seconds": r.active_seconds,
+            })).collect();
+            let leases: Vec<Value> = c
+                .sink_leases
+                .iter()
+                .map(|l| json!({"sink": l.sink, "node": l.node}))
+                .collect();
+            return self.json(json!({
+                "backend": c.backend, "node": c.node, "healthy": c.healthy, "problem": c.problem,
+                "nats_server": c.nats_server, "stream": c.stream, "replicas": c.replicas,
+                "leader": c.leader, "messages": c.messages, "bytes": c.bytes,
+                "first_sequence": c.first_sequence, "last_sequence": c.last_sequence,
+                "stream_replicas": replicas, "nodes": nodes, "sink_leases": leases,
+            }));
+        }
+        if c.backend != "jetstream" {
+            println!("backend: {} (single node)", c.backend);
+            return;
+        }
+        let health = if c.healthy {
+            "healthy".to_string()
+        } else {
+            format!("NOT READY: {}", c.problem)
+        };
+        println!(
+            "node {} via NATS server {}: {health}",
+            c.node, c.nats_server
+        );
+        println!(
+            "stream {}: R{}, leader {}, {} messages, {} bytes, sequences {}..{}",
+            c.stream, c.replicas, c.leader, c.messages, c.bytes, c.first_sequence, c.last_sequence
+        );
+        table(
+            &["replica", "role", "current", "offline", "lag", "active (s)"],
+            c.stream_replicas
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.name.clone(),
+                        if r.leader { "leader" } else { "follower" }.into(),
+                        r.current.to_string(),
+                        r.offline.to_string(),
+                        r.lag.to_string(),
+                        format!("{:.1}", r.active_seconds),
+                    ]
+                })
+                .collect(),
+        );
+        table(
+            &[
+                "citygw node",
+                "healthy",
+                "applied",
+                "lag (messages)",
+                "started",
+                "seen",
+                "problem",
+            ],
+            c.nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        if n.this_node {
+                            format!("{} (this)", n.name)
+                        } else {
+                            n.name.clone()
+                        },
+                        n.healthy.to_string(),
+                        n.applied_sequence.to_string(),
+                        n.lag_messages.to_string(),
+                        time(n.started_time_ms),
+                        time(n.seen_time_ms),
+                        n.problem.clone(),
+                    ]
+                })
+                .collect(),
+        );
+        if !c.sink_leases.is_empty() {
+            table(
+                &["sink", "forwarded by"],
+                c.sink_leases
+                    .iter()
+                    .map(|l| vec![l.sink.clone(), l.node.clone()])
+                    .collect(),
+            );
         }
     }
 

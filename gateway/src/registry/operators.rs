@@ -180,6 +180,45 @@ impl Operators {
         Ok(())
     }
 
+    /// Cluster mode: applies an operator record as the cluster agreed on it; `None` removes it
+    /// (its console sessions end here too). Operators of this node's config file stay.
+    pub fn apply_record(&self, name: &str, bytes: Option<&[u8]>) {
+        let record = match bytes.map(serde_json::from_slice::<Record>) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                tracing::error!(operator = name, error = %e, "replicated operator record is corrupt; ignored");
+                return;
+            }
+        };
+        let hash = record
+            .as_ref()
+            .and_then(|r| parse_hash(name, &r.token_sha256).ok());
+        let mut by_token = self.inner.by_token.write().expect("operators lock");
+        let fixed = by_token.values().any(|o| o.name == name && o.from_config);
+        let unchanged = hash.is_some_and(|h| by_token.get(&h).is_some_and(|o| o.name == name));
+        if fixed || unchanged {
+            return;
+        }
+        by_token.retain(|_, o| o.name != name);
+        if let (Some(r), Some(hash)) = (record, hash) {
+            let operator = Operator {
+                name: name.to_string(),
+                created_time_ms: r.created_time_ms,
+                from_config: false,
+            };
+            by_token.insert(hash, Arc::new(operator));
+        }
+    }
+
+    /// Cluster mode: re-applies every stored operator record (after missing changes).
+    pub fn resync(&self) -> Result<(), crate::store::StoreError> {
+        for (name, bytes) in self.inner.store.load_records(Table::Operators)? {
+            self.apply_record(&name, Some(&bytes));
+        }
+        Ok(())
+    }
+
     /// Whether this operator (by identity) still holds a valid token.
     pub fn is_current(&self, operator: &Arc<Operator>) -> bool {
         (self.inner.by_token.read().expect("operators lock"))

@@ -15,6 +15,24 @@ impl Store {
     /// holds them is fsync'd, so the caller may acknowledge the device. Ids are assigned in commit
     /// order, strictly increasing and never reused, even across crashes.
     pub async fn append(&self, readings: Vec<Reading>) -> Result<Range<u64>, StoreError> {
+        self.append_identified(readings, None).await
+    }
+
+    /// [`Store::append`] for a message whose content identifies it (`content_id`: a LoRaWAN
+    /// DevEUI + FCnt, a CoAP endpoint + message id). In cluster mode a repeat within the
+    /// stream's duplicate window, on any node, is stored once; single-node sources
+    /// de-duplicate these themselves.
+    pub async fn append_identified(
+        &self,
+        readings: Vec<Reading>,
+        content_id: Option<&str>,
+    ) -> Result<Range<u64>, StoreError> {
+        if let Some(cluster) = self.cluster() {
+            if readings.is_empty() {
+                return Ok(0..0);
+            }
+            return cluster.append(readings, content_id).await;
+        }
         if readings.is_empty() {
             let next = self.last_reading_id() + 1;
             return Ok(next..next);
@@ -34,6 +52,9 @@ impl Store {
     pub fn append_best_effort(&self, readings: Vec<Reading>) {
         if readings.is_empty() {
             return;
+        }
+        if let Some(cluster) = self.cluster() {
+            return cluster.append_best_effort(readings);
         }
         let n = readings.len() as u64;
         let queued = self.try_submit(Request::Readings {
@@ -164,6 +185,18 @@ impl Store {
             }
         }
         Ok(lo + 1)
+    }
+
+    /// How many readings the log holds after `after_id` (a sink's lag in cluster mode, where
+    /// ids are not contiguous). Reads one record per run, not per reading.
+    pub fn count_readings_after(&self, after_id: u64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        let log = &self.inner.ks.log;
+        for guard in log.range(keys::id_key(after_id.saturating_add(1))..) {
+            let (key, value) = guard.into_inner()?;
+            n += Run::decode(&key, &value)?.len();
+        }
+        Ok(n)
     }
 
     /// The global log after `after_id`, in id order, at most `limit`: the resume point of

@@ -315,6 +315,20 @@ impl Admin for AdminService {
         Ok(Response::new(SinkStatusResponse { sinks }))
     }
 
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(match self.store.cluster() {
+            Some(cluster) => cluster.status(&self.store).await,
+            None => ClusterStatusResponse {
+                backend: "embedded".into(),
+                healthy: true,
+                ..Default::default()
+            },
+        }))
+    }
+
     async fn get_connection_kpi(
         &self,
         req: Request<ConnectionKpiRequest>,

@@ -90,7 +90,6 @@ impl super::Source for LorawanSource {
             pipeline: self.pipeline.clone(),
             dedup: Dedup::new(Duration::from_secs(cfg.dedup_window_secs)),
         });
-        describe_metrics();
         tracing::info!(server = %cfg.name, host = %cfg.host, port = cfg.port(), tls = cfg.tls,
             client_id = %cfg.client_id(), "lorawan bridge starting");
         Ok(Box::pin(run(
@@ -309,11 +308,27 @@ impl Bridge {
             seq,
         };
         let size = publish.payload.len();
+        // In cluster mode the same event taken by another node (a redelivery after a node
+        // died) is stored once by JetStream as well.
+        let content_id = format!(
+            "lorawan/{}/{}/{}/{}",
+            key.device_id,
+            key.marker,
+            key.time_ms,
+            key.seq.map_or_else(String::new, |s| s.to_string())
+        );
         let stored = self
             .dedup
             .once(self.pipeline.store(), key, || async {
                 self.pipeline
-                    .ingest_decoded(&device, Protocol::Lorawan, size, decoded, Delivery::Durable)
+                    .ingest_decoded(
+                        &device,
+                        Protocol::Lorawan,
+                        size,
+                        decoded,
+                        Delivery::Durable,
+                        Some(&content_id),
+                    )
                     .await
                     .map(|_| ())
             })
@@ -392,34 +407,6 @@ impl Bridge {
             )
             .await;
     }
-}
-
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge};
-    describe_gauge!(
-        "citygw_lorawan_connected",
-        "1 while the bridge is connected to the network server's broker, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_connects_total",
-        "Successful connections to network server brokers, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_connection_errors_total",
-        "Lost or failed connections to network server brokers, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_messages_total",
-        "Network server events, by server, event type and outcome (stored, duplicate, dead_letter, ignored)"
-    );
-    describe_counter!(
-        "citygw_lorawan_dead_letters_total",
-        "Network server events dead-lettered, by server and reason"
-    );
-    describe_counter!(
-        "citygw_lorawan_unknown_devices_total",
-        "Events naming a DevEUI no device is registered with, by server"
-    );
 }
 
 mod tls {

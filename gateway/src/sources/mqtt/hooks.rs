@@ -183,6 +183,7 @@ impl Hooks {
             address: &p.topic,
             payload: &p.payload,
             delivery,
+            content_id: None,
         };
         match self.pipeline.ingest(inbound).await {
             Ok(_) => PublishAclResult::allow(),
