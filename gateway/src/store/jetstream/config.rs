@@ -75,8 +75,8 @@ impl Default for ClusterConfig {
             tls_ca_file: None,
             stream: "CITYGW_READINGS".into(),
             subject_prefix: "citygw.readings".into(),
-            records_bucket: "citygw_records".into(),
-            leases_bucket: "citygw_leases".into(),
+            records_bucket: "citygw_records".into(), // not a metric
+            leases_bucket: "citygw_leases".into(),   // not a metric
             ack_timeout_ms: 5_000,
             duplicate_window_secs: 600,
             stream_max_age_days: 0,
