@@ -356,6 +356,10 @@ pub(crate) fn describe() {
         "citygw_cluster_records_revision",
         "Cluster mode: last records-bucket revision applied to this node"
     );
+    describe_counter!(
+        "citygw_cluster_records_watch_restarts_total",
+        "Cluster mode: records-bucket watches replaced because they fell silent while the bucket moved on (their NATS server died)"
+    );
     describe_gauge!(
         "citygw_sink_lease_held",
         "Cluster mode: 1 on the node that forwards this sink, by sink"
