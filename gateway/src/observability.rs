@@ -310,6 +310,33 @@ pub(crate) fn describe() {
         "citygw_console_live_streams",
         "Console server-sent event streams open"
     );
+    describe_counter!(
+        "citygw_commands_total",
+        "Commands to devices entering each state (QUEUED, SENT, DELIVERED, SUCCEEDED, FAILED, \
+         EXPIRED), by transport and state"
+    );
+    describe_gauge!(
+        "citygw_commands_open",
+        "Commands to devices not in a final state yet"
+    );
+    describe_histogram!(
+        "citygw_command_seconds",
+        Unit::Seconds,
+        "A command's creation to its final state, by transport and outcome"
+    );
+    describe_counter!(
+        "citygw_command_results_refused_total",
+        "Device answers to commands refused, by reason (malformed_result, unknown_command, \
+         store_unavailable)"
+    );
+    describe_counter!(
+        "citygw_command_reports_late_total",
+        "Device reports for commands already in a final state (ignored), by transport"
+    );
+    describe_counter!(
+        "citygw_command_log_errors_total",
+        "Command log writes that failed (retried)"
+    );
     describe_gauge!(
         "citygw_cluster_healthy",
         "Cluster mode: 1 while the readings stream has a leader and a quorum (else /readyz is 503)"

@@ -1,8 +1,10 @@
-//! The gRPC server on one port: the agency API (Telemetry), the admin API, standard health
-//! checking and server reflection (so grpcurl works without the .proto files).
+//! The gRPC server on one port: the agency API (Telemetry), the admin API, the Control API
+//! (commands to devices), standard health checking and server reflection (so grpcurl works
+//! without the .proto files).
 
 mod admin;
 mod auth;
+mod control;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Pipeline;
 use crate::proto::admin_server::AdminServer;
+use crate::proto::control_server::ControlServer;
 use crate::proto::telemetry_server::TelemetryServer;
 use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
@@ -28,6 +31,7 @@ pub struct GrpcServer {
     pub sinks: crate::sinks::Sinks,
     pub kpi: crate::kpi::Kpi,
     pub lwm2m: Option<std::sync::Arc<crate::sources::coap::lwm2m::Lwm2m>>,
+    pub commands: crate::control::commands::Commands,
 }
 
 impl GrpcServer {
@@ -48,6 +52,9 @@ impl GrpcServer {
         health_reporter
             .set_serving::<TelemetryServer<telemetry::TelemetryService>>()
             .await;
+        health_reporter
+            .set_serving::<ControlServer<control::ControlService>>()
+            .await;
         // Both reflection versions: grpcurl speaks v1, many clients (grpcio-reflection) v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -56,6 +63,16 @@ impl GrpcServer {
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
+        let control = ControlServer::with_interceptor(
+            control::ControlService {
+                commands: self.commands,
+                registry: self.registry.clone(),
+            },
+            control::ControlAuth {
+                admin_token: self.admin_token.as_str().into(),
+                agencies: self.agencies.clone(),
+            },
+        );
         let admin = AdminServer::with_interceptor(
             admin::AdminService {
                 registry: self.registry.clone(),
@@ -99,6 +116,7 @@ impl GrpcServer {
                 .add_service(reflection_v1alpha)
                 .add_service(admin)
                 .add_service(telemetry)
+                .add_service(control)
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await
                 .map_err(|e| anyhow::anyhow!("grpc server: {e}"))

@@ -3,6 +3,10 @@
 //! The durable write happens inside `MessagePublishCheckAcl`: rmqtt sends the PUBACK only after
 //! this hook's future completes, and it is the first hook that can refuse a message
 //! (`MessagePublish` runs earlier but cannot). So a PUBACK always means "on disk".
+//!
+//! Commands to devices pass here too: answers on `devices/{id}/commands/{cmd}/result` go to
+//! [`crate::control`] (not the pipeline), and a subscription to the command topic, a command
+//! written to the connection and its PUBACK are reported there.
 
 use async_trait::async_trait;
 use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
@@ -14,6 +18,8 @@ use rmqtt::types::{
 
 use super::topic::{self, Topic};
 use crate::codec::Format;
+use crate::control::commands::transport::mqtt::{self as commands_mqtt, ResultRefusal};
+use crate::control::commands::Commands;
 use crate::pipeline::{Delivery, Inbound, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
 use crate::reason;
@@ -26,6 +32,7 @@ pub struct Hooks {
     pub registry: Registry,
     pub pipeline: Pipeline,
     pub sessions: super::limit::SessionLimit,
+    pub commands: Commands,
 }
 
 #[async_trait]
@@ -69,6 +76,29 @@ impl Handler for Hooks {
                 false,
                 Some(HookResult::PublishAclResult(self.publish(s, p).await)),
             ),
+            Parameter::SessionSubscribed(s, sub)
+                if topic::receives_commands(&s.id.client_id, &sub.topic_filter) =>
+            {
+                // A new subscription is a new chance: everything not yet acknowledged goes again.
+                self.commands.wake(&s.id.client_id, true);
+                (true, acc)
+            }
+            Parameter::MessageDelivered(s, _, p) => {
+                if let Some((device, command)) = topic::parse_command(&p.topic) {
+                    if device == &*s.id.client_id {
+                        commands_mqtt::delivered_to_connection(&self.commands, device, command);
+                    }
+                }
+                (true, acc)
+            }
+            Parameter::MessageAcked(s, _, p) => {
+                if let Some((device, command)) = topic::parse_command(&p.topic) {
+                    if device == &*s.id.client_id {
+                        commands_mqtt::acknowledged(&self.commands, device, command);
+                    }
+                }
+                (true, acc)
+            }
             _ => (true, acc),
         }
     }
@@ -124,6 +154,9 @@ impl Hooks {
         let format = match topic::parse(&p.topic) {
             Topic::Telemetry {
                 device_id: claimed, ..
+            }
+            | Topic::CommandResult {
+                device_id: claimed, ..
             } if claimed != device_id => {
                 let rejection = Rejection::new(
                     reason::SPOOFED_TOPIC,
@@ -149,10 +182,13 @@ impl Hooks {
             Topic::Telemetry { format: None, .. } => {
                 Ok(content_type_format(p).unwrap_or(Format::Json))
             }
+            Topic::CommandResult { command_id, .. } => {
+                return self.command_result(device_id, command_id, p, v5).await
+            }
             Topic::Other => {
                 let rejection = Rejection::new(
                     reason::BAD_TOPIC,
-                    "devices publish to devices/{id}/telemetry[/{format}]",
+                    "devices publish to devices/{id}/telemetry[/{format}] and devices/{id}/commands/{command}/result",
                 );
                 self.pipeline
                     .refuse(
@@ -203,6 +239,43 @@ impl Hooks {
                     "gateway store unavailable",
                     !v5,
                 )
+            }
+        }
+    }
+}
+
+impl Hooks {
+    /// A device's answer to a command: acknowledged once its outcome is durable.
+    async fn command_result(
+        &self,
+        device_id: &str,
+        command_id: &str,
+        p: &Publish,
+        v5: bool,
+    ) -> PublishAclResult {
+        match commands_mqtt::result(&self.commands, device_id, command_id, &p.payload).await {
+            Ok(()) => PublishAclResult::allow(),
+            Err(e) => {
+                metrics::counter!("citygw_command_results_refused_total", "reason" => e.reason())
+                    .increment(1);
+                tracing::warn!(device = device_id, reason = e.reason(), error = %e, "command result refused");
+                match e {
+                    // Only MQTT 5 can say why in the PUBACK; a 3.1.1 device sees a plain one.
+                    ResultRefusal::Malformed(_) => refuse(
+                        PublishAckReason::PayloadFormatInvalid,
+                        &e.to_string(),
+                        false,
+                    ),
+                    ResultRefusal::UnknownCommand(_) => {
+                        refuse(PublishAckReason::NotAuthorized, &e.to_string(), false)
+                    }
+                    // Not durable: never acknowledged (3.1.1 learns it by the disconnect).
+                    ResultRefusal::Store(_) => refuse(
+                        PublishAckReason::UnspecifiedError,
+                        "gateway store unavailable",
+                        !v5,
+                    ),
+                }
             }
         }
     }

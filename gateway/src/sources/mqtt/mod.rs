@@ -18,6 +18,7 @@ use rmqtt::types::Id;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
+use crate::control::commands::{transport::mqtt::Mqtt, Commands};
 use crate::pipeline::Pipeline;
 use crate::registry::{Registry, RegistryEvent};
 
@@ -25,6 +26,7 @@ pub struct MqttSource {
     pub config: MqttConfig,
     pub registry: Registry,
     pub pipeline: Pipeline,
+    pub commands: Commands,
 }
 
 impl super::Source for MqttSource {
@@ -76,6 +78,7 @@ impl super::Source for MqttSource {
                 registry: self.registry.clone(),
                 pipeline: self.pipeline,
                 sessions,
+                commands: self.commands.clone(),
             };
             let register = scx.extends.hook_mgr().register();
             for typ in [
@@ -84,10 +87,15 @@ impl super::Source for MqttSource {
                 Type::ClientDisconnected,
                 Type::ClientSubscribeCheckAcl,
                 Type::MessagePublishCheckAcl,
+                Type::SessionSubscribed,
+                Type::MessageDelivered,
+                Type::MessageAcked,
             ] {
                 register.add(typ, Box::new(hooks.clone())).await;
             }
             register.start().await;
+            self.commands
+                .attach(std::sync::Arc::new(Mqtt::new(scx.clone())));
             let kicker = tokio::spawn(kick_disabled(scx.clone(), self.registry));
             let server = MqttServer::new(scx).listener(listener).build();
             let result = tokio::select! {
