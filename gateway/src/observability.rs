@@ -40,6 +40,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 /// (docs/src/reference/metrics.md is generated from it, see `reference_docs`).
 pub(crate) fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    crate::control::describe_metrics();
     describe_counter!(
         "citygw_messages_received_total",
         "Messages received from devices, by protocol"
