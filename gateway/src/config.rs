@@ -12,16 +12,24 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the store, the generated admin token and other state live.
+    /// Where the store, the generated admin token, the PSK sealing key and other state live.
     pub data_dir: PathBuf,
+    /// Logging.
     pub log: LogConfig,
+    /// The MQTT listener (embedded broker).
     pub mqtt: MqttConfig,
+    /// CoAP, CoAPS and LwM2M listeners.
     pub coap: CoapConfig,
+    /// The gRPC listener: agency API (Telemetry), admin API, health, reflection.
     pub grpc: GrpcConfig,
+    /// The HTTP listener: /metrics, /healthz, /readyz, the KPI as JSON.
     pub http: HttpConfig,
+    /// The operator's admin API.
     pub admin: AdminConfig,
+    /// The embedded durable store.
     pub store: StoreConfig,
     /// The operator console on the HTTP listener.
     pub console: ConsoleConfig,
@@ -43,17 +51,21 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// A tracing filter, e.g. "info" or "citygw=debug,rmqtt=warn".
+    /// A tracing filter, e.g. "info" or "citygw=debug,rmqtt=warn"; `RUST_LOG` overrides it. The
+    /// embedded broker and storage engine log only warnings by default.
     pub level: String,
     /// "text" for people, "json" for log shippers.
     pub format: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
+    /// Address and TCP port; `[::]` is dual stack (IPv4 and IPv6).
     pub listen: SocketAddr,
     /// Payloads above this are dead-lettered as `payload_too_large`.
     pub max_payload_bytes: usize,
@@ -77,11 +89,13 @@ pub struct MqttConfig {
 
 /// CoAP over UDP (`sources::coap`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct CoapConfig {
     /// Plain (unencrypted) CoAP listener. Off by default: requests then carry the device
     /// secret in clear text, acceptable only on a private APN (docs/src/coap.md).
     pub plain_enabled: bool,
+    /// Address and UDP port of plain CoAP (when `plain_enabled`).
     pub listen: SocketAddr,
     /// Largest payload accepted, in one datagram or reassembled from Block1 transfers;
     /// beyond it the answer is 4.13 with Size1.
@@ -100,6 +114,7 @@ pub struct CoapConfig {
     pub lwm2m_nosec: bool,
     /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
     pub dtls_enabled: bool,
+    /// Address and UDP port of CoAPS (when `dtls_enabled`).
     pub dtls_listen: SocketAddr,
     /// DTLS sessions (handshaking or established) held at once; new peers beyond it are ignored.
     pub dtls_max_sessions: usize,
@@ -113,8 +128,10 @@ pub struct CoapConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcConfig {
+    /// Address and TCP port of the agency and admin APIs.
     pub listen: SocketAddr,
     /// Readings a live subscription may have queued for a slow client before it is ended with
     /// RESOURCE_EXHAUSTED and a resume point.
@@ -122,15 +139,19 @@ pub struct GrpcConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
+    /// Address and TCP port of /metrics, /healthz, /readyz and /api/v1/kpi.
     pub listen: SocketAddr,
 }
 
 /// The operator console (`api::console`), served at `/console/` on the HTTP listener.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsoleConfig {
+    /// Serve the console at `/console/` on the HTTP listener.
     pub enabled: bool,
     /// IANA time zone the console shows dates in (the city's).
     pub time_zone: String,
@@ -145,6 +166,7 @@ pub struct ConsoleConfig {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// The operator's bearer token for the admin API. Empty: a random token is generated on first
@@ -156,6 +178,7 @@ pub struct AdminConfig {
 
 /// What the pipeline believes of a device (`pipeline::clock`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
     /// A device time more than this ahead of the receive time is replaced by the receive time.
@@ -185,13 +208,16 @@ impl IngestConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// How long the group commit waits for more writes before one fsync covers them all.
+    /// How long the group commit waits for more writes before one fsync covers them all (0: it
+    /// covers whatever queued during the previous fsync).
     pub commit_window_ms: u64,
     /// Upper bound of readings in one commit.
     pub max_batch: usize,
-    /// Readings and dead letters older than this are deleted.
+    /// Readings and dead letters older than this many days are deleted (hourly, in chunks),
+    /// except readings a sink has not delivered yet.
     pub retention_days: u64,
     /// Low-space watermark (MiB free on the data directory's filesystem): below it new readings
     /// are refused (devices retry), keeping room for dead letters, registry records, sink cursors
@@ -478,12 +504,15 @@ impl Config {
     }
 }
 
+/// The sections whose keys `CITYGW_<SECTION>__<KEY>` variables override (the arrays of tables,
+/// `[[sinks]]`, `[[lorawan]]`, `[[agencies]]`, `[[operators]]`, come from the file only).
+pub(crate) const ENV_SECTIONS: &[&str] = &[
+    "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster",
+];
+
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN
 /// for the CLI, CITYGW_CONFIG) are not configuration and must not trip `deny_unknown_fields`.
 fn config_env() -> config::Map<String, String> {
-    const SECTIONS: &[&str] = &[
-        "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster",
-    ];
     std::env::vars()
         .filter(|(k, _)| {
             let Some(key) = k.strip_prefix("CITYGW_") else {
@@ -491,7 +520,7 @@ fn config_env() -> config::Map<String, String> {
             };
             let key = key.to_ascii_lowercase();
             key == "data_dir"
-                || SECTIONS
+                || ENV_SECTIONS
                     .iter()
                     .any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with("__")))
         })

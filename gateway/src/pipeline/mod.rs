@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use crate::codec::{self, Format};
 use crate::proto::{DeadLetter, Protocol, Reading};
+use crate::reason::{self, Reason};
 use crate::registry::DeviceEntry;
 use crate::store::{Store, StoreError};
 
@@ -25,16 +26,16 @@ pub enum Delivery {
     BestEffort,
 }
 
-/// A refused message: `reason` is a stable label (metrics, dead letters, docs).
+/// A refused message: `reason` is a stable code from [`crate::reason`] (metrics, dead letters, docs).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {detail}")]
 pub struct Rejection {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub detail: String,
 }
 
 impl Rejection {
-    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
@@ -192,7 +193,7 @@ impl Pipeline {
     fn readings(&self, msg: &Inbound<'_>, now_ms: i64) -> Result<Vec<Reading>, Rejection> {
         if msg.payload.len() > self.inner.max_payload_bytes {
             return Err(Rejection::new(
-                "payload_too_large",
+                reason::PAYLOAD_TOO_LARGE,
                 format!(
                     "{} bytes, limit {}",
                     msg.payload.len(),
@@ -201,7 +202,10 @@ impl Pipeline {
             ));
         }
         let format = msg.format.map_err(|name| {
-            Rejection::new("unknown_format", format!("unknown payload format {name:?}"))
+            Rejection::new(
+                reason::UNKNOWN_FORMAT,
+                format!("unknown payload format {name:?}"),
+            )
         })?;
         let decoded = codec::decoder(format)
             .decode(msg.payload, now_ms)
@@ -258,9 +262,9 @@ impl Pipeline {
         rejection: &Rejection,
     ) {
         let label = protocol_label(protocol);
-        metrics::counter!("citygw_messages_rejected_total", "protocol" => label, "reason" => rejection.reason)
+        metrics::counter!("citygw_messages_rejected_total", "protocol" => label, "reason" => rejection.reason.as_str())
             .increment(1);
-        tracing::warn!(device = device_id, protocol = label, address, reason = rejection.reason, detail = %rejection.detail, "message rejected");
+        tracing::warn!(device = device_id, protocol = label, address, reason = rejection.reason.as_str(), detail = %rejection.detail, "message rejected");
         let dl = DeadLetter {
             id: 0,
             received_time_ms: now_ms(),

@@ -82,6 +82,7 @@ use crate::proto::{reading, Protocol, Reading};
 
 /// What names the measurement of a reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MeasurementFrom {
     /// `temperature value=21.5`: one measurement per quantity (the default).

@@ -42,9 +42,10 @@ use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
 use crate::registry::{DeviceEntry, Registry};
 
+use crate::reason;
 use config::{LorawanConfig, ServerType};
 use dedup::{Dedup, Key, Stored};
-use event::{bridge_reason, Event, Malformed, Parsed};
+use event::{Event, Malformed, Parsed};
 
 /// How long in-flight uplinks get to become durable and be acknowledged at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -100,7 +101,6 @@ impl super::Source for LorawanSource {
             pipeline: self.pipeline.clone(),
             dedup: Dedup::new(Duration::from_secs(cfg.dedup_window_secs)),
         });
-        describe_metrics();
         tracing::info!(server = %cfg.name, host = %cfg.host, port = cfg.port(), tls = cfg.tls,
             client_id = %cfg.client_id(), "lorawan bridge starting");
         let (config, lease) = (self.config, self.lease);
@@ -345,7 +345,7 @@ impl Bridge {
             Err(Malformed {
                 device: Default::default(),
                 rejection: Rejection::new(
-                    "payload_too_large",
+                    reason::PAYLOAD_TOO_LARGE,
                     format!("{} bytes, limit {MAX_EVENT_BYTES}", publish.payload.len()),
                 ),
             })
@@ -387,7 +387,7 @@ impl Bridge {
         let device = match self.device(event) {
             Ok(d) => d,
             Err((device_id, rejection)) => {
-                if rejection.reason == bridge_reason::UNKNOWN_DEVICE {
+                if rejection.reason == reason::UNKNOWN_DEVICE {
                     metrics::counter!("citygw_lorawan_unknown_devices_total", "server" => self.name.clone())
                         .increment(1);
                 }
@@ -458,7 +458,7 @@ impl Bridge {
         };
         let device = found.ok_or_else(|| {
             let rejection = Rejection::new(
-                bridge_reason::UNKNOWN_DEVICE,
+                reason::UNKNOWN_DEVICE,
                 format!(
                     "no device registered with {} {}",
                     if r.dev_eui.is_empty() {
@@ -474,13 +474,13 @@ impl Bridge {
         let refuse = |rejection| Err((device.id().to_string(), rejection));
         if !device.enabled() {
             return refuse(Rejection::new(
-                bridge_reason::DISABLED_DEVICE,
+                reason::DISABLED_DEVICE,
                 format!("device {} is disabled", device.id()),
             ));
         }
         if !self.tenant.is_empty() && device.tenant() != self.tenant {
             return refuse(Rejection::new(
-                bridge_reason::TENANT_MISMATCH,
+                reason::TENANT_MISMATCH,
                 format!(
                     "device {} belongs to tenant {}, this network server to {}",
                     device.id(),
@@ -500,7 +500,7 @@ impl Bridge {
         rejection: &Rejection,
     ) {
         metrics::counter!("citygw_lorawan_dead_letters_total", "server" => self.name.clone(),
-            "reason" => rejection.reason)
+            "reason" => rejection.reason.as_str())
         .increment(1);
         let address = format!("{}: {}", self.name, publish.topic);
         self.pipeline
@@ -514,34 +514,6 @@ impl Bridge {
             )
             .await;
     }
-}
-
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge};
-    describe_gauge!(
-        "citygw_lorawan_connected",
-        "1 while the bridge is connected to the network server's broker, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_connects_total",
-        "Successful connections to network server brokers, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_connection_errors_total",
-        "Lost or failed connections to network server brokers, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_messages_total",
-        "Network server events, by server, event type and outcome (stored, duplicate, dead_letter, ignored)"
-    );
-    describe_counter!(
-        "citygw_lorawan_dead_letters_total",
-        "Network server events dead-lettered, by server and reason"
-    );
-    describe_counter!(
-        "citygw_lorawan_unknown_devices_total",
-        "Events naming a DevEUI no device is registered with, by server"
-    );
 }
 
 mod tls {

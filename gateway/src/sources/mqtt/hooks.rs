@@ -27,6 +27,7 @@ use crate::control::commands::transport::mqtt::{self as commands_mqtt, ResultRef
 use crate::control::commands::Commands;
 use crate::pipeline::{Delivery, Inbound, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
+use crate::reason;
 use crate::registry::{AuthError, Registry};
 
 const PROTOCOL: &str = "mqtt";
@@ -163,7 +164,7 @@ impl Hooks {
                 device_id: claimed, ..
             } if claimed != device_id => {
                 let rejection = Rejection::new(
-                    "spoofed_topic",
+                    reason::SPOOFED_TOPIC,
                     format!("device {device_id} published for {claimed}"),
                 );
                 // Nothing of a spoofed message is kept, only the fact that it was tried.
@@ -191,7 +192,7 @@ impl Hooks {
             }
             Topic::Other => {
                 let rejection = Rejection::new(
-                    "bad_topic",
+                    reason::BAD_TOPIC,
                     "devices publish to devices/{id}/telemetry[/{format}] and devices/{id}/commands/{command}/result",
                 );
                 self.pipeline

@@ -32,6 +32,7 @@ use super::handler::{Identity, Response};
 use super::request;
 use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
+use crate::reason;
 use crate::registry::{AuthError, DeviceEntry, Registry};
 use objects::Path;
 
@@ -312,7 +313,7 @@ impl Lwm2m {
         let decoded = match values::decode(content_format, payload, requested, now_ms()) {
             Ok(d) => d,
             Err(detail) => {
-                let rejection = Rejection::new("malformed_lwm2m", detail);
+                let rejection = Rejection::new(reason::MALFORMED_LWM2M, detail);
                 self.pipeline
                     .refuse(
                         device.id(),
@@ -345,7 +346,7 @@ impl Lwm2m {
             Ok(n) => Ok(n),
             Err(IngestError::Rejected(r)) => Err(Response::refuse(
                 ResponseType::BadRequest,
-                r.reason,
+                r.reason.as_str(),
                 r.to_string(),
             )),
             Err(IngestError::Store(e)) => {
