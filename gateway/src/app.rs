@@ -88,6 +88,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             kpi: kpi.clone(),
             sinks: sinks.clone(),
             metrics: metrics.clone(),
+            commands: commands.clone(),
             tls: false,
         })
     });

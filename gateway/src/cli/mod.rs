@@ -2,7 +2,7 @@
 //! gateway's admin API, so provisioning works the same against a local or a remote node.
 
 pub mod client;
-mod control;
+pub mod control;
 mod kpi;
 mod output;
 
