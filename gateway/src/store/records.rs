@@ -77,7 +77,8 @@ impl Store {
     }
 
     /// Record changes applied from the cluster (cluster mode only; nothing is sent otherwise).
-    /// A receiver that lags must reload the table with [`Store::load_records`].
+    /// A receiver that lags must reload the table ([`Store::load_records`], or
+    /// [`Store::for_each_record`] for the device table).
     pub fn record_changes(&self) -> tokio::sync::broadcast::Receiver<RecordChange> {
         self.inner.changes.subscribe()
     }
@@ -216,7 +217,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Every record of a table, ordered by key; the registry loads them once at start.
+    /// Every record of a small table (agencies, operators, cursors), ordered by key, collected.
     pub fn load_records(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner
             .ks

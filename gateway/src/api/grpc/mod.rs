@@ -1,5 +1,5 @@
 //! The gRPC server on one port: the agency API (Telemetry), the admin API, the Control API
-//! (commands to devices), standard health checking and server reflection (so grpcurl works
+//! (commands to devices, alerts), standard health checking and server reflection (so grpcurl works
 //! without the .proto files).
 
 mod admin;
@@ -32,6 +32,7 @@ pub struct GrpcServer {
     pub kpi: crate::kpi::Kpi,
     pub lwm2m: Option<std::sync::Arc<crate::sources::coap::lwm2m::Lwm2m>>,
     pub commands: crate::control::commands::Commands,
+    pub alerts: crate::control::rules::Alerts,
 }
 
 impl GrpcServer {
@@ -66,6 +67,7 @@ impl GrpcServer {
         let control = ControlServer::with_interceptor(
             control::ControlService {
                 commands: self.commands,
+                alerts: self.alerts,
                 registry: self.registry.clone(),
             },
             control::ControlAuth {
