@@ -156,12 +156,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ];
     for server in &cfg.lorawan {
         sources.push(Box::new(LorawanSource {
-            config: match &cluster {
-                Some(c) => server.for_cluster_node(c.node()),
-                None => server.clone(),
-            },
+            config: server.clone(),
             registry: registry.clone(),
             pipeline: pipeline.clone(),
+            // Cluster mode: one node bridges each network server at a time.
+            lease: cluster
+                .as_ref()
+                .map(|c| c.lease(&format!("lorawan/{}", server.name), shutdown.clone())),
         }));
     }
     for source in sources {

@@ -18,6 +18,10 @@
 //! are decoded and stored side by side (they share group commits), and their PUBACKs leave in
 //! the order the broker delivered them (MQTT 3.1.1 and 5 section 4.6), released by one acker
 //! task as each uplink and every one before it is done ([`Acks`]).
+//!
+//! In cluster mode one node at a time bridges each network server, the holder of its lease, with
+//! the same client id on every node: when the holder dies, the next holder resumes the broker
+//! session and gets what was queued or unacknowledged (stored once by the stream's content id).
 
 pub mod chirpstack;
 pub mod config;
@@ -30,7 +34,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +61,10 @@ pub struct LorawanSource {
     pub config: LorawanConfig,
     pub registry: Registry,
     pub pipeline: Pipeline,
+    /// Cluster mode: bridge only while this node holds the server's lease. Every node uses the
+    /// same client id, so the successor of a dead node resumes its broker session and receives
+    /// what the broker still held for it (queued, or delivered but never acknowledged).
+    pub lease: Option<watch::Receiver<bool>>,
 }
 
 impl super::Source for LorawanSource {
@@ -82,7 +90,7 @@ impl super::Source for LorawanSource {
             opts.set_transport(tls::transport(cfg)?);
         }
         // Room for every in-flight ack plus the subscriptions, so acking never waits on the loop.
-        let (client, eventloop) = AsyncClient::new(opts, cfg.max_inflight + 64);
+        let capacity = cfg.max_inflight + 64;
         let bridge = Arc::new(Bridge {
             name: cfg.name.clone(),
             server_type: cfg.server_type,
@@ -95,13 +103,54 @@ impl super::Source for LorawanSource {
         describe_metrics();
         tracing::info!(server = %cfg.name, host = %cfg.host, port = cfg.port(), tls = cfg.tls,
             client_id = %cfg.client_id(), "lorawan bridge starting");
-        Ok(Box::pin(run(
-            bridge,
-            client,
-            eventloop,
-            self.config,
-            shutdown,
-        )))
+        let (config, lease) = (self.config, self.lease);
+        Ok(Box::pin(async move {
+            let Some(lease) = lease else {
+                let (client, eventloop) = AsyncClient::new(opts, capacity);
+                return run(bridge, client, eventloop, config, shutdown).await;
+            };
+            run_while_leased(bridge, opts, capacity, config, lease, shutdown).await
+        }))
+    }
+}
+
+/// Cluster mode: waits for the lease, bridges while it is held, hands over when it is lost.
+async fn run_while_leased(
+    bridge: Arc<Bridge>,
+    opts: MqttOptions,
+    capacity: usize,
+    config: LorawanConfig,
+    mut lease: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let server = config.name.clone();
+    loop {
+        while !*lease.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changed = lease.changed() => if changed.is_err() { return Ok(()) },
+            }
+        }
+        tracing::info!(server = %server, "lorawan bridge active on this node (lease held)");
+        let stop = shutdown.child_token();
+        let lost = {
+            let (stop, mut lease) = (stop.clone(), lease.clone());
+            tokio::spawn(async move {
+                while *lease.borrow_and_update() {
+                    if lease.changed().await.is_err() {
+                        break;
+                    }
+                }
+                stop.cancel();
+            })
+        };
+        let (client, eventloop) = AsyncClient::new(opts.clone(), capacity);
+        let result = run(bridge.clone(), client, eventloop, config.clone(), stop).await;
+        lost.abort();
+        if result.is_err() || shutdown.is_cancelled() {
+            return result;
+        }
+        tracing::warn!(server = %server, "lorawan bridge handed over (lease lost)");
     }
 }
 
