@@ -101,6 +101,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             kpi: kpi.clone(),
             sinks: sinks.clone(),
             metrics: metrics.clone(),
+            commands: commands.clone(),
             tls: false,
         })
     });

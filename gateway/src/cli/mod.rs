@@ -3,7 +3,7 @@
 
 mod alerts;
 pub mod client;
-mod control;
+pub mod control;
 mod kpi;
 mod output;
 
