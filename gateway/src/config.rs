@@ -507,7 +507,7 @@ impl Config {
 /// The sections whose keys `CITYGW_<SECTION>__<KEY>` variables override (the arrays of tables,
 /// `[[sinks]]`, `[[lorawan]]`, `[[agencies]]`, `[[operators]]`, come from the file only).
 pub(crate) const ENV_SECTIONS: &[&str] = &[
-    "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster",
+    "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster", "ingest",
 ];
 
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN

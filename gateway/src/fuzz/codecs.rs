@@ -2,8 +2,8 @@
 
 use super::{run, MAX_DETAIL};
 use crate::codec::{decoder, Decoded, Format, MAX_TIME_MS};
-use crate::reason;
 use crate::proto::reading::Value;
+use crate::reason;
 use crate::sources::mqtt::topic::{self, Topic};
 
 /// A receive time for SenML's relative times.
