@@ -485,14 +485,17 @@ impl Entry for LockEntry {
                     Ok(Ok(())) => {
                         log::debug!("{:?} kicked, from {:?}", self.id, self.session().map(|s| s.id.clone()));
                     }
+                    // citygw patch (vendor/README.md): a dropped reply means the old session's
+                    // loop ended with the kick still queued (its connection was closing): it is
+                    // gone, as after a timeout, so the new connection takes over instead of
+                    // being refused with "server unavailable".
                     Ok(Err(e)) => {
-                        log::warn!(
-                            "{:?} kick, recv result is {:?}, from {:?}",
+                        log::debug!(
+                            "{:?} kick, recv result is {:?}, from {:?}: the session already ended",
                             self.id,
                             e,
                             self.session().map(|s| s.id.clone())
                         );
-                        return Err(anyhow!(format!("recv kick result is {:?}", e)));
                     }
                     Err(_) => {
                         log::warn!(
