@@ -40,7 +40,6 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 /// (docs/src/reference/metrics.md is generated from it, see `reference_docs`).
 pub(crate) fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    crate::control::describe_metrics();
     describe_counter!(
         "citygw_messages_received_total",
         "Messages received from devices, by protocol"
@@ -134,7 +133,6 @@ pub(crate) fn describe() {
         "Records deleted by retention, by kind"
     );
     describe_gauge!("citygw_registered_devices", "Devices in the registry");
-    describe_gauge!("citygw_commands_open", "Commands not final yet");
     describe_counter!(
         "citygw_api_denied_total",
         "Authenticated API calls refused for lack of scope, by api"
@@ -359,6 +357,31 @@ pub(crate) fn describe() {
     describe_counter!(
         "citygw_command_log_errors_total",
         "Command log writes that failed (retried)"
+    );
+    describe_counter!(
+        "citygw_alerts_raised_total",
+        "Alerts raised, by rule and severity"
+    );
+    describe_counter!(
+        "citygw_alerts_cleared_total",
+        "Alerts cleared, by rule, severity and who (rule, operator)"
+    );
+    describe_gauge!("citygw_alerts_active", "Alerts active now, by severity");
+    describe_counter!(
+        "citygw_rule_actions_total",
+        "Commands of rule actions per target, by rule and outcome (sent, cooldown, failed)"
+    );
+    describe_counter!(
+        "citygw_rules_readings_evaluated_total",
+        "Readings the rule evaluator went through"
+    );
+    describe_counter!(
+        "citygw_rules_feed_lagged_total",
+        "Times the rule evaluator fell behind the feed and caught up from the store"
+    );
+    describe_counter!(
+        "citygw_alert_log_errors_total",
+        "Writes of alert state that failed (retried)"
     );
     describe_gauge!(
         "citygw_cluster_healthy",
