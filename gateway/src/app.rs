@@ -70,6 +70,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         commands.clone(),
     )?;
     let rules = tokio::spawn(alerts.clone().run(shutdown.clone()));
+    tokio::spawn(
+        alerts
+            .clone()
+            .retain(cfg.store.retention(), shutdown.clone()),
+    );
     if cluster.is_some() {
         tokio::spawn(crate::registry::follow_changes(
             store.clone(),

@@ -220,7 +220,8 @@ pub struct StoreConfig {
     /// Upper bound of readings in one commit.
     pub max_batch: usize,
     /// Readings and dead letters older than this many days are deleted (hourly, in chunks),
-    /// except readings a sink has not delivered yet.
+    /// except readings a sink has not delivered yet; so are final commands created and alerts
+    /// cleared longer ago (active alerts and open commands stay).
     pub retention_days: u64,
     /// Low-space watermark (MiB free on the data directory's filesystem): below it new readings
     /// are refused (devices retry), keeping room for dead letters, registry records, sink cursors

@@ -51,7 +51,7 @@ pub const MAX_PARAMS_BYTES: usize = 16 * 1024;
 pub const MAX_RESULT_BYTES: usize = 4096;
 /// Changes a watcher may fall behind before its stream ends.
 const WATCH_CAPACITY: usize = 4096;
-/// Final commands kept this long (by creation time), then deleted by retention.
+/// How often final commands older than the retention (by creation time) are deleted.
 const RETENTION_CHECK: Duration = Duration::from_secs(3600);
 
 /// Why a command was not accepted.
@@ -836,7 +836,11 @@ async fn retain(commands: Commands, retention: Duration, shutdown: CancellationT
         let cutoff = now_ms() - retention.as_millis() as i64;
         match commands.inner.log.expire(cutoff).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "old commands deleted (retention)"),
+            Ok(n) => {
+                metrics::counter!("citygw_retention_deleted_total", "kind" => "command")
+                    .increment(n as u64);
+                tracing::info!(deleted = n, "old commands deleted (retention)");
+            }
             Err(e) => tracing::warn!(error = %e, "command retention failed"),
         }
     }
