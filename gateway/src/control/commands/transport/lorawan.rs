@@ -240,9 +240,6 @@ impl Transport for Lorawan {
                 "raw: {} bytes; a LoRaWAN downlink carries at most {MAX_FRM_PAYLOAD}",
                 b.len()
             )),
-            Some(command_payload::Kind::Lwm2m(_)) => {
-                Err("an LwM2M operation cannot go to a LoRaWAN device".into())
-            }
             _ => Ok(()),
         }
     }
