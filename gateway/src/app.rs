@@ -102,6 +102,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             sinks: sinks.clone(),
             metrics: metrics.clone(),
             commands: commands.clone(),
+            alerts: alerts.clone(),
             tls: false,
         })
     });
