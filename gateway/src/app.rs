@@ -90,8 +90,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             registry.clone(),
             pipeline.clone(),
             cfg.coap.lwm2m_nosec,
+            std::time::Duration::from_secs(cfg.coap.lwm2m_queue_awake_secs),
         ))
     });
+    if let Some(l) = &lwm2m {
+        l.set_commands(commands.clone());
+        commands.attach(std::sync::Arc::new(
+            crate::control::commands::transport::lwm2m::Lwm2mTransport::new(l.clone()),
+        ));
+    }
     let ready = http::Readiness::default();
     if let Some(cluster) = &cluster {
         ready.depend_on(cluster.clone());

@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::now_ms;
 use crate::proto::{
-    command_payload, Command, CommandEvent, CommandPayload, CommandState, SendCommandRequest,
+    command_payload, Command, CommandEvent, CommandPayload, CommandState, Protocol,
+    SendCommandRequest,
 };
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
@@ -364,10 +365,30 @@ impl Commands {
             .get(&Kind::Lwm2m)
             .is_some_and(|t| t.reaches(device.id()));
         if lwm2m {
-            if !transports.contains_key(&Kind::Lwm2m) {
+            let Some(t) = transports.get(&Kind::Lwm2m) else {
                 return Err(SendError::Unroutable(
-                    "lwm2m write/execute: no LwM2M transport in this gateway".into(),
+                    "lwm2m write/execute: no LwM2M server in this gateway (coap.lwm2m_enabled)"
+                        .into(),
                 ));
+            };
+            // Only to a device that is (or may become) an LwM2M client: one that reports over
+            // another protocol and has no registration would only see its command expire.
+            let elsewhere = match device.protocol() {
+                _ if registered_lwm2m => None,
+                _ if !device.dev_eui().is_empty() => Some("a LoRaWAN device"),
+                Protocol::Mqtt => Some("an MQTT device"),
+                Protocol::Coap => Some("a CoAP telemetry device"),
+                Protocol::Lorawan => Some("a LoRaWAN device"),
+                Protocol::Lwm2m | Protocol::Unspecified => None,
+            };
+            if let Some(what) = elsewhere {
+                return Err(SendError::Unroutable(format!(
+                    "device {} is {what}, not a registered LwM2M client: no LwM2M write/execute",
+                    device.id()
+                )));
+            }
+            if let Some(why) = t.refusal(device.id()) {
+                return Err(SendError::Unroutable(why));
             }
             return Ok(Kind::Lwm2m);
         }
