@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::console::{self, Console};
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
-use crate::control::commands::Commands;
+use crate::control::commands::{transport::lorawan::Lorawan, Commands};
 use crate::control::rules::Alerts;
 use crate::kpi::Kpi;
 use crate::pipeline::{now_ms, Pipeline};
@@ -16,7 +16,8 @@ use crate::registry::agencies::Agencies;
 use crate::registry::operators::Operators;
 use crate::registry::Registry;
 use crate::sinks::Sinks;
-use crate::sources::{coap::CoapSource, lorawan::LorawanSource, mqtt::MqttSource, Source};
+use crate::sources::lorawan::{Downlinks, LorawanSource};
+use crate::sources::{coap::CoapSource, mqtt::MqttSource, Source};
 use crate::store::jetstream::Cluster;
 use crate::store::{Store, StoreOptions};
 
@@ -70,6 +71,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         commands.clone(),
     )?;
     let rules = tokio::spawn(alerts.clone().run(shutdown.clone()));
+    tokio::spawn(
+        alerts
+            .clone()
+            .retain(cfg.store.retention(), shutdown.clone()),
+    );
     if cluster.is_some() {
         tokio::spawn(crate::registry::follow_changes(
             store.clone(),
@@ -84,9 +90,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         std::sync::Arc::new(crate::sources::coap::lwm2m::Lwm2m::new(
             registry.clone(),
             pipeline.clone(),
-            cfg.coap.lwm2m_nosec,
+            &cfg.coap,
         ))
     });
+    if let Some(l) = &lwm2m {
+        l.set_commands(commands.clone());
+        commands.attach(std::sync::Arc::new(
+            crate::control::commands::transport::lwm2m::Lwm2mTransport::new(l.clone()),
+        ));
+    }
     let ready = http::Readiness::default();
     if let Some(cluster) = &cluster {
         ready.depend_on(cluster.clone());
@@ -102,6 +114,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             sinks: sinks.clone(),
             metrics: metrics.clone(),
             commands: commands.clone(),
+            alerts: alerts.clone(),
             tls: false,
         })
     });
@@ -160,6 +173,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             lwm2m,
         }),
     ];
+    // Commands to LoRaWAN devices go out as downlinks through the bridges that allow them.
+    let downlinks = match cfg.lorawan.iter().any(|s| s.downlinks) {
+        true => {
+            let transport = Lorawan::load(store.clone())?;
+            commands.attach(transport.clone());
+            Some(Downlinks {
+                transport,
+                commands: commands.clone(),
+            })
+        }
+        false => None,
+    };
     for server in &cfg.lorawan {
         sources.push(Box::new(LorawanSource {
             config: server.clone(),
@@ -169,6 +194,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             lease: cluster
                 .as_ref()
                 .map(|c| c.lease(&format!("lorawan/{}", server.name), shutdown.clone())),
+            downlinks: downlinks.clone(),
         }));
     }
     for source in sources {

@@ -231,6 +231,15 @@ pub(crate) fn describe() {
         "citygw_lwm2m_observe_errors_total",
         "LwM2M observations that failed, by reason (timeout, bad_value, refused)"
     );
+    describe_counter!(
+        "citygw_lwm2m_responses_ignored_total",
+        "LwM2M responses that answer no request of the server, by reason (unknown_token; \
+         wrong_peer: a command request's token from another address; wrong_message_id)"
+    );
+    describe_gauge!(
+        "citygw_lwm2m_requests_outstanding",
+        "LwM2M command requests (Write, Execute) sent and not yet answered"
+    );
     describe_gauge!(
         "citygw_lorawan_connected",
         "1 while connected to the network server's broker, by server"
@@ -245,8 +254,19 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         "citygw_lorawan_messages_total",
-        "Network-server events handled, by server, event (up, join, status, error, ...) and \
-         outcome (stored, duplicate, dead_letter, ignored)"
+        "Network-server events handled, by server, event (up, join, status, error, downlink, \
+         malformed, ...) and outcome (stored, duplicate, dead_letter, ignored, report)"
+    );
+    describe_counter!(
+        "citygw_lorawan_downlinks_total",
+        "Command downlinks the network server's broker accepted (PUBACK; TTS: published), by \
+         server"
+    );
+    describe_counter!(
+        "citygw_lorawan_downlink_reports_total",
+        "Network-server reports on downlinks, by server, report (queued, transmitted, ack, nack, \
+         failed) and outcome (matched, late, unknown_command, wrong_device, unknown_device, \
+         no_command_id, no_downlinks)"
     );
     describe_counter!(
         "citygw_lorawan_dead_letters_total",
@@ -353,6 +373,16 @@ pub(crate) fn describe() {
     describe_counter!(
         "citygw_command_reports_late_total",
         "Device reports for commands already in a final state (ignored), by transport"
+    );
+    describe_counter!(
+        "citygw_command_requests_total",
+        "Requests sent to devices for commands, by transport and event (sent, retransmitted, \
+         no_answer: every transmission went unanswered)"
+    );
+    describe_counter!(
+        "citygw_command_answers_total",
+        "Devices' answers to command requests, by transport and code (2.04, 4.04, ... RST; \
+         other for a code CoAP does not define)"
     );
     describe_counter!(
         "citygw_command_log_errors_total",
