@@ -61,12 +61,6 @@ pub trait Transport: Send + Sync {
         false
     }
 
-    /// Why a command for this device cannot be sent at all now (refused at SendCommand rather
-    /// than queued to expire); `None` when it can be queued.
-    fn refusal(&self, _device_id: &str) -> Option<String> {
-        None
-    }
-
     /// Tries to hand `command` to its device.
     async fn dispatch(&self, commands: &Commands, command: &Command) -> Dispatch;
 }
