@@ -254,8 +254,19 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         "citygw_lorawan_messages_total",
-        "Network-server events handled, by server, event (up, join, status, error, ...) and \
-         outcome (stored, duplicate, dead_letter, ignored)"
+        "Network-server events handled, by server, event (up, join, status, error, downlink, \
+         malformed, ...) and outcome (stored, duplicate, dead_letter, ignored, report)"
+    );
+    describe_counter!(
+        "citygw_lorawan_downlinks_total",
+        "Command downlinks the network server's broker accepted (PUBACK; TTS: published), by \
+         server"
+    );
+    describe_counter!(
+        "citygw_lorawan_downlink_reports_total",
+        "Network-server reports on downlinks, by server, report (queued, transmitted, ack, nack, \
+         failed) and outcome (matched, late, unknown_command, wrong_device, unknown_device, \
+         no_command_id, no_downlinks)"
     );
     describe_counter!(
         "citygw_lorawan_dead_letters_total",
