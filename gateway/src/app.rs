@@ -65,7 +65,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (commands, command_log) = Commands::load(store.clone(), registry.clone())?;
     let command_log = tokio::spawn(command_log.run(cfg.store.retention(), shutdown.clone()));
     let alerts = Alerts::load(
-        crate::control::rules::config::compile_all(&cfg.rules)?,
+        &cfg.rules,
         store.clone(),
         registry.clone(),
         commands.clone(),

@@ -394,9 +394,17 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         "citygw_alerts_cleared_total",
-        "Alerts cleared, by rule, severity and who (rule, operator)"
+        "Alerts cleared, by rule, severity and who (rule, operator, rule_removed)"
     );
     describe_gauge!("citygw_alerts_active", "Alerts active now, by severity");
+    describe_gauge!(
+        "citygw_rules",
+        "Alert rules in force, by origin (config file, api: added at run time)"
+    );
+    describe_counter!(
+        "citygw_rule_changes_total",
+        "Rules added or removed at run time, by change (added, removed)"
+    );
     describe_counter!(
         "citygw_rule_actions_total",
         "Commands of rule actions per target, by rule and outcome (sent, cooldown, failed)"
