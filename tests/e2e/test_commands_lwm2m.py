@@ -10,6 +10,11 @@ One gateway for the module; the kill -9 test restarts it and runs last.
 
 from __future__ import annotations
 
+import os
+import queue
+import shutil
+import subprocess
+import threading
 import time
 
 import grpc
@@ -93,6 +98,8 @@ def test_queue_mode_client_gets_commands_after_its_update(gw: Gateway, control):
     d = gw.add_device(kind="street_light")
     client = node_client(gw, d.id, queue_mode=True)
     try:
+        (r,) = gw.cli("lwm2m", "list", "--device", d.id)
+        assert (r["binding"], r["queue_mode"]) == ("UQ", True), r
         # registered with b=UQ; once its awake time has passed the client is asleep
         time.sleep(AWAKE_S + 0.5)
         first = admin.send(d.id, "on", lwm2m=("write", "/3311/0/5850", "1"))
@@ -195,6 +202,68 @@ def test_unanswered_request_waits_for_the_next_update(gw: Gateway, control):
     assert gw.metric("citygw_command_requests_total", transport="lwm2m", event="no_answer") >= 1
     assert gw.metric("citygw_command_requests_total", transport="lwm2m",
                      event="retransmitted") >= 4
+
+
+class DtlsClient:
+    """`openssl s_client -dtls1_2` with the device's PSK as a raw CoAPS endpoint: each CoAP
+    message written to its stdin goes out as one DTLS record, what it receives comes out on its
+    stdout (one read per record)."""
+
+    def __init__(self, gw: Gateway, device):
+        exe = shutil.which("openssl")
+        assert exe, "openssl not installed"
+        self.proc = subprocess.Popen(
+            [exe, "s_client", "-dtls1_2", "-quiet", "-nocommands",
+             "-connect", f"{gw.host}:{gw.coaps_port}", "-psk_identity", device.id,
+             "-psk", device.psk.encode().hex(), "-cipher", "PSK-AES128-CCM8:@SECLEVEL=0"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.received: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        fd = self.proc.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            if chunk[0] >> 6 == 1:  # a CoAP message (not s_client's own text)
+                self.received.put(Msg.decode(chunk))
+
+    def send(self, m: Msg) -> None:
+        os.write(self.proc.stdin.fileno(), m.encode())
+
+    def recv(self, timeout: float = 15.0) -> Msg:
+        try:
+            return self.received.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"coaps client: nothing within {timeout}s") from None
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def test_write_over_a_coaps_session(gw: Gateway, control):
+    admin = control(gw)
+    d = gw.add_device(kind="street_light", psk=True)
+    c = DtlsClient(gw, d)
+    try:
+        c.send(rd(d.id, 1))
+        assert c.recv().code_str == "2.01"
+        (r,) = gw.cli("lwm2m", "list", "--device", d.id)
+        assert r["secure"] is True, r
+        sent = admin.send(d.id, "on", lwm2m=("write", "/3311/0/5850", "on"))
+        put = c.recv()
+        assert put.code == PUT and put.payload == b"1", put
+        # the same token from a plain-CoAP socket is not the session's answer
+        with RawCoap(gw) as spoof:
+            before = gw.metric("citygw_lwm2m_responses_ignored_total", reason="wrong_peer")
+            spoof.send(Msg(ACK, CHANGED, put.mid, put.token).encode())
+            gw.wait_metric("citygw_lwm2m_responses_ignored_total", before + 1,
+                           reason="wrong_peer")
+        assert admin.state(admin.get(sent.id).state) == "SENT"
+        c.send(Msg(ACK, CHANGED, put.mid, put.token))
+        done = admin.wait_state(sent.id, "SUCCEEDED")
+        assert "to " in done.history[1].detail, done
+    finally:
+        c.close()
 
 
 def test_queued_command_survives_kill9(gw: Gateway, control):

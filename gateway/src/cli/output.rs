@@ -454,7 +454,7 @@ impl Output {
                             "lifetime_s": r.lifetime_s, "lwm2m_version": r.lwm2m_version,
                             "objects": r.objects, "registered_time_ms": r.registered_time_ms,
                             "updated_time_ms": r.updated_time_ms, "last_error": r.last_error,
-                            "secure": r.secure,
+                            "secure": r.secure, "binding": r.binding, "queue_mode": r.queue_mode,
                         })
                     })
                     .collect(),

@@ -381,6 +381,8 @@ impl Admin for AdminService {
                 updated_time_ms: r.updated_ms,
                 last_error: r.last_error,
                 secure: r.secure,
+                binding: r.binding,
+                queue_mode: r.queue,
             })
             .collect();
         Ok(Response::new(ListLwm2mRegistrationsResponse {

@@ -374,12 +374,12 @@ impl Commands {
             .get(&Kind::Lwm2m)
             .is_some_and(|t| t.reaches(device.id()));
         if lwm2m {
-            let Some(t) = transports.get(&Kind::Lwm2m) else {
+            if !transports.contains_key(&Kind::Lwm2m) {
                 return Err(SendError::Unroutable(
                     "lwm2m write/execute: no LwM2M server in this gateway (coap.lwm2m_enabled)"
                         .into(),
                 ));
-            };
+            }
             // Only to a device that is (or may become) an LwM2M client: one that reports over
             // another protocol and has no registration would only see its command expire.
             let elsewhere = match device.protocol() {
@@ -395,9 +395,6 @@ impl Commands {
                     "device {} is {what}, not a registered LwM2M client: no LwM2M write/execute",
                     device.id()
                 )));
-            }
-            if let Some(why) = t.refusal(device.id()) {
-                return Err(SendError::Unroutable(why));
             }
             return Ok(Kind::Lwm2m);
         }

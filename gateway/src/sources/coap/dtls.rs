@@ -195,6 +195,8 @@ impl DtlsListener {
         tracing::debug!(%peer, device = %device_id, suite, "dtls session established");
 
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
+        // The LwM2M server's requests (commands) to this client go out through this session.
+        let _link = self.server.session_opened(peer, out_tx.clone());
         let mut buf = vec![0u8; super::MAX_DATAGRAM];
         loop {
             tokio::select! {

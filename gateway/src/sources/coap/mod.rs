@@ -186,6 +186,16 @@ impl Server {
         }
     }
 
+    /// A DTLS session with `peer` lends its outbound queue to the LwM2M server (commands to a
+    /// client registered through it) until the returned link is dropped.
+    pub fn session_opened(
+        &self,
+        peer: SocketAddr,
+        sender: tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Option<lwm2m::SessionLink> {
+        self.lwm2m.as_ref().map(|l| l.session_opened(peer, sender))
+    }
+
     /// Handles one datagram from `peer`; `send` delivers a reply to it (spawned, so the receive
     /// loop never waits for the store).
     pub fn on_datagram<F, Fut>(

@@ -16,8 +16,8 @@
 //! (Content-Format 0), which every 1.0 and 1.1 client must accept for a single resource;
 //! booleans are written "1"/"0" as that format requires. Execute arguments travel as given.
 //!
-//! Clients registered over CoAPS are refused (FAILED_PRECONDITION at SendCommand, FAILED if one
-//! registers over CoAPS while its command waits): the DTLS session keeps no outbound path yet.
+//! A client registered over CoAPS gets its requests through its DTLS session; when that session
+//! has ended, the command waits for the client's next Register/Update (a new session).
 
 use std::sync::Arc;
 
@@ -121,18 +121,6 @@ impl Transport for Lwm2mTransport {
         self.server.registered(device_id)
     }
 
-    fn refusal(&self, device_id: &str) -> Option<String> {
-        let why = if !self.server.sends() {
-            Some(NotSent::NoSocket)
-        } else {
-            self.server
-                .link(device_id)
-                .err()
-                .filter(|e| *e == NotSent::Secure)
-        };
-        why.map(|e| format!("LwM2M command to {device_id}: {e}"))
-    }
-
     async fn dispatch(&self, commands: &Commands, c: &Command) -> Dispatch {
         let Some(command_payload::Kind::Lwm2m(op)) =
             c.payload.as_ref().and_then(|p| p.kind.as_ref())
@@ -158,7 +146,8 @@ impl Transport for Lwm2mTransport {
             Err(NotSent::NotRegistered | NotSent::Asleep | NotSent::Silent) => {
                 return Dispatch::Waiting
             }
-            Err(e @ (NotSent::Secure | NotSent::NoSocket)) => {
+            Err(NotSent::NoSession) => return Dispatch::Waiting,
+            Err(e @ NotSent::NoSocket) => {
                 let _ = commands.progress(
                     &c.id,
                     Progress::Failed {

@@ -64,12 +64,6 @@ pub trait Transport: Send + Sync {
         false
     }
 
-    /// Why a command for this device cannot be sent at all now (refused at SendCommand rather
-    /// than queued to expire); `None` when it can be queued.
-    fn refusal(&self, _device_id: &str) -> Option<String> {
-        None
-    }
-
     /// Refuses a payload this transport cannot carry (checked before the command is queued).
     fn accepts(&self, _payload: &crate::proto::CommandPayload) -> Result<(), String> {
         Ok(())

@@ -11,8 +11,8 @@
 //! Identity: on CoAPS the DTLS identity, which must equal the endpoint name. On plain CoAP the
 //! registration carries the device secret (`t=` query), or, with `coap.lwm2m_nosec` (LwM2M
 //! "NoSec" mode, private networks only), the endpoint name alone is trusted.
-//! Observations are sent over plain CoAP only (the CoAPS session keeps no outbound path yet);
-//! CoAPS clients report with Send.
+//! Observations are sent over plain CoAP only; CoAPS clients report with Send. Commands go over
+//! both: a CoAPS session lends its outbound queue while it lasts ([`Lwm2m::session_opened`]).
 //!
 //! Commands ([`requests`]): Write and Execute go to the client's registered address, one
 //! request at a time. A queue-mode client (1.1 `Q` parameter, 1.0 `UQ` binding) is reachable
@@ -27,14 +27,14 @@ pub mod values;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use rand::RngCore;
 use tokio::net::UdpSocket;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use super::handler::{Identity, Response};
 use super::request;
@@ -95,6 +95,32 @@ pub struct Lwm2m {
     timing: requests::Timing,
     /// How long a queue-mode client listens after its last message.
     awake: Duration,
+    /// The outbound queues of the DTLS sessions, by peer, with the session's number.
+    sessions: Mutex<HashMap<SocketAddr, (u64, Outbound)>>,
+    next_session: AtomicU64,
+}
+
+/// What a DTLS session sends to its client (it encrypts each datagram).
+type Outbound = mpsc::Sender<Vec<u8>>;
+
+/// A DTLS session's outbound queue lent to the LwM2M server; taken back when dropped (the
+/// session ended).
+pub struct SessionLink {
+    lwm2m: Arc<Lwm2m>,
+    peer: SocketAddr,
+    number: u64,
+}
+
+impl Drop for SessionLink {
+    fn drop(&mut self) {
+        let mut sessions = self.lwm2m.sessions.lock().expect("sessions lock");
+        if sessions
+            .get(&self.peer)
+            .is_some_and(|(n, _)| *n == self.number)
+        {
+            sessions.remove(&self.peer);
+        }
+    }
 }
 
 impl Lwm2m {
@@ -111,6 +137,27 @@ impl Lwm2m {
             commands: OnceLock::new(),
             timing: requests::Timing::new(Duration::from_millis(cfg.lwm2m_ack_timeout_ms)),
             awake: Duration::from_secs(cfg.lwm2m_queue_awake_secs),
+            sessions: Mutex::default(),
+            next_session: AtomicU64::new(0),
+        }
+    }
+
+    /// A DTLS session with `peer` is established: requests to a client registered through it
+    /// go into `sender` until the returned link is dropped.
+    pub fn session_opened(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        sender: mpsc::Sender<Vec<u8>>,
+    ) -> SessionLink {
+        let number = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(peer, (number, sender));
+        SessionLink {
+            lwm2m: self.clone(),
+            peer,
+            number,
         }
     }
 
@@ -123,11 +170,6 @@ impl Lwm2m {
         if let Some(c) = self.commands.get() {
             c.wake(device_id, reconnected);
         }
-    }
-
-    /// Whether requests can be sent at all: there is a plain CoAP socket to send them from.
-    pub fn sends(&self) -> bool {
-        self.plain.get().is_some()
     }
 
     /// Whether the device has a live registration.
@@ -147,16 +189,21 @@ impl Lwm2m {
             .values()
             .find(|r| r.device_id == device_id)
             .ok_or(NotSent::NotRegistered)?;
-        if r.secure {
-            return Err(NotSent::Secure);
-        }
-        let socket = self.plain.get().cloned().ok_or(NotSent::NoSocket)?;
         if r.silent {
             return Err(NotSent::Silent);
         }
         if r.queue && r.awake_until <= Instant::now() {
             return Err(NotSent::Asleep);
         }
+        if r.secure {
+            let sessions = self.sessions.lock().expect("sessions lock");
+            let (_, sender) = sessions.get(&r.peer).ok_or(NotSent::NoSession)?;
+            return Ok(requests::Link::Session {
+                peer: r.peer,
+                sender: sender.clone(),
+            });
+        }
+        let socket = self.plain.get().cloned().ok_or(NotSent::NoSocket)?;
         Ok(requests::Link::Plain {
             socket,
             peer: r.peer,
@@ -871,6 +918,21 @@ fn link_objects(payload: &[u8]) -> Vec<(u16, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_mode_from_binding_or_q_parameter() {
+        let reg = |queries: &[&str]| {
+            let mut p = Packet::new();
+            for q in queries {
+                p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+            }
+            p
+        };
+        assert!(queue_mode(&reg(&["ep=a", "b=UQ"]), "UQ"));
+        assert!(queue_mode(&reg(&["ep=a", "lwm2m=1.1", "b=U", "Q"]), "U"));
+        assert!(!queue_mode(&reg(&["ep=a", "b=U"]), "U"));
+        assert!(!queue_mode(&reg(&["ep=a", "Qx=1"]), "U"));
+    }
 
     #[test]
     fn link_format_object_instances() {

@@ -13,9 +13,9 @@
 //! cannot answer it. Answers that match nothing are counted
 //! (`citygw_lwm2m_responses_ignored_total`) and otherwise ignored.
 //!
-//! Requests leave through a [`Link`]: the plain CoAP socket today. A client registered over
-//! CoAPS has no link yet (its DTLS session keeps no outbound path), so its requests are refused
-//! with [`NotSent::Secure`] rather than sent in the clear.
+//! Requests leave through a [`Link`]: the plain CoAP socket for a client registered over plain
+//! CoAP, the client's DTLS session for one registered over CoAPS (never in the clear). A CoAPS
+//! client whose session has ended waits for its next Register/Update, which opens a new one.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -132,10 +132,8 @@ pub enum NotSent {
     Asleep,
     #[error("the client did not answer the last request; waiting for its next Register/Update")]
     Silent,
-    #[error(
-        "the client registered over CoAPS; LwM2M requests over DTLS sessions are not sent yet"
-    )]
-    Secure,
+    #[error("the client's DTLS session has ended; waiting for its next Register/Update")]
+    NoSession,
     #[error("no plain CoAP listener to send from (coap.plain_enabled = false)")]
     NoSocket,
 }
@@ -147,12 +145,17 @@ pub enum Link {
         socket: Arc<UdpSocket>,
         peer: SocketAddr,
     },
+    /// The outbound queue of the client's DTLS session (its task encrypts and sends).
+    Session {
+        peer: SocketAddr,
+        sender: mpsc::Sender<Vec<u8>>,
+    },
 }
 
 impl Link {
     pub fn peer(&self) -> SocketAddr {
         match self {
-            Link::Plain { peer, .. } => *peer,
+            Link::Plain { peer, .. } | Link::Session { peer, .. } => *peer,
         }
     }
 
@@ -161,6 +164,13 @@ impl Link {
             Link::Plain { socket, peer } => {
                 if let Err(e) = socket.send_to(bytes, peer).await {
                     tracing::debug!(%peer, error = %e, "lwm2m request send");
+                }
+            }
+            // A session that ended meanwhile: like a lost datagram, the retransmissions find
+            // nobody either and the request ends unanswered.
+            Link::Session { peer, sender } => {
+                if sender.send(bytes.to_vec()).await.is_err() {
+                    tracing::debug!(%peer, "lwm2m request: dtls session ended");
                 }
             }
         }
