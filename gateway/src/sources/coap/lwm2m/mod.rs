@@ -211,7 +211,8 @@ impl Lwm2m {
     }
 
     /// Sends one request to a registered client and waits for its end ([`requests::send`]).
-    /// A request left unanswered marks the client silent until its next message.
+    /// A request left unanswered marks the client silent until its next message; an answer
+    /// keeps a queue-mode client awake (its last message starts the awake time again).
     pub async fn request(
         &self,
         device_id: &str,
@@ -222,12 +223,19 @@ impl Lwm2m {
         let message_id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
         let outcome =
             requests::send(self, device_id, link, message_id, req, self.timing, on_ack).await;
-        if matches!(outcome, requests::Outcome::NoAnswer { .. }) {
-            let mut regs = self.registrations.lock().expect("registrations lock");
-            if let Some(r) = regs.values_mut().find(|r| r.device_id == device_id) {
-                r.silent = true;
+        let mut regs = self.registrations.lock().expect("registrations lock");
+        if let Some(r) = regs.values_mut().find(|r| r.device_id == device_id) {
+            match outcome {
+                requests::Outcome::NoAnswer { .. } => r.silent = true,
+                // The client just spoke: a queue-mode client stays awake for the awake time
+                // after its last message, so the next queued request still reaches it.
+                requests::Outcome::Answered { .. } | requests::Outcome::Reset => {
+                    r.awake_until = Instant::now() + self.awake
+                }
+                requests::Outcome::NoResponse { .. } | requests::Outcome::Moved => {}
             }
         }
+        drop(regs);
         outcome
     }
 
