@@ -12,7 +12,6 @@ use citygw::cli::client::bearer;
 use citygw::proto::admin_client::AdminClient;
 use citygw::proto::{AddDeviceRequest, Device, ImportDevicesRequest};
 use clap::Args;
-use tonic::transport::Endpoint;
 
 use crate::drivers;
 use crate::run::load_scenario;
@@ -36,12 +35,20 @@ pub struct ProvisionArgs {
     /// Devices per ImportDevices call.
     #[arg(long, default_value_t = 1000)]
     pub chunk: usize,
+    /// PEM CA of an https:// gateway (default: the system's roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
 }
 
 pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let scenario = load_scenario(&args.scenario, args.profiles.as_deref())?;
     let plan = scenario.plan();
-    let channel = Endpoint::from_shared(args.grpc.clone())?
+    let tls = citygw::cli::client::TlsArgs {
+        ca_file: args.ca_file.clone(),
+        ..Default::default()
+    };
+    let channel = tls
+        .endpoint(&args.grpc)?
         .connect()
         .await
         .with_context(|| format!("cannot reach citygw at {}", args.grpc))?;

@@ -23,8 +23,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = crate::observability::install_metrics()?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| anyhow::anyhow!("data_dir {}: {e}", cfg.data_dir.display()))?;
+    crate::config::private_data_dir(&cfg.data_dir)?;
     let store = Store::open(
         &cfg.data_dir.join("store"),
         StoreOptions {
@@ -34,6 +33,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
     )?;
     let registry = Registry::load(store.clone())?;
+    registry.set_auth_throttle(crate::registry::throttle::AuthThrottle::new(
+        cfg.auth.clone(),
+    ));
     registry.set_psk_sealer(crate::registry::psk::Sealer::load_or_create(
         &cfg.coap.psk_key_path(&cfg.data_dir),
     )?);
@@ -52,6 +54,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ))
     });
     let ready = http::Readiness::default();
+    let reloader = crate::tls::Reloader::default();
+    let server_tls = |name: &'static str, files: Option<crate::tls::TlsFiles>, alpn: &[&[u8]]| {
+        files
+            .map(|f| {
+                let tls = crate::tls::ServerTls::new(name, f, alpn, None)
+                    .map_err(|e| anyhow::anyhow!("{name} TLS: {e:#}"))?;
+                reloader.add(tls.clone());
+                anyhow::Ok(tls)
+            })
+            .transpose()
+    };
+    let http_tls = server_tls("http", cfg.http.tls_files()?, &[b"http/1.1"])?;
+    let grpc_tls = server_tls("grpc", cfg.grpc.tls_files()?, &[b"h2"])?;
     let mut servers: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = vec![
         (
             "http",
@@ -63,7 +78,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     agencies: agencies.clone(),
                     admin_token: admin_token.clone(),
                     kpi: kpi.clone(),
+                    metrics_token: cfg.http.metrics_token()?,
+                    registry: registry.clone(),
                 },
+                http_tls,
                 shutdown.clone(),
             )
             .await?,
@@ -80,6 +98,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 sinks: sinks.clone(),
                 kpi: kpi.clone(),
                 lwm2m: lwm2m.clone(),
+                tls: grpc_tls,
             }
             .start(shutdown.clone())
             .await?,
@@ -90,12 +109,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             config: cfg.mqtt.clone(),
             registry: registry.clone(),
             pipeline: pipeline.clone(),
+            identity_field: cfg.tls.device_identity,
+            reloader: reloader.clone(),
         }),
         Box::new(CoapSource {
             config: cfg.coap.clone(),
             registry: registry.clone(),
             pipeline: pipeline.clone(),
             lwm2m,
+            identity_field: cfg.tls.device_identity,
+            reloader: reloader.clone(),
         }),
     ];
     for server in &cfg.lorawan {
@@ -114,6 +137,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tasks.spawn(async move { (name, server.await) });
     }
     let kpi_refresh = tokio::spawn(kpi.run(shutdown.clone()));
+    let reloads =
+        tokio::spawn(reloader.run(Duration::from_secs(cfg.tls.watch_secs), shutdown.clone()));
     let housekeeping = tokio::spawn(housekeeping(
         registry.clone(),
         store.clone(),
@@ -141,6 +166,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tasks.abort_all();
     housekeeping.abort();
     kpi_refresh.abort();
+    reloads.abort();
     if let Err(e) = registry.persist_last_seen().await {
         tracing::warn!(error = %e, "last-seen times not saved");
     }

@@ -1,4 +1,10 @@
-//! Structured logs (tracing) and the Prometheus recorder.
+//! Structured logs (tracing) and the Prometheus recorder, and the two rules every log line about
+//! untrusted input follows: what a client chose is cut to a fixed length ([`clip`]), and a flood
+//! of refusals becomes a few lines and a count ([`LogLimiter`]).
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -170,4 +176,114 @@ fn describe() {
         "citygw_coap_malformed_total",
         "CoAP datagrams dropped or reset as malformed, by reason"
     );
+}
+
+/// Characters of a client-chosen string (client id, username, topic, path, endpoint name) that
+/// a log line shows.
+pub const LOG_CHARS: usize = 64;
+
+/// A client-chosen string as logs and dead letters show it: at most `limit` characters, control
+/// characters escaped, and how much was left out. Attackers choose these strings (65,535-byte
+/// client ids and topics), so nothing of them is written unbounded.
+pub struct Clipped<'a> {
+    text: &'a str,
+    limit: usize,
+}
+
+/// [`Clipped`] at [`LOG_CHARS`], for log fields: `client_id = %clip(id)`.
+pub fn clip(text: &str) -> Clipped<'_> {
+    clip_at(text, LOG_CHARS)
+}
+
+pub fn clip_at(text: &str, limit: usize) -> Clipped<'_> {
+    Clipped { text, limit }
+}
+
+impl fmt::Display for Clipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = 0;
+        for (i, c) in self.text.char_indices() {
+            if shown == self.limit {
+                return write!(f, "…[{} more bytes]", self.text.len() - i);
+            }
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+            shown += 1;
+        }
+        Ok(())
+    }
+}
+
+/// At most `per_window` log lines per window for one kind of event; the lines left out are
+/// counted and reported with the next line written. For refusals an attacker can repeat at
+/// will (failed logins, malformed packets), so they cannot fill the disk.
+pub struct LogLimiter {
+    per_window: u32,
+    window: Duration,
+    state: Mutex<Option<(Instant, u32, u64)>>,
+}
+
+impl LogLimiter {
+    pub const fn new(per_window: u32, window: Duration) -> Self {
+        Self {
+            per_window,
+            window,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// `Some(lines left out since the last one written)` when this line may be written.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_with(self.per_window)
+    }
+
+    /// As [`LogLimiter::allow`] with a configured number of lines per window.
+    pub fn allow_with(&self, per_window: u32) -> Option<u64> {
+        let now = Instant::now();
+        let mut st = self.state.lock().expect("log limiter lock");
+        let (start, written, dropped) = st.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= self.window {
+            *start = now;
+            *written = 0;
+        }
+        if *written < per_window {
+            *written += 1;
+            Some(std::mem::take(dropped))
+        } else {
+            *dropped += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipped_strings_are_bounded_and_escaped() {
+        let long = "x".repeat(65_535);
+        let shown = clip(&long).to_string();
+        assert!(shown.len() < 100, "{}", shown.len());
+        assert!(shown.ends_with("…[65471 more bytes]"), "{shown}");
+        assert_eq!(clip("a\nb\u{0}").to_string(), "a\\nb\\u{0}");
+        assert_eq!(
+            clip("devices/ä/telemetry").to_string(),
+            "devices/ä/telemetry"
+        );
+        assert_eq!(clip_at("abcdef", 3).to_string(), "abc…[3 more bytes]");
+    }
+
+    #[test]
+    fn limiter_writes_a_few_lines_then_counts() {
+        let l = LogLimiter::new(2, Duration::from_secs(3600));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow_with(5), Some(2));
+    }
 }

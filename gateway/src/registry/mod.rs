@@ -8,8 +8,10 @@
 pub mod agencies;
 pub mod psk;
 pub mod secret;
+pub mod throttle;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -68,6 +70,9 @@ pub struct NewDevice {
     pub codec: String,
     /// DTLS pre-shared key (CoAPS), stored sealed; None: the device has none.
     pub psk: Option<String>,
+    /// SHA-256 of the one client certificate the device may use; None: any certificate from the
+    /// client CA that names it.
+    pub cert_sha256: Option<[u8; 32]>,
 }
 
 /// Codecs a device's raw LoRaWAN payload can be decoded with, besides the payload formats of
@@ -100,6 +105,32 @@ struct Record {
     /// The DTLS PSK sealed by [`psk::Sealer`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     psk_sealed: Option<String>,
+    /// The pinned client certificate's SHA-256 (hex), when the device is pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "pin_hex")]
+    cert_sha256: Option<Box<[u8; 32]>>,
+}
+
+/// A pinned fingerprint as 64 hex digits in the record; absent for unpinned devices, so it costs
+/// them nothing, and one pointer in memory.
+mod pin_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Box<[u8; 32]>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(f) => s.serialize_str(&hex::encode(f.as_slice())),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<[u8; 32]>>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| {
+            crate::tls::identity::parse_fingerprint(&t)
+                .map(Box::new)
+                .ok_or_else(|| serde::de::Error::custom("cert_sha256: 64 hex digits"))
+        })
+        .transpose()
+    }
 }
 
 /// One device as the hot path sees it: immutable identity plus atomically updated live state.
@@ -152,6 +183,10 @@ impl DeviceEntry {
     pub fn codec(&self) -> &str {
         &self.record.codec
     }
+    /// The client certificate the device is pinned to (SHA-256), if any.
+    pub fn cert_pin(&self) -> Option<&[u8; 32]> {
+        self.record.cert_sha256.as_deref()
+    }
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
@@ -199,6 +234,11 @@ impl DeviceEntry {
             dev_eui: r.dev_eui.clone(),
             codec: r.codec.clone(),
             has_psk: r.psk_sealed.is_some(),
+            cert_sha256: r
+                .cert_sha256
+                .as_deref()
+                .map(|f| hex::encode(f.as_slice()))
+                .unwrap_or_default(),
         }
     }
 
@@ -217,6 +257,9 @@ pub enum AuthError {
     UnknownDevice,
     DisabledDevice,
     BadCredentials,
+    /// Too many failures from this address (or for this device): refused without a check,
+    /// retry after this long (see [`throttle`]).
+    Throttled(std::time::Duration),
 }
 
 impl AuthError {
@@ -226,6 +269,7 @@ impl AuthError {
             AuthError::UnknownDevice => "unknown_device",
             AuthError::DisabledDevice => "disabled_device",
             AuthError::BadCredentials => "bad_credentials",
+            AuthError::Throttled(_) => "throttled",
         }
     }
 }
@@ -248,6 +292,7 @@ struct Inner {
     by_dev_eui: RwLock<HashMap<String, Arc<DeviceEntry>>>,
     events: broadcast::Sender<RegistryEvent>,
     psk_sealer: OnceLock<psk::Sealer>,
+    throttle: OnceLock<throttle::AuthThrottle>,
 }
 
 impl Registry {
@@ -273,6 +318,7 @@ impl Registry {
                 by_dev_eui: RwLock::new(by_dev_eui),
                 events,
                 psk_sealer: OnceLock::new(),
+                throttle: OnceLock::new(),
             }),
         })
     }
@@ -280,6 +326,20 @@ impl Registry {
     /// Enables DTLS PSKs: they are sealed with this key when added and opened for handshakes.
     pub fn set_psk_sealer(&self, sealer: psk::Sealer) {
         let _ = self.inner.psk_sealer.set(sealer);
+    }
+
+    /// Sets the back-off of failed authentication (before the listeners start; the defaults
+    /// apply otherwise).
+    pub fn set_auth_throttle(&self, throttle: throttle::AuthThrottle) {
+        let _ = self.inner.throttle.set(throttle);
+    }
+
+    /// The back-off of failed authentication, shared by every way in (device secrets, PSKs,
+    /// client certificates, API tokens).
+    pub fn throttle(&self) -> &throttle::AuthThrottle {
+        self.inner
+            .throttle
+            .get_or_init(|| throttle::AuthThrottle::new(Default::default()))
     }
 
     /// The DTLS PSK of an enabled device, for the handshake.
@@ -422,6 +482,7 @@ impl Registry {
                         name: new.name,
                         dev_eui: new.dev_eui,
                         codec: new.codec,
+                        cert_sha256: new.cert_sha256.map(Box::new),
                     };
                     Ok((record, secret))
                 })
@@ -517,10 +578,57 @@ impl Registry {
         Ok(entry.to_proto())
     }
 
-    /// Checks a device's credentials. Argon2-hashed secrets are verified on a blocking thread
-    /// once, then by fingerprint, so reconnect storms cost a SHA-256 each.
-    /// The device behind an identity a transport already proved (a DTLS PSK session), if it may
-    /// still report.
+    /// Pins a device to one client certificate (its SHA-256), or unpins it (None). A certificate
+    /// renewal is a new pin; the device's live sessions keep running.
+    pub async fn set_cert_pin(
+        &self,
+        id: &str,
+        pin: Option<[u8; 32]>,
+    ) -> Result<Device, RegistryError> {
+        let old = self
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let mut record = old.snapshot();
+        record.cert_sha256 = pin.map(Box::new);
+        let row = (
+            id.to_string(),
+            Some(serde_json::to_vec(&record).expect("record serialises")),
+        );
+        self.inner
+            .store
+            .put_records(Table::Devices, vec![row])
+            .await?;
+        let entry = Arc::new(DeviceEntry {
+            record,
+            enabled: AtomicBool::new(old.enabled()),
+            last_seen_ms: AtomicI64::new(old.last_seen_ms()),
+            last_seen_dirty: AtomicBool::new(old.last_seen_dirty.load(Ordering::Relaxed)),
+            sessions: AtomicU32::new(old.sessions.load(Ordering::Relaxed)),
+            verified: Mutex::new(*old.verified.lock().expect("verified lock")),
+        });
+        let proto = entry.to_proto();
+        if !entry.dev_eui().is_empty() {
+            self.inner
+                .by_dev_eui
+                .write()
+                .expect("registry lock")
+                .insert(entry.dev_eui().to_string(), entry.clone());
+        }
+        self.inner
+            .devices
+            .write()
+            .expect("registry lock")
+            .insert(id.to_string(), entry);
+        tracing::info!(
+            device = id,
+            pinned = pin.is_some(),
+            "device certificate pin changed"
+        );
+        Ok(proto)
+    }
+
+    /// The device behind an identity a transport already proved (a DTLS PSK session, a client
+    /// certificate), if it may still report.
     pub fn enabled_device(&self, id: &str) -> Result<Arc<DeviceEntry>, AuthError> {
         match self.get(id) {
             Some(d) if d.enabled() => Ok(d),
@@ -529,6 +637,32 @@ impl Registry {
         }
     }
 
+    /// [`Registry::authenticate`] for a client at `source`, under the back-off of failed
+    /// attempts: a throttled attempt is refused unchecked, failures and successes are recorded.
+    pub async fn authenticate_from(
+        &self,
+        source: IpAddr,
+        id: &str,
+        secret: Option<&[u8]>,
+    ) -> Result<Arc<DeviceEntry>, AuthError> {
+        // Only registered ids get a tally of their own: invented ones cannot grow the tables.
+        let known = self.get(id).is_some().then_some(id);
+        self.throttle()
+            .check(source, known)
+            .map_err(|t| AuthError::Throttled(t.retry_after))?;
+        let result = self.authenticate(id, secret).await;
+        match &result {
+            Ok(_) => self.throttle().succeeded(source, id),
+            Err(AuthError::BadCredentials | AuthError::UnknownDevice | AuthError::Anonymous) => {
+                self.throttle().failed(source, known)
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Checks a device's credentials. Argon2-hashed secrets are verified on a blocking thread
+    /// once, then by fingerprint, so reconnect storms cost a SHA-256 each.
     pub async fn authenticate(
         &self,
         id: &str,

@@ -8,11 +8,19 @@ pub enum Topic<'a> {
         device_id: &'a str,
         format: Option<&'a str>,
     },
+    /// Another topic below `devices/{device_id}/`.
+    OfDevice { device_id: &'a str },
     /// Anything else: devices may publish telemetry only.
     Other,
+    /// Not a valid topic name at all: wildcards or U+0000 (MQTT 3.1.1 section 3.3.2-2 and
+    /// 1.5.3-2, MQTT 5 sections 3.3.2.1 and 1.5.4), or empty. The connection must be closed.
+    Invalid,
 }
 
 pub fn parse(topic: &str) -> Topic<'_> {
+    if topic.is_empty() || topic.contains(['#', '+', '\0']) {
+        return Topic::Invalid;
+    }
     let mut levels = topic.split('/');
     match (
         levels.next(),
@@ -26,6 +34,9 @@ pub fn parse(topic: &str) -> Topic<'_> {
                 device_id: id,
                 format: format.filter(|f| !f.is_empty()),
             }
+        }
+        (Some("devices"), Some(id), Some(_), ..) if !id.is_empty() => {
+            Topic::OfDevice { device_id: id }
         }
         _ => Topic::Other,
     }
@@ -71,15 +82,23 @@ mod tests {
                 format: None
             }
         );
-        for other in [
-            "devices//telemetry",
-            "devices/a1",
-            "devices/a1/status",
-            "x/a1/telemetry",
-            "devices/a1/telemetry/json/x",
-            "",
-        ] {
+        for other in ["devices//telemetry", "devices/a1", "x/a1/telemetry"] {
             assert_eq!(parse(other), Topic::Other, "{other}");
+        }
+        for of_device in ["devices/a1/status", "devices/a1/telemetry/json/x"] {
+            assert_eq!(
+                parse(of_device),
+                Topic::OfDevice { device_id: "a1" },
+                "{of_device}"
+            );
+        }
+        for invalid in [
+            "",
+            "devices/a1/telemetry/#",
+            "devices/+/telemetry",
+            "devices/a1/tele\0metry",
+        ] {
+            assert_eq!(parse(invalid), Topic::Invalid, "{invalid:?}");
         }
     }
 
