@@ -7,7 +7,9 @@
 //! Device mix (deterministic): 80 % with a Hà Nội commune code, 15 % with coordinates only
 //! (nearest-centroid attribution, the expensive path), 3 % in TP. Hồ Chí Minh, 2 % with neither;
 //! kinds cycle through every kind; about half have a reading within their window, a quarter one
-//! outside it, a quarter none. Used by bench/kpi; not part of the product.
+//! outside it, a quarter none. Also timed: the console overview's device pass (states by protocol
+//! and kind, `api::console::count_devices`), which runs every `console.live_interval_ms` while an
+//! overview page is open. Used by bench/kpi; not part of the product.
 
 use std::time::{Duration, Instant};
 
@@ -121,6 +123,12 @@ async fn main() -> anyhow::Result<()> {
         last = Some(kpi.report("01", NOW)?);
         report_secs.push(t.elapsed().as_secs_f64());
     }
+    let mut overview_secs = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        std::hint::black_box(citygw::api::console::count_devices(&registry, &kpi, NOW));
+        overview_secs.push(t.elapsed().as_secs_f64());
+    }
     let r = last.expect("at least one run");
     let city = r.city.unwrap_or_default();
     let median = |v: &mut Vec<f64>| {
@@ -128,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     let (report_median, baseline_median) = (median(&mut report_secs), median(&mut baseline));
+    let overview_median = median(&mut overview_secs);
     let out = serde_json::json!({
         "devices": n,
         "runs": runs,
@@ -137,6 +146,9 @@ async fn main() -> anyhow::Result<()> {
         "baseline_scan_secs": baseline,
         "baseline_scan_median_secs": baseline_median,
         "ratio_report_to_scan": report_median / baseline_median,
+        "console_overview_devices_secs": overview_secs,
+        "console_overview_devices_median_secs": overview_median,
+        "ratio_console_overview_to_scan": overview_median / baseline_median,
         "city_registered": city.registered,
         "city_active": city.active,
         "approximated_devices": r.approximated_devices,

@@ -5,14 +5,17 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::console::{self, Console};
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
 use crate::kpi::Kpi;
 use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
+use crate::registry::operators::Operators;
 use crate::registry::Registry;
 use crate::sinks::Sinks;
 use crate::sources::{coap::CoapSource, lorawan::LorawanSource, mqtt::MqttSource, Source};
+use crate::store::jetstream::Cluster;
 use crate::store::{Store, StoreOptions};
 
 /// How often last-seen times are written back and gauges refreshed, and retention runs.
@@ -32,6 +35,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             retention: cfg.store.retention(),
         },
     )?;
+    let shutdown = CancellationToken::new();
+    let cluster = match cfg.cluster.enabled() {
+        true => {
+            let cluster = Cluster::connect(&cfg.cluster, cfg.store.retention()).await?;
+            cluster.start(&store, &shutdown).await?;
+            Some(cluster)
+        }
+        false => None,
+    };
     let registry = Registry::load(store.clone())?;
     registry.set_auth_throttle(crate::registry::throttle::AuthThrottle::new(
         cfg.auth.clone(),
@@ -40,11 +52,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &cfg.coap.psk_key_path(&cfg.data_dir),
     )?);
     let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
+    let operators = Operators::load(store.clone(), &cfg.operators)?;
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
-
-    let shutdown = CancellationToken::new();
+    if cluster.is_some() {
+        tokio::spawn(crate::registry::follow_changes(
+            store.clone(),
+            registry.clone(),
+            agencies.clone(),
+            operators.clone(),
+        ));
+        tokio::spawn(registry.clone().touch_from_feed(store.subscribe()));
+    }
     let sinks = Sinks::start(&cfg.sinks, &pipeline, &shutdown)?;
     let lwm2m = cfg.coap.lwm2m_enabled.then(|| {
         std::sync::Arc::new(crate::sources::coap::lwm2m::Lwm2m::new(
@@ -67,6 +87,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let http_tls = server_tls("http", cfg.http.tls_files()?, &[b"http/1.1"])?;
     let grpc_tls = server_tls("grpc", cfg.grpc.tls_files()?, &[b"h2"])?;
+    if let Some(cluster) = &cluster {
+        ready.depend_on(cluster.clone());
+    }
+    let console = cfg.console.enabled.then(|| {
+        Console::new(console::Setup {
+            cfg: cfg.console.clone(),
+            admin_token: admin_token.clone(),
+            operators: operators.clone(),
+            registry: registry.clone(),
+            store: store.clone(),
+            kpi: kpi.clone(),
+            sinks: sinks.clone(),
+            metrics: metrics.clone(),
+            tls: http_tls.is_some(),
+        })
+    });
+    let console_sampler = console
+        .as_ref()
+        .map(|c| tokio::spawn(c.run(shutdown.clone())));
     let mut servers: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)> = vec![
         (
             "http",
@@ -80,6 +119,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     kpi: kpi.clone(),
                     metrics_token: cfg.http.metrics_token()?,
                     registry: registry.clone(),
+                    console,
                 },
                 http_tls,
                 shutdown.clone(),
@@ -94,6 +134,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 subscription_buffer: cfg.grpc.subscription_buffer,
                 registry: registry.clone(),
                 agencies,
+                operators,
                 pipeline: pipeline.clone(),
                 sinks: sinks.clone(),
                 kpi: kpi.clone(),
@@ -123,7 +164,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ];
     for server in &cfg.lorawan {
         sources.push(Box::new(LorawanSource {
-            config: server.clone(),
+            config: match &cluster {
+                Some(c) => server.for_cluster_node(c.node()),
+                None => server.clone(),
+            },
             registry: registry.clone(),
             pipeline: pipeline.clone(),
         }));
@@ -167,6 +211,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     housekeeping.abort();
     kpi_refresh.abort();
     reloads.abort();
+    if let Some(sampler) = console_sampler {
+        sampler.abort();
+    }
     if let Err(e) = registry.persist_last_seen().await {
         tracing::warn!(error = %e, "last-seen times not saved");
     }

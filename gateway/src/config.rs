@@ -23,8 +23,12 @@ pub struct Config {
     pub http: HttpConfig,
     pub admin: AdminConfig,
     pub store: StoreConfig,
+    /// The operator console on the HTTP listener.
+    pub console: ConsoleConfig,
     /// Agencies fixed in the file; more can be added through the admin API.
     pub agencies: Vec<crate::registry::agencies::AgencyConfig>,
+    /// Console operators (read-only) fixed in the file; more through the admin API.
+    pub operators: Vec<crate::registry::operators::OperatorConfig>,
     /// Time-series stores to forward every reading to.
     pub sinks: Vec<crate::sinks::config::SinkConfig>,
     /// IoT connections per resident.
@@ -35,6 +39,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Back-off of failed authentication, for every protocol and API.
     pub auth: crate::registry::throttle::ThrottleConfig,
+    /// Single node (embedded store, the default) or several nodes on NATS JetStream.
+    pub cluster: crate::store::jetstream::ClusterConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,7 +154,7 @@ fn cert_and_key(
 #[serde(default, deny_unknown_fields)]
 pub struct CoapConfig {
     /// Plain (unencrypted) CoAP listener. Off by default: requests then carry the device
-    /// secret in clear text, acceptable only on a private APN (see the README).
+    /// secret in clear text, acceptable only on a private APN (docs/src/coap.md).
     pub plain_enabled: bool,
     pub listen: SocketAddr,
     /// Largest payload accepted, in one datagram or reassembled from Block1 transfers;
@@ -164,7 +170,7 @@ pub struct CoapConfig {
     /// LwM2M register interface and information reporting on the CoAP listeners.
     pub lwm2m_enabled: bool,
     /// LwM2M "NoSec": on plain CoAP, trust the endpoint name of a registration that carries no
-    /// secret. Only for private networks (see the README).
+    /// secret. Only for private networks (docs/src/coap.md).
     pub lwm2m_nosec: bool,
     /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
     pub dtls_enabled: bool,
@@ -320,6 +326,23 @@ impl HttpConfig {
     }
 }
 
+/// The operator console (`api::console`), served at `/console/` on the HTTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    pub enabled: bool,
+    /// IANA time zone the console shows dates in (the city's).
+    pub time_zone: String,
+    /// A session ends this long after sign-in, whatever happens.
+    pub session_hours: u64,
+    /// A session ends after this long without a request (an open live page keeps it alive).
+    pub idle_minutes: u64,
+    /// Sessions held at once; signing in beyond it ends the oldest session.
+    pub max_sessions: usize,
+    /// How often the overview's live figures are sampled and pushed to open pages.
+    pub live_interval_ms: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
@@ -352,12 +375,15 @@ impl Default for Config {
             http: HttpConfig::default(),
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
+            console: ConsoleConfig::default(),
             agencies: Vec::new(),
+            operators: Vec::new(),
             sinks: Vec::new(),
             kpi: crate::kpi::KpiConfig::default(),
             lorawan: Vec::new(),
             tls: TlsConfig::default(),
             auth: Default::default(),
+            cluster: Default::default(),
         }
     }
 }
@@ -458,6 +484,19 @@ impl Default for HttpConfig {
     }
 }
 
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            time_zone: "Asia/Ho_Chi_Minh".into(),
+            session_hours: 12,
+            idle_minutes: 60,
+            max_sessions: 1000,
+            live_interval_ms: 2000,
+        }
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
@@ -497,6 +536,8 @@ impl Config {
                     .prefix_separator("_")
                     .separator("__")
                     .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("cluster.nats_urls")
                     .source(Some(config_env())),
             )
             .build()?;
@@ -527,6 +568,26 @@ impl Config {
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
         );
         self.kpi.validate()?;
+        self.cluster.validate()?;
+        let c = &self.console;
+        anyhow::ensure!(
+            c.session_hours > 0 && c.idle_minutes > 0 && c.max_sessions > 0,
+            "console.session_hours, console.idle_minutes and console.max_sessions must be positive"
+        );
+        anyhow::ensure!(
+            c.live_interval_ms >= 100,
+            "console.live_interval_ms must be at least 100"
+        );
+        // An IANA name (Region/City, UTC, Etc/GMT-7): the browser resolves it.
+        anyhow::ensure!(
+            !c.time_zone.is_empty()
+                && c.time_zone.len() <= 64
+                && c.time_zone
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'+')),
+            "console.time_zone {:?} is not an IANA time zone name (e.g. Asia/Ho_Chi_Minh)",
+            c.time_zone
+        );
         let mut names = std::collections::HashSet::new();
         for l in &self.lorawan {
             l.validate()?;
@@ -571,6 +632,7 @@ impl Config {
         for server in &mut shown.lorawan {
             redact(&mut server.password);
         }
+        shown.cluster.redact();
         toml::to_string_pretty(&shown).expect("config serialises")
     }
 
@@ -604,7 +666,8 @@ impl Config {
 /// for the CLI, CITYGW_CONFIG) are not configuration and must not trip `deny_unknown_fields`.
 fn config_env() -> config::Map<String, String> {
     const SECTIONS: &[&str] = &[
-        "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "tls", "auth",
+        "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster",
+        "tls", "auth",
     ];
     std::env::vars()
         .filter(|(k, _)| {
@@ -730,6 +793,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn cluster_keys_from_the_environment_and_hidden_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("citygw.toml");
+        std::fs::write(
+            &file,
+            "[cluster]\nbackend = \"jetstream\"\nnode_name = \"a\"\npassword = \"nats-secret\"\n",
+        )
+        .unwrap();
+        // Only this test sets these variables, so parallel tests are unaffected.
+        std::env::set_var(
+            "CITYGW_CLUSTER__NATS_URLS",
+            "nats://10.0.0.1:4222,nats://10.0.0.2:4222",
+        );
+        std::env::set_var("CITYGW_CLUSTER__TOKEN", "token-secret");
+        let cfg = Config::load(Some(&file));
+        std::env::remove_var("CITYGW_CLUSTER__NATS_URLS");
+        std::env::remove_var("CITYGW_CLUSTER__TOKEN");
+        let cfg = cfg.unwrap();
+        assert!(cfg.cluster.enabled());
+        assert_eq!(
+            cfg.cluster.nats_urls,
+            ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+        );
+        assert_eq!(cfg.cluster.node(), "a");
+        let text = cfg.to_toml();
+        assert!(
+            !text.contains("nats-secret") && !text.contains("token-secret"),
+            "{text}"
+        );
     }
 
     #[test]

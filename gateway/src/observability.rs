@@ -67,7 +67,7 @@ fn describe() {
     );
     describe_counter!(
         "citygw_api_auth_failures_total",
-        "Refused API calls with a wrong token"
+        "Refused API calls with a missing or wrong token, by api (admin, telemetry, http, console)"
     );
     describe_gauge!(
         "citygw_connected_devices",
@@ -175,6 +175,115 @@ fn describe() {
     describe_counter!(
         "citygw_coap_malformed_total",
         "CoAP datagrams dropped or reset as malformed, by reason"
+    );
+    describe_counter!(
+        "citygw_coaps_datagrams_total",
+        "Datagrams received on the CoAPS (DTLS) listener"
+    );
+    describe_counter!(
+        "citygw_coaps_datagrams_dropped_total",
+        "CoAPS datagrams dropped because their session's queue was full"
+    );
+    describe_counter!(
+        "citygw_coaps_handshakes_total",
+        "DTLS handshakes finished, by result (ok, failed)"
+    );
+    describe_counter!(
+        "citygw_coaps_handshake_failures_total",
+        "Failed DTLS handshakes, by reason"
+    );
+    describe_gauge!(
+        "citygw_coaps_sessions",
+        "DTLS sessions held (handshaking or established)"
+    );
+    describe_counter!(
+        "citygw_lwm2m_registrations_total",
+        "LwM2M register interface events, by event"
+    );
+    describe_gauge!(
+        "citygw_lwm2m_registrations_active",
+        "LwM2M clients registered now"
+    );
+    describe_counter!(
+        "citygw_lwm2m_notifications_total",
+        "LwM2M observation notifications received"
+    );
+    describe_counter!(
+        "citygw_lwm2m_observe_errors_total",
+        "LwM2M observations or reads that failed, by reason"
+    );
+    describe_gauge!(
+        "citygw_mqtt_session_limit",
+        "MQTT sessions this node may hold (mqtt.max_connections, capped by the open-files limit)"
+    );
+    describe_histogram!(
+        "citygw_query_seconds",
+        Unit::Seconds,
+        "Agency API queries (history, device lists), by method"
+    );
+    describe_counter!(
+        "citygw_readings_streamed_total",
+        "Readings sent to agency subscriptions, by agency"
+    );
+    describe_gauge!("citygw_subscribers", "Live agency subscriptions, by agency");
+    describe_counter!(
+        "citygw_subscriber_overflows_total",
+        "Subscriptions ended for a client too slow to read (RESOURCE_EXHAUSTED), by agency"
+    );
+    describe_counter!(
+        "citygw_retention_held_total",
+        "Readings past retention kept because a sink has not delivered them"
+    );
+    describe_counter!(
+        "citygw_store_best_effort_dropped_total",
+        "Best-effort readings (QoS 0, CoAP NON) dropped because the write queue was full"
+    );
+    describe_counter!(
+        "citygw_sink_batches_total",
+        "Batches a sink accepted, by sink"
+    );
+    describe_counter!(
+        "citygw_sink_points_total",
+        "Readings delivered to a sink, by sink"
+    );
+    describe_counter!(
+        "citygw_sink_retries_total",
+        "Sink writes retried after a failure, by sink"
+    );
+    describe_counter!(
+        "citygw_sink_errors_total",
+        "Failed sink writes, by sink and HTTP status (or network)"
+    );
+    describe_histogram!(
+        "citygw_sink_write_seconds",
+        Unit::Seconds,
+        "One write to a sink, by sink"
+    );
+    describe_gauge!(
+        "citygw_sink_lag_readings",
+        "Readings stored but not yet delivered to a sink, by sink"
+    );
+    describe_gauge!(
+        "citygw_sink_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest reading not yet delivered to a sink, by sink"
+    );
+    describe_gauge!(
+        "citygw_sink_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of a sink's last accepted write, by sink"
+    );
+    describe_counter!(
+        "citygw_console_sign_ins_total",
+        "Console sign-ins, by role (admin, operator)"
+    );
+    describe_counter!(
+        "citygw_console_requests_refused_total",
+        "Console requests refused, by reason (no_session, csrf, cross_origin, read_only)"
+    );
+    describe_gauge!(
+        "citygw_console_live_streams",
+        "Console server-sent event streams open"
     );
 }
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support import Gateway, GatewayFactory  # noqa: E402
 from support.lorawan import Brokers  # noqa: E402
+from support.nats import NatsCluster  # noqa: E402
 from support.tsdb import Stores  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def pytest_runtest_makereport(item, call):
             rep.sections.append((f"citygw log tail: {g.name} ({state}, {g.log_path})",
                                  g.log_tail(80)))
         for value in getattr(item, "funcargs", {}).values():
-            if isinstance(value, (Stores, Brokers)):
+            if isinstance(value, (Stores, Brokers, NatsCluster)):
                 for srv in value.servers:
                     state = "running" if srv.running else "stopped"
                     rep.sections.append((f"{srv.name} log tail ({state}, {srv.log_path})",

@@ -1,7 +1,7 @@
-//! HTTP for operators and orchestrators: `/metrics` (Prometheus), `/healthz`, `/readyz`, and the
-//! connections KPI as JSON at `/api/v1/kpi`. HTTPS when `http.tls_cert_file` is set; `/metrics`
-//! asks for a bearer token when `http.metrics_token` is set. Failed tokens back off per address
-//! like every other credential.
+//! HTTP for operators and orchestrators: `/metrics` (Prometheus), `/healthz`, `/readyz`, the
+//! connections KPI as JSON at `/api/v1/kpi`, and the operator console under `/console/`. HTTPS
+//! when `http.tls_cert_file` is set; `/metrics` asks for a bearer token when
+//! `http.metrics_token` is set. Failed tokens back off per address like every other credential.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,13 +21,32 @@ use crate::kpi::{Kpi, KpiError};
 use crate::registry::agencies::Agencies;
 use crate::registry::secret::constant_time_eq;
 
-/// Set once every listener is up; cleared when shutdown begins so load balancers drain us.
+/// Set once every listener is up; cleared when shutdown begins so load balancers drain us. In
+/// cluster mode also not ready while JetStream has no quorum (writes cannot be acknowledged).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    started: Arc<AtomicBool>,
+    cluster: Arc<std::sync::OnceLock<Arc<crate::store::jetstream::Cluster>>>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.started.store(ready, Ordering::Release);
+    }
+
+    pub fn depend_on(&self, cluster: Arc<crate::store::jetstream::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Ready, or why not.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.started.load(Ordering::Acquire) {
+            return Err("not ready".into());
+        }
+        match self.cluster.get() {
+            Some(cluster) => cluster.health(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -45,6 +64,8 @@ pub struct Api {
     pub metrics_token: Option<String>,
     /// For the back-off of failed tokens.
     pub registry: crate::registry::Registry,
+    /// The operator console's routes, when `console.enabled`.
+    pub console: Option<crate::api::console::Console>,
 }
 
 pub async fn start(
@@ -57,13 +78,18 @@ pub async fn start(
         .await
         .map_err(|e| anyhow::anyhow!("http listener {listen}: {e}"))?;
     tracing::info!(%listen, tls = tls.is_some(), metrics_token = api.metrics_token.is_some(), "http listening");
-    let app = Router::new()
+    let console = api.console.clone();
+    let mut app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/kpi", get(kpi))
-        .with_state(api)
-        .into_make_service_with_connect_info::<SocketAddr>();
+        .with_state(api);
+    if let Some(console) = console {
+        app = app.merge(console.router());
+    }
+    // The peer address reaches handlers (failed tokens and sign-ins back off per address).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let signal = shutdown.cancelled_owned();
     Ok(match tls {
         Some(tls) => {
@@ -149,11 +175,10 @@ async fn render_metrics(
     state.metrics.render().into_response()
 }
 
-async fn readyz(State(state): State<Api>) -> (StatusCode, &'static str) {
-    if state.ready.0.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+async fn readyz(State(state): State<Api>) -> (StatusCode, String) {
+    match state.ready.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 

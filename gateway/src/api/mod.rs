@@ -1,4 +1,6 @@
-//! Ways out: gRPC (admin now, agencies next) and HTTP (metrics, health).
+//! Ways out: gRPC (admin now, agencies next), HTTP (metrics, health) and the operator console
+//! served on the HTTP listener.
 
+pub mod console;
 pub mod grpc;
 pub mod http;

@@ -366,6 +366,15 @@ impl Client {
             .sinks)
     }
 
+    pub async fn cluster_status(&mut self) -> anyhow::Result<ClusterStatusResponse> {
+        Ok(self
+            .inner
+            .cluster_status(ClusterStatusRequest {})
+            .await
+            .map_err(rpc)?
+            .into_inner())
+    }
+
     pub async fn connection_kpi(&mut self, city: &str) -> anyhow::Result<ConnectionKpi> {
         Ok(self
             .inner
@@ -385,6 +394,34 @@ impl Client {
             .map_err(rpc)?
             .into_inner()
             .stored)
+    }
+
+    pub async fn add_operator(&mut self, name: String) -> anyhow::Result<(OperatorInfo, String)> {
+        let resp = self
+            .inner
+            .add_operator(AddOperatorRequest { name })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        Ok((resp.operator.unwrap_or_default(), resp.token))
+    }
+
+    pub async fn list_operators(&mut self) -> anyhow::Result<Vec<OperatorInfo>> {
+        Ok(self
+            .inner
+            .list_operators(ListOperatorsRequest {})
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .operators)
+    }
+
+    pub async fn remove_operator(&mut self, name: &str) -> anyhow::Result<()> {
+        self.inner
+            .remove_operator(RemoveOperatorRequest { name: name.into() })
+            .await
+            .map_err(rpc)?;
+        Ok(())
     }
 
     pub async fn remove_agency(&mut self, name: &str) -> anyhow::Result<()> {

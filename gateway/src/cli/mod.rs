@@ -76,12 +76,18 @@ enum Command {
     /// Agencies of the Telemetry API and their scopes.
     #[command(subcommand)]
     Agency(AgencyCommand),
+    /// Console operators: read-only sign-in tokens for the web console.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Forwarding to time-series stores.
     #[command(subcommand)]
     Sink(SinkCommand),
     /// LwM2M clients registered over CoAP/CoAPS.
     #[command(subcommand)]
     Lwm2m(Lwm2mCommand),
+    /// Cluster mode: nodes, the readings stream, sink leases.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// The quantity table used for normalisation.
     Quantities,
     /// A city CA for device and server certificates (files only; no gateway needed).
@@ -251,12 +257,36 @@ enum AgencyCommand {
 }
 
 #[derive(Subcommand)]
+enum OperatorCommand {
+    /// Create an operator (read-only console sign-in); prints the token once.
+    Add {
+        name: String,
+    },
+    List,
+    /// Revoke an operator's token (API-created operators only); their sessions end.
+    Remove {
+        name: String,
+    },
+    /// Print the SHA-256 of a token, for `token_sha256` of an operator in the config file.
+    HashToken {
+        token: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Lwm2mCommand {
     /// Live registrations: endpoint, address, lifetime, objects, last observation error.
     List {
         #[arg(long, default_value = "")]
         device: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The citygw nodes (materialisation lag, health), the readings stream (replicas, leader)
+    /// and which node forwards each sink, as the answering node sees them.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -300,7 +330,8 @@ pub fn main() -> ExitCode {
             Ok(())
         }
         Command::Cert(cmd) => cert::run(cmd),
-        Command::Agency(AgencyCommand::HashToken { token }) => {
+        Command::Agency(AgencyCommand::HashToken { token })
+        | Command::Operator(OperatorCommand::HashToken { token }) => {
             println!(
                 "{}",
                 hex::encode(crate::registry::agencies::token_hash(&token))
@@ -391,6 +422,7 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
         }
         Command::Agency(AgencyCommand::List) => out.agencies(&client.list_agencies().await?),
         Command::Sink(SinkCommand::Status) => out.sinks(&client.sink_status().await?),
+        Command::Cluster(ClusterCommand::Status) => out.cluster(&client.cluster_status().await?),
         Command::Kpi(KpiCommand::Report { city, format }) => {
             let format = format.unwrap_or(match conn.output {
                 Format::Table => kpi::ReportFormat::Table,
@@ -414,11 +446,21 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
             client.remove_agency(&name).await?;
             println!("agency {name} removed; its token no longer works");
         }
+        Command::Operator(OperatorCommand::Add { name }) => {
+            let (operator, token) = client.add_operator(name).await?;
+            out.operator_added(&operator, &token);
+        }
+        Command::Operator(OperatorCommand::List) => out.operators(&client.list_operators().await?),
+        Command::Operator(OperatorCommand::Remove { name }) => {
+            client.remove_operator(&name).await?;
+            println!("operator {name} removed; their console sessions have ended");
+        }
         Command::Run
         | Command::Config(_)
         | Command::Cert(_)
         | Command::Quantities
-        | Command::Agency(AgencyCommand::HashToken { .. }) => {
+        | Command::Agency(AgencyCommand::HashToken { .. })
+        | Command::Operator(OperatorCommand::HashToken { .. }) => {
             unreachable!("handled without a client")
         }
     }

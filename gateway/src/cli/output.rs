@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use super::Format;
 use crate::pipeline::protocol_label;
 use crate::proto::{
-    reading, AgencyInfo, DeadLetter, Device, ImportResult, Lwm2mRegistration, Protocol, Reading,
-    SinkState,
+    reading, AgencyInfo, ClusterStatusResponse, DeadLetter, Device, ImportResult,
+    Lwm2mRegistration, OperatorInfo, Protocol, Reading, SinkState,
 };
 
 pub struct Output {
@@ -23,7 +23,20 @@ fn device_json(d: &Device) -> Value {
         "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online,
         "dev_eui": d.dev_eui, "codec": d.codec, "has_psk": d.has_psk,
         "cert_sha256": d.cert_sha256,
+        "protocol": device_protocol(d),
     })
+}
+
+/// The protocol a device last reported over; "" when it never did.
+fn device_protocol(d: &Device) -> &'static str {
+    match d.protocol {
+        0 => "",
+        p => protocol(p),
+    }
+}
+
+fn operator_json(o: &OperatorInfo) -> Value {
+    json!({"name": o.name, "created_time_ms": o.created_time_ms, "from_config": o.from_config})
 }
 
 fn agency_json(a: &AgencyInfo) -> Value {
@@ -145,6 +158,7 @@ impl Output {
                     "commune",
                     "enabled",
                     "online",
+                    "via",
                     "last seen",
                 ],
                 devices
@@ -157,6 +171,7 @@ impl Output {
                             d.commune_code.clone(),
                             d.enabled.to_string(),
                             d.online.to_string(),
+                            device_protocol(d).to_string(),
                             time(d.last_seen_time_ms),
                         ]
                     })
@@ -240,6 +255,35 @@ impl Output {
         }
     }
 
+    pub fn operator_added(&self, o: &OperatorInfo, token: &str) {
+        match self.format {
+            Format::Json => self.json(json!({"operator": operator_json(o), "token": token})),
+            Format::Table => {
+                self.operators(std::slice::from_ref(o));
+                println!("\ntoken: {token}\n(shown once; the gateway keeps only its SHA-256)");
+            }
+        }
+    }
+
+    pub fn operators(&self, operators: &[OperatorInfo]) {
+        match self.format {
+            Format::Json => self.json(Value::Array(operators.iter().map(operator_json).collect())),
+            Format::Table => table(
+                &["name", "created", "source"],
+                operators
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.name.clone(),
+                            time(o.created_time_ms),
+                            if o.from_config { "config" } else { "api" }.to_string(),
+                        ]
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
     pub fn agencies(&self, agencies: &[AgencyInfo]) {
         match self.format {
             Format::Json => self.json(Value::Array(agencies.iter().map(agency_json).collect())),
@@ -290,6 +334,110 @@ impl Output {
                     })
                     .collect(),
             ),
+        }
+    }
+
+    pub fn cluster(&self, c: &ClusterStatusResponse) {
+        if let Format::Json = self.format {
+            let nodes: Vec<Value> = c
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "name": n.name, "version": n.version, "started_time_ms": n.started_time_ms,
+                        "seen_time_ms": n.seen_time_ms, "applied_sequence": n.applied_sequence,
+                        "lag_messages": n.lag_messages, "healthy": n.healthy, "problem": n.problem,
+                        "this_node": n.this_node,
+                    })
+                })
+                .collect();
+            let replicas: Vec<Value> = c.stream_replicas.iter().map(|r| json!({
+                "name": r.name, "leader": r.leader, "current": r.current, "offline": r.offline,
+                "lag": r.lag, "active_seconds": r.active_seconds,
+            })).collect();
+            let leases: Vec<Value> = c
+                .sink_leases
+                .iter()
+                .map(|l| json!({"sink": l.sink, "node": l.node}))
+                .collect();
+            return self.json(json!({
+                "backend": c.backend, "node": c.node, "healthy": c.healthy, "problem": c.problem,
+                "nats_server": c.nats_server, "stream": c.stream, "replicas": c.replicas,
+                "leader": c.leader, "messages": c.messages, "bytes": c.bytes,
+                "first_sequence": c.first_sequence, "last_sequence": c.last_sequence,
+                "stream_replicas": replicas, "nodes": nodes, "sink_leases": leases,
+            }));
+        }
+        if c.backend != "jetstream" {
+            println!("backend: {} (single node)", c.backend);
+            return;
+        }
+        let health = if c.healthy {
+            "healthy".to_string()
+        } else {
+            format!("NOT READY: {}", c.problem)
+        };
+        println!(
+            "node {} via NATS server {}: {health}",
+            c.node, c.nats_server
+        );
+        println!(
+            "stream {}: R{}, leader {}, {} messages, {} bytes, sequences {}..{}",
+            c.stream, c.replicas, c.leader, c.messages, c.bytes, c.first_sequence, c.last_sequence
+        );
+        table(
+            &["replica", "role", "current", "offline", "lag", "active (s)"],
+            c.stream_replicas
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.name.clone(),
+                        if r.leader { "leader" } else { "follower" }.into(),
+                        r.current.to_string(),
+                        r.offline.to_string(),
+                        r.lag.to_string(),
+                        format!("{:.1}", r.active_seconds),
+                    ]
+                })
+                .collect(),
+        );
+        table(
+            &[
+                "citygw node",
+                "healthy",
+                "applied",
+                "lag (messages)",
+                "started",
+                "seen",
+                "problem",
+            ],
+            c.nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        if n.this_node {
+                            format!("{} (this)", n.name)
+                        } else {
+                            n.name.clone()
+                        },
+                        n.healthy.to_string(),
+                        n.applied_sequence.to_string(),
+                        n.lag_messages.to_string(),
+                        time(n.started_time_ms),
+                        time(n.seen_time_ms),
+                        n.problem.clone(),
+                    ]
+                })
+                .collect(),
+        );
+        if !c.sink_leases.is_empty() {
+            table(
+                &["sink", "forwarded by"],
+                c.sink_leases
+                    .iter()
+                    .map(|l| vec![l.sink.clone(), l.node.clone()])
+                    .collect(),
+            );
         }
     }
 

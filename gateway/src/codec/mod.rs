@@ -105,7 +105,7 @@ impl Format {
         }
     }
 
-    /// The canonical name, as used in topic suffixes, metrics labels and the README.
+    /// The canonical name, as used in topic suffixes, metrics labels and the book.
     pub fn name(self) -> &'static str {
         match self {
             Format::Json => "json",

@@ -61,8 +61,7 @@ impl Counts {
                 return;
             }
             tally.registered += 1;
-            let seen = d.last_seen_ms();
-            if seen > 0 && seen >= now_ms - windows_ms[kind] {
+            if active(d, windows_ms[kind], now_ms) {
                 tally.active += 1;
             }
             if matches!(attribution, Attribution::Centroid(_)) {
@@ -71,6 +70,12 @@ impl Counts {
         });
         counts
     }
+}
+
+/// An enabled device is active when its last accepted reading is younger than `window_ms`.
+pub fn active(d: &DeviceEntry, window_ms: i64, now_ms: i64) -> bool {
+    let seen = d.last_seen_ms();
+    seen > 0 && seen >= now_ms - window_ms
 }
 
 /// The figures of an area from its summed tally.

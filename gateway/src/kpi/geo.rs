@@ -185,6 +185,17 @@ impl Geo {
         self.cities.iter().find(|c| c.code == code)
     }
 
+    /// The boundary rings (lon, lat) of a commune from the configured boundaries file; empty
+    /// without one.
+    pub fn boundary_rings(&self, commune: u32) -> Vec<&[(f64, f64)]> {
+        self.boundaries
+            .iter()
+            .flat_map(|b| &b.shapes)
+            .filter(|s| s.commune == commune)
+            .flat_map(|s| s.rings.iter().map(Vec::as_slice))
+            .collect()
+    }
+
     pub fn has_boundaries(&self) -> bool {
         self.boundaries.is_some()
     }

@@ -86,6 +86,21 @@ impl Kpi {
         &self.inner.cfg.city
     }
 
+    /// The commune table (and boundaries, when configured).
+    pub fn geo(&self) -> &Geo {
+        &self.inner.geo
+    }
+
+    /// Whether a device counts as active at `now_ms`: enabled, with an accepted reading younger
+    /// than its kind's window (the rule of every KPI figure).
+    pub fn is_active(&self, d: &crate::registry::DeviceEntry, now_ms: i64) -> bool {
+        let kind = KINDS
+            .iter()
+            .position(|k| *k == d.kind())
+            .unwrap_or(NKINDS - 1);
+        compute::active(d, self.inner.windows_ms[kind], now_ms)
+    }
+
     fn local_date(&self, now_ms: i64) -> NaiveDate {
         let offset_ms = self.inner.cfg.utc_offset_hours as i64 * 3_600_000;
         chrono::DateTime::from_timestamp_millis(now_ms + offset_ms)

@@ -1,6 +1,6 @@
 //! When each target is reached at the recent pace.
 //!
-//! Method (also in the README): the growth rate is the least-squares slope of active devices per
+//! Method (also in docs/src/kpi.md): the growth rate is the least-squares slope of active devices per
 //! day over the daily snapshots of the last `kpi.projection_days` days (at least two snapshots on
 //! different days). From the latest snapshot, a target needing `R` active devices is reached
 //! `ceil((R - active) / slope)` days later. A slope of zero or less, or a date more than a

@@ -67,6 +67,10 @@ pub struct Inbound<'a> {
     pub address: &'a str,
     pub payload: &'a [u8],
     pub delivery: Delivery,
+    /// What identifies this message across retries, where its content does (a CoAP exchange);
+    /// in cluster mode a retry on another node is then stored once (see
+    /// [`Store::append_identified`]). None for MQTT, whose packet ids are per connection.
+    pub content_id: Option<String>,
 }
 
 #[derive(Clone)]
@@ -116,9 +120,9 @@ impl Pipeline {
         };
         self.store_readings(
             msg.device,
-            protocol,
+            msg.protocol,
             readings,
-            msg.delivery,
+            (msg.delivery, msg.content_id.as_deref()),
             now_ms,
             started,
         )
@@ -136,34 +140,45 @@ impl Pipeline {
         size: usize,
         decoded: Vec<codec::Decoded>,
         delivery: Delivery,
+        content_id: Option<&str>,
     ) -> Result<usize, IngestError> {
         let started = Instant::now();
         count_received(protocol_label(protocol), size);
         let now_ms = now_ms();
         let readings = to_readings(device, protocol, decoded, now_ms);
-        let label = protocol_label(protocol);
-        self.store_readings(device, label, readings, delivery, now_ms, started)
-            .await
+        self.store_readings(
+            device,
+            protocol,
+            readings,
+            (delivery, content_id),
+            now_ms,
+            started,
+        )
+        .await
     }
 
     async fn store_readings(
         &self,
         device: &DeviceEntry,
-        protocol: &'static str,
+        protocol: Protocol,
         readings: Vec<Reading>,
-        delivery: Delivery,
+        (delivery, content_id): (Delivery, Option<&str>),
         now_ms: i64,
         started: Instant,
     ) -> Result<usize, IngestError> {
         let n = readings.len();
         match delivery {
             Delivery::Durable => {
-                self.inner.store.append(readings).await?;
+                self.inner
+                    .store
+                    .append_identified(readings, content_id)
+                    .await?;
             }
             Delivery::BestEffort => self.inner.store.append_best_effort(readings),
         }
         device.touch(now_ms);
-        metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol)
+        device.reported_over(protocol);
+        metrics::histogram!("citygw_ingest_seconds", "protocol" => protocol_label(protocol))
             .record(started.elapsed().as_secs_f64());
         Ok(n)
     }

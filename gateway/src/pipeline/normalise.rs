@@ -2,7 +2,7 @@
 //!
 //! Devices from different vendors call the same thing `temp`, `Temperature` or `t`; agencies and
 //! dashboards query one name. This table is the single place that decides the mapping, it is
-//! printed in the README and by `citygw quantities`, and every payload format goes through it.
+//! printed in the book (docs/src/payload-formats.md) and by `citygw quantities`, and every payload format goes through it.
 //!
 //! Rules:
 //! - A known alias (or the canonical name itself), matched ASCII case-insensitively after trimming
@@ -43,7 +43,7 @@ const fn q(
     }
 }
 
-/// The table, for the README and `citygw quantities`. Order is for readers: grouped by domain.
+/// The table, for the book and `citygw quantities`. Order is for readers: grouped by domain.
 pub static KNOWN_QUANTITIES: &[Quantity] = &[
     // Weather and air
     q(

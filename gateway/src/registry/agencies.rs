@@ -225,6 +225,58 @@ impl Agencies {
         Ok(())
     }
 
+    /// Cluster mode: applies an agency record as the cluster agreed on it; `None` removes it
+    /// (its token stops working here too). Agencies from this node's config file stay.
+    pub fn apply_record(&self, name: &str, bytes: Option<&[u8]>) {
+        let record = match bytes.map(serde_json::from_slice::<Record>) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                tracing::error!(agency = name, error = %e, "replicated agency record is corrupt; ignored");
+                return;
+            }
+        };
+        let hash = record.as_ref().and_then(|r| {
+            hex::decode(&r.token_sha256)
+                .ok()
+                .and_then(|h| <[u8; 32]>::try_from(h).ok())
+        });
+        let mut by_token = self.inner.by_token.write().expect("agencies lock");
+        if by_token.values().any(|a| a.name == name && a.from_config) {
+            return;
+        }
+        let unchanged = match (&record, hash) {
+            (Some(r), Some(h)) => by_token.get(&h).is_some_and(|a| {
+                a.name == name && a.tenants == r.tenants && a.kinds == r.kinds && a.kpi == r.kpi
+            }),
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        by_token.retain(|_, a| a.name != name);
+        if let (Some(r), Some(hash)) = (record, hash) {
+            by_token.insert(
+                hash,
+                Arc::new(Agency {
+                    name: name.to_string(),
+                    tenants: r.tenants,
+                    kinds: r.kinds,
+                    kpi: r.kpi,
+                    from_config: false,
+                }),
+            );
+        }
+    }
+
+    /// Cluster mode: re-applies every stored agency record (after missing changes).
+    pub fn resync(&self) -> Result<(), crate::store::StoreError> {
+        for (name, bytes) in self.inner.store.load_records(Table::Agencies)? {
+            self.apply_record(&name, Some(&bytes));
+        }
+        Ok(())
+    }
+
     /// Whether this agency (by identity) still holds a valid token.
     pub fn is_current(&self, agency: &Arc<Agency>) -> bool {
         self.inner

@@ -6,19 +6,20 @@
 //! background instead (see [`Registry::persist_last_seen`]).
 
 pub mod agencies;
+pub mod operators;
 pub mod psk;
 pub mod secret;
 pub mod throttle;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::proto::Device;
+use crate::proto::{Device, Protocol};
 use crate::store::{Store, StoreError, Table};
 
 /// Device kinds the platform knows; KPI and agency scopes are expressed in them.
@@ -81,7 +82,7 @@ pub struct NewDevice {
 pub const CODEC_RAW: &str = "raw";
 
 /// The persisted form of a device.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Record {
     id: String,
     tenant: String,
@@ -105,6 +106,9 @@ struct Record {
     /// The DTLS PSK sealed by [`psk::Sealer`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     psk_sealed: Option<String>,
+    /// `Protocol` of the last accepted reading (0: never seen); saved with the last-seen time.
+    #[serde(default)]
+    protocol: i32,
     /// The pinned client certificate's SHA-256 (hex), when the device is pinned.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "pin_hex")]
     cert_sha256: Option<Box<[u8; 32]>>,
@@ -140,6 +144,7 @@ pub struct DeviceEntry {
     enabled: AtomicBool,
     last_seen_ms: AtomicI64,
     last_seen_dirty: AtomicBool,
+    protocol: AtomicI32,
     sessions: AtomicU32,
     verified: Mutex<Option<[u8; 32]>>,
 }
@@ -150,6 +155,7 @@ impl DeviceEntry {
             enabled: AtomicBool::new(record.enabled),
             last_seen_ms: AtomicI64::new(record.last_seen_time_ms),
             last_seen_dirty: AtomicBool::new(false),
+            protocol: AtomicI32::new(record.protocol),
             sessions: AtomicU32::new(0),
             verified: Mutex::new(None),
             record,
@@ -164,6 +170,9 @@ impl DeviceEntry {
     }
     pub fn kind(&self) -> &str {
         &self.record.kind
+    }
+    pub fn name(&self) -> &str {
+        &self.record.name
     }
     pub fn commune_code(&self) -> &str {
         &self.record.commune_code
@@ -206,6 +215,21 @@ impl DeviceEntry {
         }
     }
 
+    /// Records the protocol an accepted reading came over (saved with the next last-seen write).
+    pub fn reported_over(&self, protocol: Protocol) {
+        self.protocol.store(protocol as i32, Ordering::Relaxed);
+    }
+
+    /// The protocol of the last accepted reading; `Unspecified` when the device never reported.
+    pub fn protocol(&self) -> Protocol {
+        Protocol::try_from(self.protocol.load(Ordering::Relaxed)).unwrap_or_default()
+    }
+
+    /// Whether a live connection (MQTT session) is open now.
+    pub fn online(&self) -> bool {
+        self.sessions.load(Ordering::Relaxed) > 0
+    }
+
     pub fn session_opened(&self) {
         self.sessions.fetch_add(1, Ordering::Relaxed);
     }
@@ -230,10 +254,11 @@ impl DeviceEntry {
             created_time_ms: r.created_time_ms,
             last_seen_time_ms: self.last_seen_ms.load(Ordering::Relaxed),
             name: r.name.clone(),
-            online: self.sessions.load(Ordering::Relaxed) > 0,
+            online: self.online(),
             dev_eui: r.dev_eui.clone(),
             codec: r.codec.clone(),
             has_psk: r.psk_sealed.is_some(),
+            protocol: self.protocol.load(Ordering::Relaxed),
             cert_sha256: r
                 .cert_sha256
                 .as_deref()
@@ -246,6 +271,7 @@ impl DeviceEntry {
         let mut r = self.record.clone();
         r.enabled = self.enabled();
         r.last_seen_time_ms = self.last_seen_ms.load(Ordering::Relaxed);
+        r.protocol = self.protocol.load(Ordering::Relaxed);
         r
     }
 }
@@ -482,6 +508,7 @@ impl Registry {
                         name: new.name,
                         dev_eui: new.dev_eui,
                         codec: new.codec,
+                        protocol: 0,
                         cert_sha256: new.cert_sha256.map(Box::new),
                     };
                     Ok((record, secret))
@@ -603,6 +630,7 @@ impl Registry {
             enabled: AtomicBool::new(old.enabled()),
             last_seen_ms: AtomicI64::new(old.last_seen_ms()),
             last_seen_dirty: AtomicBool::new(old.last_seen_dirty.load(Ordering::Relaxed)),
+            protocol: AtomicI32::new(old.protocol.load(Ordering::Relaxed)),
             sessions: AtomicU32::new(old.sessions.load(Ordering::Relaxed)),
             verified: Mutex::new(*old.verified.lock().expect("verified lock")),
         });
@@ -718,9 +746,151 @@ impl Registry {
         };
         let n = rows.len();
         if n > 0 {
-            self.inner.store.put_records(Table::Devices, rows).await?;
+            // Local only: in cluster mode every node derives last-seen times from the readings
+            // it materialises, so they need no replication.
+            self.inner
+                .store
+                .put_local_records(Table::Devices, rows, None)
+                .await?;
         }
         Ok(n)
+    }
+
+    /// Cluster mode: applies a device record as the cluster agreed on it (written by any node,
+    /// this one included); `None` removes the device. Disabling closes its live sessions here.
+    pub fn apply_record(&self, id: &str, bytes: Option<&[u8]>) {
+        let record = match bytes.map(serde_json::from_slice::<Record>) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                tracing::error!(device = id, error = %e, "replicated device record is corrupt; ignored");
+                return;
+            }
+        };
+        let mut devices = self.inner.devices.write().expect("registry lock");
+        let mut euis = self.inner.by_dev_eui.write().expect("registry lock");
+        let existing = devices.get(id).cloned();
+        let was_enabled = existing.as_ref().is_some_and(|e| e.enabled());
+        let now_enabled = record.as_ref().is_some_and(|r| r.enabled);
+        match (existing, record) {
+            (Some(entry), Some(record)) if same_identity(&entry.record, &record) => {
+                // Only live state changed (enabled); last-seen never goes back.
+                entry.enabled.store(record.enabled, Ordering::Release);
+                entry
+                    .last_seen_ms
+                    .fetch_max(record.last_seen_time_ms, Ordering::Relaxed);
+            }
+            (existing, record) => {
+                if let Some(old) = &existing {
+                    euis.remove(old.dev_eui());
+                }
+                match record {
+                    Some(record) => {
+                        let entry = Arc::new(DeviceEntry::new(record));
+                        if let Some(old) = existing {
+                            entry
+                                .last_seen_ms
+                                .fetch_max(old.last_seen_ms(), Ordering::Relaxed);
+                        }
+                        if !entry.dev_eui().is_empty() {
+                            euis.insert(entry.dev_eui().to_string(), entry.clone());
+                        }
+                        devices.insert(id.to_string(), entry);
+                    }
+                    None => {
+                        devices.remove(id);
+                    }
+                }
+            }
+        }
+        if was_enabled && !now_enabled {
+            let _ = self
+                .inner
+                .events
+                .send(RegistryEvent::Disabled(id.to_string()));
+            tracing::info!(device = id, "device disabled by the cluster");
+        }
+    }
+
+    /// Cluster mode: re-applies every stored device record (after missing changes).
+    pub fn resync(&self) -> Result<(), StoreError> {
+        for (id, bytes) in self.inner.store.load_records(Table::Devices)? {
+            self.apply_record(&id, Some(&bytes));
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: marks devices seen as the node materialises their readings from the
+    /// stream, so last-seen times (and the KPI) are the same on every node, whichever node the
+    /// device reported to.
+    pub async fn touch_from_feed(self, mut feed: broadcast::Receiver<crate::store::Committed>) {
+        loop {
+            match feed.recv().await {
+                Ok(commit) => {
+                    let mut last: Option<(&str, i64)> = None;
+                    for r in commit.iter().map(|f| &f.reading) {
+                        if last == Some((r.device_id.as_str(), r.received_time_ms)) {
+                            continue;
+                        }
+                        last = Some((&r.device_id, r.received_time_ms));
+                        if let Some(d) = self.get(&r.device_id) {
+                            d.touch(r.received_time_ms);
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// Two records of the same device that differ at most in live state (enabled, last seen).
+fn same_identity(a: &Record, b: &Record) -> bool {
+    let mut b = b.clone();
+    b.enabled = a.enabled;
+    b.last_seen_time_ms = a.last_seen_time_ms;
+    *a == b
+}
+
+/// Cluster mode: applies record changes from the cluster to the registry, the agencies and the
+/// operators until the store closes.
+pub async fn follow_changes(
+    store: Store,
+    registry: Registry,
+    agencies: agencies::Agencies,
+    operators: operators::Operators,
+) {
+    let resync = || {
+        registry
+            .resync()
+            .and_then(|()| agencies.resync())
+            .and_then(|()| operators.resync())
+    };
+    let mut changes = store.record_changes();
+    // Whatever changed between loading and subscribing.
+    if let Err(e) = resync() {
+        tracing::error!(error = %e, "registry reload failed");
+    }
+    loop {
+        match changes.recv().await {
+            Ok(change) => {
+                let value = change.value.as_deref();
+                match change.table {
+                    Table::Devices => registry.apply_record(&change.key, value),
+                    Table::Agencies => agencies.apply_record(&change.key, value),
+                    Table::Operators => operators.apply_record(&change.key, value),
+                    Table::Cursors | Table::KpiSnapshots => {}
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "registry changes lagged; reloading");
+                if let Err(e) = resync() {
+                    tracing::error!(error = %e, "registry reload failed");
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

@@ -45,6 +45,9 @@ pub struct Forwarder {
     pub pipeline: Pipeline,
     pub options: ForwarderOptions,
     pub progress: Arc<Progress>,
+    /// Cluster mode: forward only while this node holds the sink's lease (the cursor is
+    /// replicated, so whoever takes over continues where the last holder stopped).
+    pub lease: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Cursor key of a sink in the `cursors` table.
@@ -64,11 +67,14 @@ pub fn load_cursor(store: &Store, sink: &str) -> Result<u64, StoreError> {
 }
 
 impl Forwarder {
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let name = self.sink.name().to_string();
         let mut feed = self.store.subscribe();
         let mut backoff = self.options.backoff_min;
         loop {
+            if !self.hold_lease(&name, &shutdown).await {
+                return;
+            }
             let cursor = self.progress.cursor.load(Ordering::Acquire);
             let batch = match self.next_batch(cursor, &mut feed, &shutdown).await {
                 Some(Ok(batch)) => batch,
@@ -105,6 +111,34 @@ impl Forwarder {
                         return;
                     }
                 }
+            }
+        }
+    }
+
+    /// Cluster mode: waits until this node holds the sink's lease, following the replicated
+    /// cursor meanwhile (for status and retention). False when shutting down.
+    async fn hold_lease(&mut self, name: &str, shutdown: &CancellationToken) -> bool {
+        let Some(lease) = &mut self.lease else {
+            return true;
+        };
+        if *lease.borrow() {
+            return true;
+        }
+        metrics::gauge!("citygw_sink_lease_held", "sink" => name.to_string()).set(0.0);
+        loop {
+            match load_cursor(&self.store, name) {
+                Ok(c) => self.progress.cursor.store(c, Ordering::Release),
+                Err(e) => tracing::warn!(sink = %name, error = %e, "cursor not readable"),
+            }
+            if *lease.borrow_and_update() {
+                tracing::info!(sink = %name, cursor = self.progress.cursor.load(Ordering::Acquire), "forwarding from this node");
+                metrics::gauge!("citygw_sink_lease_held", "sink" => name.to_string()).set(1.0);
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = lease.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
@@ -330,6 +364,7 @@ mod tests {
                 pipeline: pipeline.clone(),
                 options: options(),
                 progress,
+                lease: None,
             };
             (tokio::spawn(forwarder.run(shutdown.clone())), shutdown)
         };

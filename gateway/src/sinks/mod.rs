@@ -71,12 +71,17 @@ impl Sinks {
             progress
                 .cursor
                 .store(forwarder::load_cursor(store, &cfg.name)?, Ordering::Release);
+            // Cluster mode: one node forwards each sink, the holder of its lease.
+            let lease = store
+                .cluster()
+                .map(|c| c.lease(&format!("sink/{}", cfg.name), shutdown.clone()));
             let forwarder = Forwarder {
                 sink,
                 store: store.clone(),
                 pipeline: pipeline.clone(),
                 options: cfg.forwarder_options(),
                 progress: progress.clone(),
+                lease,
             };
             tokio::spawn(forwarder.run(shutdown.clone()));
             tracing::info!(sink = %cfg.name, url = %cfg.url, cursor = progress.cursor.load(Ordering::Acquire), "forwarding");
@@ -117,7 +122,11 @@ impl Sinks {
                     },
                     cursor,
                     last_reading_id: last,
-                    lag_readings: last.saturating_sub(cursor),
+                    lag_readings: match store.cluster() {
+                        // Cluster ids have gaps (see store::jetstream::ids): count instead.
+                        Some(_) => store.count_readings_after(cursor)?,
+                        None => last.saturating_sub(cursor),
+                    },
                     lag_seconds,
                     last_success_ms: p.last_success_ms.load(Ordering::Acquire),
                 })

@@ -42,24 +42,52 @@ impl Store {
         after_id: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut out = Vec::new();
         let Some(start) = after_id.checked_add(1) else {
-            return Ok(out);
+            return Ok(Vec::new());
         };
-        if limit == 0 {
-            return Ok(out);
-        }
-        for guard in self.inner.ks.dead_letters.range(keys::id_key(start)..) {
-            let (key, value) = guard.into_inner()?;
-            let dl = decode(&key, &value)?;
-            if device_id.is_some_and(|d| d != dl.device_id) {
-                continue;
-            }
-            out.push(dl);
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
+        collect(
+            self.inner.ks.dead_letters.range(keys::id_key(start)..),
+            device_id,
+            limit,
+        )
     }
+
+    /// A page of dead letters with id < `before_id` (0: from the newest), newest first: what an
+    /// operator looks at first.
+    pub fn dead_letters_newest(
+        &self,
+        device_id: Option<&str>,
+        before_id: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let end = if before_id == 0 { u64::MAX } else { before_id };
+        collect(
+            self.inner.ks.dead_letters.range(..keys::id_key(end)).rev(),
+            device_id,
+            limit,
+        )
+    }
+}
+
+fn collect(
+    guards: impl Iterator<Item = fjall::Guard>,
+    device_id: Option<&str>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    for guard in guards {
+        let (key, value) = guard.into_inner()?;
+        let dl = decode(&key, &value)?;
+        if device_id.is_some_and(|d| d != dl.device_id) {
+            continue;
+        }
+        out.push(dl);
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out)
 }

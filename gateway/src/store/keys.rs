@@ -17,6 +17,8 @@ pub(super) const DEAD_LETTERS: &str = "dead_letters";
 pub(super) const DEVICES: &str = "devices";
 /// Name of the keyspace holding agency records.
 pub(super) const AGENCIES: &str = "agencies";
+/// Name of the keyspace holding operator (console) token records.
+pub(super) const OPERATORS: &str = "operators";
 /// Name of the keyspace holding forwarder cursors.
 pub(super) const CURSORS: &str = "cursors";
 /// Name of the keyspace holding daily KPI snapshots.
@@ -29,6 +31,12 @@ pub(super) const META: &str = "meta";
 pub(super) const META_NEXT_READING_ID: &[u8] = b"next_reading_id";
 /// `meta` key: the next dead-letter id (same reason as [`META_NEXT_READING_ID`]).
 pub(super) const META_NEXT_DEAD_LETTER_ID: &[u8] = b"next_dead_letter_id";
+
+/// `meta` key, cluster mode: the last stream sequence materialised into this store. Written in
+/// the same commit as the readings it covers, so a restart resumes exactly after them.
+pub(crate) const META_STREAM_SEQ: &[u8] = b"cluster_stream_seq";
+/// `meta` key, cluster mode: the last records-bucket revision applied to this store.
+pub(crate) const META_RECORDS_REVISION: &[u8] = b"cluster_records_revision";
 
 /// Big-endian id key of `log` and `dead_letters`.
 pub(super) fn id_key(id: u64) -> [u8; 8] {

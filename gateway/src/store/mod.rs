@@ -10,6 +10,7 @@
 
 mod dead_letters;
 mod feed;
+pub mod jetstream;
 mod keys;
 mod readings;
 mod records;
@@ -22,7 +23,7 @@ mod tests;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -30,7 +31,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use tokio::sync::Semaphore;
 
 pub use feed::{Committed, FeedReading};
-pub use records::Table;
+pub use records::{RecordChange, Table};
 pub use retention::RetentionReport;
 
 use writer::{Queued, Request, Writer};
@@ -78,6 +79,10 @@ pub enum StoreError {
     /// Stored bytes did not decode; points at a bug or disk corruption.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// Cluster mode: JetStream did not acknowledge the write (no quorum, no leader, timeout).
+    /// Nothing is acknowledged to the device; a retry may succeed once quorum is back.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<fjall::Error> for StoreError {
@@ -94,6 +99,7 @@ pub(crate) struct Keyspaces {
     pub(crate) dead_letters: Keyspace,
     pub(crate) devices: Keyspace,
     pub(crate) agencies: Keyspace,
+    pub(crate) operators: Keyspace,
     pub(crate) cursors: Keyspace,
     pub(crate) kpi_snapshots: Keyspace,
     pub(crate) meta: Keyspace,
@@ -104,6 +110,7 @@ impl Keyspaces {
         match table {
             Table::Devices => &self.devices,
             Table::Agencies => &self.agencies,
+            Table::Operators => &self.operators,
             Table::Cursors => &self.cursors,
             Table::KpiSnapshots => &self.kpi_snapshots,
         }
@@ -117,6 +124,7 @@ impl Keyspaces {
             dead_letters: ks(keys::DEAD_LETTERS)?,
             devices: ks(keys::DEVICES)?,
             agencies: ks(keys::AGENCIES)?,
+            operators: ks(keys::OPERATORS)?,
             cursors: ks(keys::CURSORS)?,
             kpi_snapshots: ks(keys::KPI_SNAPSHOTS)?,
             meta: ks(keys::META)?,
@@ -144,6 +152,11 @@ struct Inner {
     last_reading_id: Arc<AtomicU64>,
     feed: feed::Feed,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Cluster mode: appends and record writes go to JetStream, and this store is the node's
+    /// materialised copy (see [`jetstream`]).
+    cluster: OnceLock<Arc<jetstream::Cluster>>,
+    /// Record changes applied from the cluster, for the in-memory registry.
+    changes: tokio::sync::broadcast::Sender<RecordChange>,
 }
 
 impl Store {
@@ -200,7 +213,30 @@ impl Store {
                 last_reading_id,
                 feed,
                 writer: Mutex::new(Some(handle)),
+                cluster: OnceLock::new(),
+                changes: tokio::sync::broadcast::channel(records::CHANGES_CAPACITY).0,
             }),
+        })
+    }
+
+    /// Switches the store to cluster mode: from now on appends and record writes go to
+    /// JetStream, and [`jetstream::Cluster::materialise`] fills this store from the stream.
+    pub fn attach_cluster(&self, cluster: Arc<jetstream::Cluster>) {
+        let _ = self.inner.cluster.set(cluster);
+    }
+
+    /// The cluster backend, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<jetstream::Cluster>> {
+        self.inner.cluster.get()
+    }
+
+    /// A `u64` kept in the store's meta keyspace (0 when absent).
+    pub(crate) fn meta_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
+        Ok(match self.inner.ks.meta.get(key)? {
+            Some(v) => {
+                keys::parse_id(&v).ok_or_else(|| StoreError::Corrupt("meta value".into()))?
+            }
+            None => 0,
         })
     }
 

@@ -15,6 +15,24 @@ impl Store {
     /// holds them is fsync'd, so the caller may acknowledge the device. Ids are assigned in commit
     /// order, strictly increasing and never reused, even across crashes.
     pub async fn append(&self, readings: Vec<Reading>) -> Result<Range<u64>, StoreError> {
+        self.append_identified(readings, None).await
+    }
+
+    /// [`Store::append`] for a message whose content identifies it (`content_id`: a LoRaWAN
+    /// DevEUI + FCnt, a CoAP endpoint + message id). In cluster mode a repeat within the
+    /// stream's duplicate window, on any node, is stored once; single-node sources
+    /// de-duplicate these themselves.
+    pub async fn append_identified(
+        &self,
+        readings: Vec<Reading>,
+        content_id: Option<&str>,
+    ) -> Result<Range<u64>, StoreError> {
+        if let Some(cluster) = self.cluster() {
+            if readings.is_empty() {
+                return Ok(0..0);
+            }
+            return cluster.append(readings, content_id).await;
+        }
         if readings.is_empty() {
             let next = self.last_reading_id() + 1;
             return Ok(next..next);
@@ -34,6 +52,9 @@ impl Store {
     pub fn append_best_effort(&self, readings: Vec<Reading>) {
         if readings.is_empty() {
             return;
+        }
+        if let Some(cluster) = self.cluster() {
+            return cluster.append_best_effort(readings);
         }
         let n = readings.len() as u64;
         let queued = self.try_submit(Request::Readings {
@@ -84,19 +105,10 @@ impl Store {
             if key.len() != key_len {
                 continue; // another device whose id extends this one past a NUL byte
             }
-            let run_id =
-                keys::parse_id(&key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
-            let time = keys::parse_index_time(&key)
-                .ok_or_else(|| StoreError::Corrupt("index key".into()))?;
-            let log_key = keys::id_key(run_id);
-            let Some(value) = snap.get(&inner.ks.log, log_key)? else {
-                continue;
-            };
-            let run = Run::decode(&log_key, &value)?;
-            for r in run
-                .readings()
-                .filter(|r| r.device_time_ms == time && (time, r.id) >= (from_ms, from_id))
-            {
+            for r in self.indexed_readings(&snap, &key)? {
+                if (r.device_time_ms, r.id) < (from_ms, from_id) {
+                    continue;
+                }
                 out.push(r);
                 if out.len() >= limit {
                     return Ok(out);
@@ -104,6 +116,58 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// One device's `limit` latest readings by device time, returned oldest first: what a
+    /// device's page charts, however long ago the device last reported.
+    pub fn device_latest_readings(
+        &self,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let inner = &self.inner;
+        let snap = inner.db.snapshot();
+        let key_len = keys::index_key_len(device_id.len());
+        let range = keys::index_key(device_id, i64::MIN, 0)
+            ..=keys::index_key(device_id, i64::MAX, u64::MAX);
+        'index: for guard in snap.range(&inner.ks.by_device, range).rev() {
+            let key = guard.key()?;
+            if key.len() != key_len {
+                continue;
+            }
+            for r in self.indexed_readings(&snap, &key)?.into_iter().rev() {
+                out.push(r);
+                if out.len() >= limit {
+                    break 'index;
+                }
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The readings an index entry `(device, device time, run id)` points at: the run's
+    /// readings at exactly that time, in id order (empty when retention took the run).
+    fn indexed_readings(
+        &self,
+        snap: &fjall::Snapshot,
+        key: &[u8],
+    ) -> Result<Vec<Reading>, StoreError> {
+        let run_id = keys::parse_id(key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
+        let time =
+            keys::parse_index_time(key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
+        let log_key = keys::id_key(run_id);
+        let Some(value) = snap.get(&self.inner.ks.log, log_key)? else {
+            return Ok(Vec::new());
+        };
+        Ok(Run::decode(&log_key, &value)?
+            .readings()
+            .filter(|r| r.device_time_ms == time)
+            .collect())
     }
 
     /// The first reading id received at or after `since_ms` (or the next id to be assigned when
@@ -121,6 +185,18 @@ impl Store {
             }
         }
         Ok(lo + 1)
+    }
+
+    /// How many readings the log holds after `after_id` (a sink's lag in cluster mode, where
+    /// ids are not contiguous). Reads one record per run, not per reading.
+    pub fn count_readings_after(&self, after_id: u64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        let log = &self.inner.ks.log;
+        for guard in log.range(keys::id_key(after_id.saturating_add(1))..) {
+            let (key, value) = guard.into_inner()?;
+            n += Run::decode(&key, &value)?.len();
+        }
+        Ok(n)
     }
 
     /// The global log after `after_id`, in id order, at most `limit`: the resume point of

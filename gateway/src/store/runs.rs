@@ -128,6 +128,24 @@ fn encode_run(mut readings: Vec<Reading>) -> EncodedRun {
     }
 }
 
+impl EncodedRun {
+    /// A run as another node encoded it (a message of the cluster's stream), given its first
+    /// id: decoded once for the index entries and the live feed, stored as it came.
+    pub(super) fn replicated(first_id: u64, value: &[u8]) -> Result<EncodedRun, StoreError> {
+        let run = Run::decode(&super::keys::id_key(first_id), value)?;
+        let index_prefixes = run
+            .device_times()
+            .into_iter()
+            .map(|t| super::keys::index_prefix(run.device_id(), t))
+            .collect();
+        Ok(EncodedRun {
+            value: fjall::Slice::from(value),
+            index_prefixes,
+            readings: run.readings().collect(),
+        })
+    }
+}
+
 /// A decoded run: its first id and shared fields, expanded on demand.
 pub(super) struct Run {
     pub(super) first_id: u64,

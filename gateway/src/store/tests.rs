@@ -112,6 +112,25 @@ async fn device_readings_range_order_and_limit() {
     assert_eq!(ids(&limited), vec![2, 3]);
     assert!(store.device_readings("d1", 21, 29, 100).unwrap().is_empty());
     assert!(store.device_readings("d1", 30, 20, 100).unwrap().is_empty());
+
+    // The latest readings by device time, returned oldest first (what the console charts).
+    let latest = store.device_latest_readings("d1", 3).unwrap();
+    assert_eq!(
+        latest
+            .iter()
+            .map(|r| (r.device_time_ms, r.id))
+            .collect::<Vec<_>>(),
+        vec![(20, 3), (20, 6), (30, 1)]
+    );
+    assert_eq!(
+        ids(&store.device_latest_readings("d1", 100).unwrap()),
+        vec![2, 3, 6, 1]
+    );
+    assert!(store.device_latest_readings("d1", 0).unwrap().is_empty());
+    assert!(store
+        .device_latest_readings("nobody", 5)
+        .unwrap()
+        .is_empty());
     assert!(store
         .device_readings("nobody", i64::MIN, i64::MAX, 100)
         .unwrap()
@@ -175,6 +194,18 @@ async fn dead_letters_filter_and_page() {
         .dead_letters(Some("nobody"), 0, 10)
         .unwrap()
         .is_empty());
+
+    // Newest first, paging on with the smallest id seen.
+    let newest = store.dead_letters_newest(None, 0, 3).unwrap();
+    assert_eq!(
+        newest.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![10, 9, 8]
+    );
+    let next = store.dead_letters_newest(None, 8, 3).unwrap();
+    assert_eq!(next.iter().map(|d| d.id).collect::<Vec<_>>(), vec![7, 6, 5]);
+    let bad = store.dead_letters_newest(Some("bad"), 10, 10).unwrap();
+    assert_eq!(bad.iter().map(|d| d.id).collect::<Vec<_>>(), vec![7, 4, 1]);
+    assert!(store.dead_letters_newest(None, 1, 10).unwrap().is_empty());
     store.close().await;
 }
 

@@ -40,6 +40,15 @@ pub(super) enum Request {
         table: super::Table,
         /// `None` deletes.
         records: Vec<(String, Option<Vec<u8>>)>,
+        /// A meta value written in the same commit (cluster mode: the bucket revision applied).
+        meta: Option<(&'static [u8], u64)>,
+        done: Reply<()>,
+    },
+    /// Cluster mode: runs whose ids JetStream's sequence gave (`(first id, run)`, in id order),
+    /// and the last stream sequence they cover, committed together.
+    Replicated {
+        runs: Vec<(u64, EncodedRun)>,
+        stream_seq: u64,
         done: Reply<()>,
     },
     /// Commit what is queued, then exit.
@@ -53,6 +62,7 @@ impl Request {
             Request::Readings { items, .. } => items.iter().map(|run| run.readings.len()).sum(),
             Request::DeadLetter { .. } => 1,
             Request::Records { records, .. } => records.len(),
+            Request::Replicated { runs, .. } => runs.iter().map(|(_, r)| r.readings.len()).sum(),
             Request::Shutdown { .. } => 0,
         }
     }
@@ -177,23 +187,8 @@ impl Writer {
             Request::Readings { items, done } => {
                 let first = self.next_reading_id;
                 for run in items {
-                    let run_id = self.next_reading_id;
-                    batch
-                        .wb
-                        .insert(&self.ks.log, keys::id_key(run_id), run.value);
-                    for mut index_key in run.index_prefixes {
-                        index_key.extend_from_slice(&run_id.to_be_bytes());
-                        batch
-                            .wb
-                            .insert(&self.ks.by_device, index_key, Slice::empty());
-                    }
-                    for (id, mut reading) in (run_id..).zip(run.readings) {
-                        reading.id = id;
-                        batch.committed.push(reading);
-                        self.next_reading_id = id + 1;
-                    }
+                    self.stage_run(batch, self.next_reading_id, run);
                 }
-                batch.readings += self.next_reading_id - first;
                 batch
                     .done
                     .push(Done::Readings(done, first..self.next_reading_id));
@@ -210,6 +205,7 @@ impl Writer {
             Request::Records {
                 table,
                 records,
+                meta,
                 done,
             } => {
                 let ks = self.ks.table(table);
@@ -219,9 +215,47 @@ impl Writer {
                         None => batch.wb.remove(ks, id),
                     }
                 }
+                if let Some((key, value)) = meta {
+                    batch.wb.insert(&self.ks.meta, key, keys::id_key(value));
+                }
+                batch.done.push(Done::Records(done));
+            }
+            Request::Replicated {
+                runs,
+                stream_seq,
+                done,
+            } => {
+                for (run_id, run) in runs {
+                    self.stage_run(batch, run_id, run);
+                }
+                batch.wb.insert(
+                    &self.ks.meta,
+                    keys::META_STREAM_SEQ,
+                    keys::id_key(stream_seq),
+                );
                 batch.done.push(Done::Records(done));
             }
             Request::Shutdown { done } => *shutdown = Some(done),
+        }
+    }
+
+    /// Stages one run under `run_id` (log record, index entries, feed readings). Ids never go
+    /// back: the next id assigned here is past the run.
+    fn stage_run(&mut self, batch: &mut Batch, run_id: u64, run: EncodedRun) {
+        batch
+            .wb
+            .insert(&self.ks.log, keys::id_key(run_id), run.value);
+        for mut index_key in run.index_prefixes {
+            index_key.extend_from_slice(&run_id.to_be_bytes());
+            batch
+                .wb
+                .insert(&self.ks.by_device, index_key, Slice::empty());
+        }
+        for (id, mut reading) in (run_id..).zip(run.readings) {
+            reading.id = id;
+            batch.committed.push(reading);
+            batch.readings += 1;
+            self.next_reading_id = self.next_reading_id.max(id + 1);
         }
     }
 

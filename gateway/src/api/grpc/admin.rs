@@ -6,6 +6,7 @@ use crate::pipeline::now_ms;
 use crate::proto::admin_server::Admin;
 use crate::proto::*;
 use crate::registry::agencies::{Agencies, Agency};
+use crate::registry::operators::{Operator, Operators};
 use crate::registry::{NewDevice, Registry, RegistryError};
 use crate::store::{Store, StoreError};
 
@@ -18,6 +19,7 @@ const MAX_IMPORT: usize = 50_000;
 pub struct AdminService {
     pub registry: Registry,
     pub agencies: Agencies,
+    pub operators: Operators,
     pub store: Store,
     pub sinks: crate::sinks::Sinks,
     pub kpi: crate::kpi::Kpi,
@@ -32,6 +34,14 @@ fn agency_info(a: &Agency) -> AgencyInfo {
         kinds: a.kinds.clone(),
         kpi: a.kpi,
         from_config: a.from_config,
+    }
+}
+
+fn operator_info(o: &Operator) -> OperatorInfo {
+    OperatorInfo {
+        name: o.name.clone(),
+        created_time_ms: o.created_time_ms,
+        from_config: o.from_config,
     }
 }
 
@@ -281,6 +291,45 @@ impl Admin for AdminService {
         Ok(Response::new(RemoveAgencyResponse {}))
     }
 
+    async fn add_operator(
+        &self,
+        req: Request<AddOperatorRequest>,
+    ) -> Result<Response<AddOperatorResponse>, Status> {
+        let (operator, token) = self
+            .operators
+            .add(&req.into_inner().name, now_ms())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(AddOperatorResponse {
+            operator: Some(operator_info(&operator)),
+            token,
+        }))
+    }
+
+    async fn list_operators(
+        &self,
+        _req: Request<ListOperatorsRequest>,
+    ) -> Result<Response<ListOperatorsResponse>, Status> {
+        let operators = self
+            .operators
+            .list()
+            .iter()
+            .map(|o| operator_info(o))
+            .collect();
+        Ok(Response::new(ListOperatorsResponse { operators }))
+    }
+
+    async fn remove_operator(
+        &self,
+        req: Request<RemoveOperatorRequest>,
+    ) -> Result<Response<RemoveOperatorResponse>, Status> {
+        self.operators
+            .remove(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RemoveOperatorResponse {}))
+    }
+
     async fn sink_status(
         &self,
         _req: Request<SinkStatusRequest>,
@@ -291,6 +340,20 @@ impl Admin for AdminService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_status)?;
         Ok(Response::new(SinkStatusResponse { sinks }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(match self.store.cluster() {
+            Some(cluster) => cluster.status(&self.store).await,
+            None => ClusterStatusResponse {
+                backend: "embedded".into(),
+                healthy: true,
+                ..Default::default()
+            },
+        }))
     }
 
     async fn get_connection_kpi(

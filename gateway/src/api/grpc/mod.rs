@@ -25,6 +25,7 @@ pub struct GrpcServer {
     pub subscription_buffer: usize,
     pub registry: Registry,
     pub agencies: Agencies,
+    pub operators: crate::registry::operators::Operators,
     pub pipeline: Pipeline,
     pub sinks: crate::sinks::Sinks,
     pub kpi: crate::kpi::Kpi,
@@ -63,6 +64,7 @@ impl GrpcServer {
             admin::AdminService {
                 registry: self.registry.clone(),
                 agencies: self.agencies.clone(),
+                operators: self.operators,
                 store: store.clone(),
                 sinks: self.sinks,
                 kpi: self.kpi.clone(),

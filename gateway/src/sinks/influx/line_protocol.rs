@@ -91,7 +91,7 @@ pub enum MeasurementFrom {
 
 /// Quantities that count things: written as integers (`42i`) when the number is integral.
 ///
-/// Only quantities whose canonical unit is `count` in the quantity table (the README's), so the
+/// Only quantities whose canonical unit is `count` in the quantity table (docs/src/payload-formats.md), so the
 /// list and the table cannot drift apart (a unit test checks it). `occupancy` is a share of
 /// parking spaces in percent, not a count, and stays a float.
 pub const COUNT_QUANTITIES: &[&str] = &["vehicle_count"];

@@ -276,6 +276,7 @@ impl Handler {
             address: &address,
             payload: &body,
             delivery,
+            content_id: Some(content_id(device.id(), req, &body)),
         };
         let mut response = match self.pipeline.ingest(inbound).await {
             Ok(_) => Response::new(ResponseType::Changed),
@@ -383,4 +384,18 @@ fn rejected(r: &Rejection) -> Response {
         _ => ResponseType::BadRequest,
     };
     Response::refuse(code, r.reason, r.to_string())
+}
+
+/// A CoAP request's identity across retransmissions, also to another node: the device, the
+/// message id and token a retransmission repeats, and the payload's hash (so a rebooted device
+/// reusing a message id with new data is not taken for a repeat).
+fn content_id(device: &str, req: &Packet, body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(body);
+    format!(
+        "coap/{device}/{}/{}/{}",
+        req.header.message_id,
+        hex::encode(req.get_token()),
+        hex::encode(&digest[..8])
+    )
 }

@@ -146,6 +146,24 @@ impl LorawanConfig {
         }]
     }
 
+    /// Cluster mode: this node's own client id (the broker would otherwise kick one node for
+    /// the next), and the default topics as one MQTT shared subscription of all nodes, so each
+    /// uplink goes to one node. Explicit settings are kept as they are.
+    pub fn for_cluster_node(&self, node: &str) -> LorawanConfig {
+        let mut c = self.clone();
+        if c.client_id.is_empty() {
+            c.client_id = format!("citygw-{}-{node}", self.name);
+        }
+        if c.topics.is_empty() {
+            c.topics = self
+                .topics()
+                .into_iter()
+                .map(|t| format!("$share/citygw-{}/{t}", self.name))
+                .collect();
+        }
+        c
+    }
+
     pub fn password(&self) -> anyhow::Result<String> {
         let n = &self.name;
         if let Some(var) = &self.password_env {

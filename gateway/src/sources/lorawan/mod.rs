@@ -308,11 +308,27 @@ impl Bridge {
             seq,
         };
         let size = publish.payload.len();
+        // In cluster mode the same event taken by another node (a redelivery after a node
+        // died) is stored once by JetStream as well.
+        let content_id = format!(
+            "lorawan/{}/{}/{}/{}",
+            key.device_id,
+            key.marker,
+            key.time_ms,
+            key.seq.map_or_else(String::new, |s| s.to_string())
+        );
         let stored = self
             .dedup
             .once(self.pipeline.store(), key, || async {
                 self.pipeline
-                    .ingest_decoded(&device, Protocol::Lorawan, size, decoded, Delivery::Durable)
+                    .ingest_decoded(
+                        &device,
+                        Protocol::Lorawan,
+                        size,
+                        decoded,
+                        Delivery::Durable,
+                        Some(&content_id),
+                    )
                     .await
                     .map(|_| ())
             })

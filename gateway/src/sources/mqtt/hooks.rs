@@ -288,6 +288,7 @@ impl Hooks {
             address: &p.topic,
             payload: &p.payload,
             delivery: Delivery::BestEffort,
+            content_id: None,
         };
         let _ = self.pipeline.ingest(inbound).await;
     }
@@ -357,6 +358,7 @@ impl Hooks {
             address: &p.topic,
             payload: &p.payload,
             delivery,
+            content_id: None,
         };
         match self.pipeline.ingest(inbound).await {
             Ok(_) => PublishAclResult::allow(),

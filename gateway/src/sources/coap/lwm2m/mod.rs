@@ -341,7 +341,14 @@ impl Lwm2m {
         };
         match self
             .pipeline
-            .ingest_decoded(device, Protocol::Lwm2m, payload.len(), decoded, delivery)
+            .ingest_decoded(
+                device,
+                Protocol::Lwm2m,
+                payload.len(),
+                decoded,
+                delivery,
+                None,
+            )
             .await
         {
             Ok(n) => Ok(n),

@@ -1,0 +1,266 @@
+"""The operator console in a real browser: Debian's headless Chromium driven by Selenium through
+Debian's chromedriver (never Selenium Manager: SE_AVOID_STATS and an explicit driver path keep it
+from downloading or reporting anything). One gateway and one browser for the module.
+
+Screenshots of every page are written to the artifacts directory printed at the start
+(CITYGW_ARTIFACTS_DIR, default /tmp/citygw-artifacts/console-<time>)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from support import Gateway, wait_until
+
+os.environ["SE_AVOID_STATS"] = "true"
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.select import Select  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+    reason="chromium and chromium-driver (Debian) are installed by tests/run")
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    base = os.environ.get("CITYGW_ARTIFACTS_DIR") or "/tmp/citygw-artifacts"
+    d = Path(base) / time.strftime("console-%Y%m%d-%H%M%S")
+    d.mkdir(parents=True, exist_ok=True)
+    print(f"\nconsole screenshots: {d}")
+    return d
+
+
+@pytest.fixture(scope="module")
+def browser():
+    profile = tempfile.mkdtemp(prefix="citygw-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-default-apps",
+                "--disable-extensions", "--window-size=1400,1000", "--lang=vi",
+                f"--user-data-dir={profile}",
+                # Anything not on loopback would go to a dead proxy instead of the internet.
+                "--proxy-server=http://127.0.0.1:9"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    driver.get_log("performance")  # the browser's own start page is not the console's traffic
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def requested_urls(driver) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg.get("method") == "Network.requestWillBeSent":
+            urls.append(msg["params"]["request"]["url"])
+    return urls
+
+
+def text(driver, css: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, css).text
+
+
+def wait_css(driver, css: str, timeout: float = 10, desc: str | None = None):
+    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, css), timeout,
+               desc=desc or f"{css} on the page")
+    return driver.find_element(By.CSS_SELECTOR, css)
+
+
+def sign_in(driver, gw: Gateway, token: str) -> None:
+    driver.get(gw.http_base + "/console/")
+    field = wait_css(driver, "#token")
+    wait_until(lambda: field.is_displayed(), 10, desc="sign-in form shown")
+    field.clear()
+    field.send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#signin-form button[type=submit]").click()
+
+
+def shot(driver, artifacts: Path, name: str) -> None:
+    path = artifacts / f"{name}.png"
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000, f"{path} looks empty"
+
+
+@pytest.fixture(scope="module")
+def fleet(gw: Gateway):
+    """Devices in Hà Nội communes: three reporting over MQTT, one silent, one disabled, one
+    that sends a malformed payload."""
+    active = [gw.add_device(kind="air_quality", commune="00004", name=f"Trạm không khí {i}")
+              for i in range(3)]
+    silent = gw.add_device(kind="noise", commune="00008")
+    disabled = gw.add_device(kind="water_level", commune="00004")
+    gw.cli("device", "disable", disabled.id)
+    for i, d in enumerate(active):
+        with gw.connected_client(d) as c:
+            assert c.publish(d.topic, json.dumps({"temperature": 20 + i, "pm2_5": 10.5 + i})) == 0
+    with gw.connected_client(active[0]) as c:
+        assert c.publish(active[0].topic, b'{"temperature": oops}') == 0x99
+    return {"active": active, "silent": silent, "disabled": disabled}
+
+
+def test_a_wrong_token_cannot_sign_in(gw: Gateway, browser, artifacts: Path):
+    sign_in(browser, gw, "not-the-token")
+    wait_until(lambda: text(browser, "#signin-error"), 10, desc="sign-in error shown")
+    assert text(browser, "#signin-error") == "Mã không đúng."
+    assert not browser.find_element(By.CSS_SELECTOR, "#top").is_displayed()
+    assert browser.get_cookie("citygw_session") is None
+    shot(browser, artifacts, "0-signin-refused")
+
+
+def test_overview_equals_the_admin_api(gw: Gateway, browser, artifacts: Path, fleet):
+    sign_in(browser, gw, gw.token)
+    wait_css(browser, '[data-metric="devices.registered"]', 15, desc="overview rendered")
+    cookie = browser.get_cookie("citygw_session")
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert browser.execute_script("return document.cookie") == "", "scripts cannot read the session"
+
+    devices = gw.cli("device", "list")
+    enabled = [d for d in devices if d["enabled"]]
+    reported = [d for d in enabled if d["last_seen_time_ms"] > 0]
+    expected = {
+        "devices.registered": len(enabled),
+        "devices.active": len(reported),
+        "devices.silent": len(enabled) - len(reported),
+        "devices.disabled": len(devices) - len(enabled),
+        "devices.online": sum(d["online"] for d in devices),
+        "ingest.readings_total": int(gw.metric("citygw_readings_stored_total")),
+    }
+    kpi = gw.cli("kpi", "report")
+    assert kpi["city"]["active"] == expected["devices.active"]
+
+    def shown() -> dict:
+        return {k: int(text(browser, f'[data-metric="{k}"]').replace(".", "").replace(",", ""))
+                for k in expected}
+    wait_until(lambda: shown() == expected, 10, desc=f"overview shows {expected}")
+    rows = {r.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in r.find_elements(By.TAG_NAME, "td")]
+            for r in browser.find_elements(By.CSS_SELECTOR, "#by-protocol tbody tr")}
+    assert rows["mqtt"][2] == str(sum(d["protocol"] == "mqtt" for d in reported))
+    refused = browser.find_element(By.CSS_SELECTOR, "#refused").text
+    assert "malformed_json" in refused
+    assert int(gw.metric("citygw_messages_rejected_total", protocol="mqtt",
+                         reason="malformed_json")) == 1
+    wait_css(browser, ".chart .uplot", 10, desc="ingest chart drawn")
+    shot(browser, artifacts, "1-overview-vi")
+
+    # English, switched in the page; then back to Vietnamese (the default)
+    browser.find_element(By.CSS_SELECTOR, "#lang").click()
+    wait_until(lambda: text(browser, '#nav a[data-page="devices"]') == "Devices", 5,
+               desc="English navigation")
+    assert browser.execute_script("return document.documentElement.lang") == "en"
+    wait_css(browser, '[data-metric="devices.registered"]')
+    shot(browser, artifacts, "1-overview-en")
+    browser.find_element(By.CSS_SELECTOR, "#lang").click()
+    wait_until(lambda: text(browser, '#nav a[data-page="devices"]') == "Thiết bị", 5,
+               desc="Vietnamese navigation")
+
+
+def test_a_reading_published_by_mqtt_appears_on_the_device_page_live(gw: Gateway, browser,
+                                                                     artifacts: Path, fleet):
+    device = fleet["active"][0]
+    browser.get(f"{gw.http_base}/console/#/devices/{device.id}")
+    wait_css(browser, '#latest [data-quantity="temperature"]', 15, desc="latest readings")
+    wait_css(browser, "#device-chart .uplot", 10, desc="device chart")
+    picker = browser.find_element(By.CSS_SELECTOR, "#quantity-picker")
+    next(b for b in picker.find_elements(By.TAG_NAME, "button") if b.text == "temperature").click()
+    wait_until(lambda: "temperature" in text(browser, "#device-chart"), 5, desc="temperature charted")
+    browser.execute_script("window.__noReload = 'still here'")
+    points_before = int(browser.find_element(By.CSS_SELECTOR, "#device-chart")
+                        .get_attribute("data-points"))
+    with gw.connected_client(device) as c:
+        published = time.monotonic()
+        assert c.publish(device.topic, json.dumps({"temperature": 37.25})) == 0
+        wait_until(lambda: text(browser, '#latest [data-quantity="temperature"]') in ("37,25", "37.25"),
+                   2.0, interval=0.02, desc="the new reading on the page within 2 s")
+        shown_after = time.monotonic() - published
+    assert browser.execute_script("return window.__noReload") == "still here", "page was reloaded"
+    assert int(browser.find_element(By.CSS_SELECTOR, "#device-chart")
+               .get_attribute("data-points")) == points_before + 1
+    print(f"publish -> shown on the device page: {shown_after * 1000:.0f} ms")
+    shot(browser, artifacts, "3-device")
+
+
+def test_devices_page_searches(gw: Gateway, browser, artifacts: Path, fleet):
+    browser.get(f"{gw.http_base}/console/#/devices")
+    wait_css(browser, "#devices tbody tr", 10)
+    state = Select(browser.find_element(By.CSS_SELECTOR, '#device-filters select[name="state"]'))
+    state.select_by_value("disabled")
+    wait_until(lambda: [r.find_element(By.TAG_NAME, "a").text for r in
+                        browser.find_elements(By.CSS_SELECTOR, "#devices tbody tr")]
+               == [fleet["disabled"].id], 10, desc="only the disabled device listed")
+    shot(browser, artifacts, "2-devices")
+    state.select_by_value("")
+
+
+def test_kpi_page_lists_hanois_126_communes(gw: Gateway, browser, artifacts: Path, fleet):
+    browser.get(f"{gw.http_base}/console/#/kpi")
+    wait_css(browser, "#kpi-table tbody tr", 20, desc="KPI table")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#kpi-table tbody tr")
+    assert len(rows) == 126 and text(browser, "#commune-count") == "126"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#kpi-map .commune")) == 126
+    ba_dinh = browser.find_element(By.CSS_SELECTOR, '#kpi-table tr[data-code="00004"]')
+    assert "Phường Ba Đình" in ba_dinh.text
+    assert text(browser, '[data-metric="kpi.active"]') == "3"
+    # sort by active devices, most first: Ba Đình (3 active) leads
+    header = browser.find_element(By.CSS_SELECTOR, '#kpi-table th[data-key="active"]')
+    header.click()
+    wait_until(lambda: browser.find_element(By.CSS_SELECTOR, "#kpi-table tbody tr")
+               .get_attribute("data-code") == "00004", 5, desc="sorted by active")
+    assert header.get_attribute("data-sort") == "desc"
+    href = browser.find_element(By.CSS_SELECTOR, "#kpi-csv").get_attribute("href")
+    assert urlparse(href).path == "/console/api/kpi.csv"
+    shot(browser, artifacts, "4-kpi")
+
+
+def test_dead_letters_page(gw: Gateway, browser, artifacts: Path, fleet):
+    browser.get(f"{gw.http_base}/console/#/deadletters")
+    wait_css(browser, "#dead-letters tbody tr", 10)
+    first = browser.find_element(By.CSS_SELECTOR, "#dead-letters tbody tr").text
+    assert "malformed_json" in first and fleet["active"][0].id in first
+    assert '{"temperature": oops}' in first, "payload shown as text"
+    shot(browser, artifacts, "5-deadletters")
+
+
+def test_operator_is_read_only_in_the_page(gw: Gateway, browser, artifacts: Path, fleet):
+    token = gw.cli("operator", "add", "wall-screen")["token"]
+    browser.get(gw.http_base + "/console/")
+    wait_css(browser, "#signout").click()
+    sign_in(browser, gw, token)
+    wait_css(browser, '[data-metric="devices.registered"]', 15)
+    assert "wall-screen" in text(browser, "#who")
+    browser.get(f"{gw.http_base}/console/#/devices/{fleet['silent'].id}")
+    button = wait_css(browser, "#toggle-enabled", 10)
+    assert not button.is_enabled(), "operators cannot disable devices"
+    shot(browser, artifacts, "6-device-operator")
+
+
+def test_the_browser_made_no_request_outside_citygw(gw: Gateway, browser):
+    """Last in the module: the performance log holds every request of the tests above."""
+    urls = requested_urls(browser)
+    assert any(u.startswith(gw.http_base + "/console/api/") for u in urls), urls[:10]
+    # Every network request (http, https, ws...) went to the gateway; data: and blob: URLs and
+    # the browser's own chrome:// pages are not network requests.
+    outside = [u for u in urls if not u.startswith(gw.http_base + "/")
+               and not u.startswith(("data:", "blob:", "chrome:", "about:"))]
+    assert outside == [], outside
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
+              and "Mã không đúng" not in e["message"] and "401" not in e["message"]]
+    assert errors == [], errors

@@ -1,0 +1,347 @@
+"""The operator console over plain HTTP (requests): nothing answers without a session, cookie
+flags, CSRF and origin checks on writes, the read-only operator role, sign-in throttling, the
+embedded assets and their security headers, and the data behind the pages against the admin
+API and /metrics. The browser tests (test_console_browser.py) drive the same pages in Chromium."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+
+import pytest
+import requests
+
+from support import Gateway, wait_until
+
+API_PATHS = [
+    "/console/api/overview", "/console/api/devices", "/console/api/devices/x",
+    "/console/api/devices/x/readings", "/console/api/deadletters", "/console/api/kpi",
+    "/console/api/kpi.csv", "/console/api/kpi/map", "/console/api/live/overview",
+    "/console/api/live/devices/x", "/console/api/session",
+]
+
+
+def sign_in(gw: Gateway, token: str, **kw) -> requests.Response:
+    return requests.post(gw.http_base + "/console/api/session", json={"token": token},
+                         timeout=10, **kw)
+
+
+def session_for(gw: Gateway, token: str) -> tuple[requests.Session, str]:
+    """A requests session holding the console cookie, and the CSRF token."""
+    s = requests.Session()
+    r = s.post(gw.http_base + "/console/api/session", json={"token": token}, timeout=10)
+    assert r.status_code == 200, r.text
+    return s, r.json()["csrf"]
+
+
+def add_operator(gw: Gateway, name: str) -> str:
+    out = gw.cli("operator", "add", name)
+    assert out["operator"]["name"] == name and out["token"], out
+    return out["token"]
+
+
+def test_nothing_answers_without_a_session(gw: Gateway):
+    for path in API_PATHS:
+        r = requests.get(gw.http_base + path, timeout=10)
+        assert r.status_code == 401, (path, r.status_code, r.text[:200])
+        assert r.json() == {"error": "sign in first"}, path
+    # a forged or stale cookie is no better
+    for cookie in ("forged", "", "x" * 4000):
+        r = requests.get(gw.http_base + "/console/api/overview",
+                         headers={"Cookie": f"citygw_session={cookie}"}, timeout=10)
+        assert r.status_code == 401, cookie[:10]
+    r = requests.post(gw.http_base + "/console/api/devices/x/enabled", json={"enabled": False},
+                      timeout=10)
+    assert r.status_code == 401
+    assert gw.metric("citygw_console_requests_refused_total", reason="no_session") >= len(API_PATHS)
+    # The page shell holds no data and is public; its API calls are not.
+    page = requests.get(gw.http_base + "/console/", timeout=10)
+    assert page.status_code == 200 and "citygw" in page.text
+    assert requests.get(gw.http_base + "/console", timeout=10, allow_redirects=False) \
+        .headers["location"] == "/console/"
+
+
+def test_sign_in_cookie_flags_and_sign_out(gw: Gateway):
+    r = sign_in(gw, gw.token)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["role"] == "admin" and body["time_zone"] == "Asia/Ho_Chi_Minh" and body["csrf"]
+    cookie = r.headers["set-cookie"]
+    parts = [p.strip() for p in cookie.split(";")]
+    assert parts[0].startswith("citygw_session=") and len(parts[0]) > 40, cookie
+    for flag in ("HttpOnly", "SameSite=Strict", "Path=/console"):
+        assert flag in parts, (flag, cookie)
+    assert "Secure" not in parts, "plain HTTP listener: Secure would drop the cookie"
+    assert gw.token not in cookie and gw.token not in r.text
+    assert r.headers["cache-control"] == "no-store"
+
+    s, csrf = session_for(gw, gw.token)
+    assert s.get(gw.http_base + "/console/api/session", timeout=10).json()["role"] == "admin"
+    # sign-out needs the CSRF token too (a cross-site page must not log people out)
+    assert s.delete(gw.http_base + "/console/api/session", timeout=10).status_code == 403
+    r = s.delete(gw.http_base + "/console/api/session", headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert r.status_code == 204
+    assert "Max-Age=0" in r.headers["set-cookie"]
+    old = r.request.headers["Cookie"]
+    r = requests.get(gw.http_base + "/console/api/overview", headers={"Cookie": old}, timeout=10)
+    assert r.status_code == 401, "the signed-out session must be gone server-side"
+
+
+def test_wrong_tokens_are_refused_counted_and_throttled(gateway_factory):
+    gw: Gateway = gateway_factory()
+    before = gw.metric("citygw_api_auth_failures_total", api="console") \
+        if gw.metrics().has("citygw_api_auth_failures_total", api="console") else 0
+    # an agency token is not a console token, nor is the admin token with junk around it
+    agency = gw.add_agency()
+    for token in (agency.token, "", gw.token + "x", gw.token[:-1], "' OR 1=1 --", "ü" * 500):
+        r = sign_in(gw, token)
+        assert r.status_code == 401, (token[:20], r.status_code)
+        assert "set-cookie" not in r.headers
+    # not JSON at all
+    r = requests.post(gw.http_base + "/console/api/session", data="token=" + gw.token,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
+    assert r.status_code == 400 and "set-cookie" not in r.headers
+    # an oversized body is refused before it is read whole
+    r = requests.post(gw.http_base + "/console/api/session",
+                      data=json.dumps({"token": "a" * 100_000}),
+                      headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code in (400, 413), r.status_code
+    after = gw.metric("citygw_api_auth_failures_total", api="console")
+    assert after - before == 6, (before, after)
+    # a guessing flood from one address: throttled with Retry-After, even for the right token
+    for _ in range(10):
+        sign_in(gw, "guess")
+    r = sign_in(gw, gw.token)
+    assert r.status_code == 429, r.status_code
+    assert int(r.headers["retry-after"]) > 0
+    # ...but only that address: the operator on another loopback address still signs in
+    other = requests.Session()
+    other.mount("http://", SourceAddressAdapter("127.0.0.2"))
+    r = other.post(gw.http_base + "/console/api/session", json={"token": gw.token}, timeout=10)
+    assert r.status_code == 200, r.text
+    # the log names no token and stays small
+    log = gw.log_path.read_text()
+    assert gw.token not in log and "guess" not in log and "ü" * 50 not in log
+    assert log.count("console sign-in refused") <= 3
+
+
+class SourceAddressAdapter(requests.adapters.HTTPAdapter):
+    """Binds outgoing connections to a loopback source address."""
+
+    def __init__(self, address: str):
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def test_writes_need_csrf_same_origin_and_the_admin_role(gw: Gateway):
+    device = gw.add_device()
+    url = f"{gw.http_base}/console/api/devices/{device.id}/enabled"
+    s, csrf = session_for(gw, gw.token)
+    host = gw.http_base.removeprefix("http://")
+
+    refused = [
+        ({}, 403),                                                  # no CSRF token
+        ({"X-CSRF-Token": "wrong"}, 403),                           # wrong one
+        ({"X-CSRF-Token": csrf, "Origin": "http://evil.example"}, 403),
+        ({"X-CSRF-Token": csrf, "Origin": "null"}, 403),
+        ({"X-CSRF-Token": csrf, "Sec-Fetch-Site": "cross-site"}, 403),
+    ]
+    for headers, status in refused:
+        r = s.post(url, json={"enabled": False}, headers=headers, timeout=10)
+        assert r.status_code == status, (headers, r.status_code, r.text)
+    assert gw.cli("device", "show", device.id)["enabled"] is True, "nothing may have changed"
+    assert gw.metric("citygw_console_requests_refused_total", reason="csrf") >= 2
+    assert gw.metric("citygw_console_requests_refused_total", reason="cross_origin") >= 3
+
+    r = s.post(url, json={"enabled": False}, timeout=10,
+               headers={"X-CSRF-Token": csrf, "Origin": f"http://{host}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["enabled"] is False and r.json()["state"] == "disabled"
+    assert gw.cli("device", "show", device.id)["enabled"] is False
+    with gw.mqtt_client(device) as c:
+        assert c.connect() == 0x87, "a device disabled in the console is refused"
+    r = s.post(url, json={"enabled": True}, headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert r.status_code == 200 and gw.cli("device", "show", device.id)["enabled"] is True
+
+    # a cross-site sign-in attempt (login CSRF) is refused too
+    r = sign_in(gw, gw.token, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    # malformed bodies
+    for body in ("", "{", '{"enabled": "no"}', "[]"):
+        r = s.post(url, data=body, headers={"X-CSRF-Token": csrf, "Content-Type": "application/json"},
+                   timeout=10)
+        assert r.status_code == 400, (body, r.status_code)
+    r = s.post(f"{gw.http_base}/console/api/devices/nope/enabled", json={"enabled": False},
+               headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert r.status_code == 404
+
+
+def test_read_only_operator_sees_everything_and_changes_nothing(gw: Gateway):
+    device = gw.add_device()
+    token = add_operator(gw, "night-shift")
+    listed = gw.cli("operator", "list")
+    assert [o["name"] for o in listed if o["name"] == "night-shift"] == ["night-shift"]
+    s, csrf = session_for(gw, token)
+    me = s.get(gw.http_base + "/console/api/session", timeout=10).json()
+    assert (me["role"], me["name"]) == ("operator", "night-shift")
+    for path in ("/console/api/overview", "/console/api/devices", f"/console/api/devices/{device.id}",
+                 "/console/api/deadletters", "/console/api/kpi", "/console/api/kpi.csv"):
+        assert s.get(gw.http_base + path, timeout=10).status_code == 200, path
+    r = s.post(f"{gw.http_base}/console/api/devices/{device.id}/enabled", json={"enabled": False},
+               headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert r.status_code == 403 and "read-only" in r.json()["error"], r.text
+    assert gw.cli("device", "show", device.id)["enabled"] is True
+    # the operator token is no admin token on the gRPC admin API either
+    proc = gw.cli_raw("device", "disable", device.id, token=token)
+    assert proc.returncode != 0 and gw.cli("device", "show", device.id)["enabled"] is True
+
+    # revoking the operator ends the session at once, live streams included
+    got: list[str] = []
+    stream = s.get(gw.http_base + "/console/api/live/overview", stream=True, timeout=30)
+    assert stream.status_code == 200
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    reader = threading.Thread(target=lambda: [got.append(line) for line in
+                                              stream.iter_lines(decode_unicode=True)], daemon=True)
+    reader.start()
+    wait_until(lambda: any(l == "event: overview" for l in got), 10, desc="first overview event")
+    gw.cli_raw("operator", "remove", "night-shift", output_json=False).check_returncode()
+    assert s.get(gw.http_base + "/console/api/overview", timeout=10).status_code == 401
+    wait_until(lambda: "event: signed_out" in got, 10, desc="stream told signed_out")
+    reader.join(20)
+    assert not reader.is_alive(), "the stream must end with the session"
+
+
+def test_assets_are_embedded_with_security_headers_and_no_outside_reference(gw: Gateway):
+    page = requests.get(gw.http_base + "/console/", timeout=10)
+    csp = page.headers["content-security-policy"]
+    for directive in ("default-src 'none'", "script-src 'self'", "connect-src 'self'",
+                      "frame-ancestors 'none'"):
+        assert directive in csp, csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["x-frame-options"] == "DENY"
+    assets = ["/console/console.css", "/console/js/app.js", "/console/js/ui.js",
+              "/console/js/i18n.js", "/console/js/pages/overview.js", "/console/js/pages/kpi.js",
+              "/console/js/pages/devices.js", "/console/js/pages/device.js",
+              "/console/js/pages/deadletters.js", "/console/vendor/uplot/uPlot.iife.min.js",
+              "/console/vendor/uplot/uPlot.min.css", "/console/vendor/uplot/LICENSE",
+              "/console/favicon.svg"]
+    for path in assets:
+        r = requests.get(gw.http_base + path, timeout=10)
+        assert r.status_code == 200, path
+        text = r.text
+        # no CDN, no font service, no tile server: nothing outside citygw is referenced
+        for outside in ("https://", "http://", "//cdn", "googleapis", "unpkg", "jsdelivr"):
+            hits = [line for line in text.splitlines() if outside in line
+                    and "www.w3.org/2000/svg" not in line and "github.com/leeoniya" not in line
+                    and "opensource.org" not in line]
+            assert not hits, (path, outside, hits[:2])
+        etag = r.headers["etag"]
+        again = requests.get(gw.http_base + path, headers={"If-None-Match": etag}, timeout=10)
+        assert again.status_code == 304, path
+    assert requests.get(gw.http_base + "/console/../Cargo.toml", timeout=10).status_code == 404
+    assert requests.get(gw.http_base + "/console/nope.js", timeout=10).status_code == 404
+
+
+def test_overview_devices_and_kpi_agree_with_the_admin_api_and_metrics(gateway_factory):
+    gw: Gateway = gateway_factory()
+    active = [gw.add_device(kind="air_quality", commune="00004") for _ in range(3)]
+    silent = gw.add_device(kind="noise", commune="00008")
+    disabled = gw.add_device(kind="water_level")
+    gw.cli("device", "disable", disabled.id)
+    for d in active:
+        with gw.connected_client(d) as c:
+            assert c.publish(d.topic, json.dumps({"pm2_5": 12.5})) == 0
+    with gw.connected_client(active[0]) as c:
+        assert c.publish(active[0].topic, b"{broken") == 0x99  # MQTT 5: payload format invalid
+    s, _ = session_for(gw, gw.token)
+
+    def overview():
+        return s.get(gw.http_base + "/console/api/overview", timeout=10).json()
+
+    o = overview()
+    devices = gw.cli("device", "list")
+    assert o["devices"]["registered"] == sum(d["enabled"] for d in devices) == 4
+    assert o["devices"]["disabled"] == sum(not d["enabled"] for d in devices) == 1
+    assert (o["devices"]["active"], o["devices"]["silent"]) == (3, 1)
+    by_protocol = {g["name"]: g for g in o["devices"]["by_protocol"]}
+    assert by_protocol["mqtt"]["active"] == sum(d["protocol"] == "mqtt" for d in devices) == 3
+    assert by_protocol["none"]["registered"] + by_protocol["none"]["disabled"] == 2
+    by_kind = {g["name"]: g for g in o["devices"]["by_kind"]}
+    assert (by_kind["air_quality"]["active"], by_kind["noise"]["silent"],
+            by_kind["water_level"]["disabled"]) == (3, 1, 1)
+    kpi = gw.cli("kpi", "report")
+    assert kpi["city"]["active"] == o["devices"]["active"]
+    m = gw.metrics()
+    assert o["ingest"]["readings_total"] == m.value("citygw_readings_stored_total") == 3
+    refused = {(r["protocol"], r["reason"]): r["count"] for r in o["refused"]}
+    assert refused == {("mqtt", "malformed_json"): 1}
+    assert o["store"]["commits_total"] == m.value("citygw_store_commit_seconds_count")
+    # the sampler turns counters into a rate history for the chart
+    wait_until(lambda: len(overview()["ingest"]["history"]["time_ms"]) >= 2, 15,
+               desc="two rate samples")
+
+    # device search and filters
+    def find(**q):
+        return [d["id"] for d in s.get(gw.http_base + "/console/api/devices", params=q,
+                                       timeout=10).json()["devices"]]
+    assert find(state="active") == sorted(d.id for d in active)
+    assert find(state="disabled") == [disabled.id]
+    assert find(protocol="none", state="silent") == [silent.id]
+    assert find(q=silent.id[-6:].upper()) == [silent.id]
+    assert find(kind="noise") == [silent.id]
+    page = s.get(gw.http_base + "/console/api/devices", params={"limit": 2}, timeout=10).json()
+    rest = s.get(gw.http_base + "/console/api/devices",
+                 params={"after": page["next_after"]}, timeout=10).json()
+    assert [d["id"] for d in page["devices"] + rest["devices"]] == sorted(d["id"] for d in devices)
+
+    # latest readings and dead letters, newest first
+    readings = s.get(f"{gw.http_base}/console/api/devices/{active[0].id}/readings",
+                     timeout=10).json()["readings"]
+    assert [(r["quantity"], r["value"]) for r in readings] == [("pm2_5", 12.5)]
+    dls = s.get(gw.http_base + "/console/api/deadletters", timeout=10).json()["dead_letters"]
+    assert dls[0]["reason"] == "malformed_json" and dls[0]["payload"] == "{broken"
+
+    # the KPI page's data and its CSV
+    k = s.get(gw.http_base + "/console/api/kpi", timeout=10).json()
+    assert k["city"] == kpi["city"] and len(k["communes"]) == 126
+    csv_resp = s.get(gw.http_base + "/console/api/kpi.csv", timeout=10)
+    assert csv_resp.headers["content-type"].startswith("text/csv")
+    assert "attachment" in csv_resp.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(csv_resp.text)))
+    assert len(rows) == 126
+    ba_dinh = next(r for r in rows if r["commune_code"] == "00004")
+    assert (ba_dinh["commune_name"], ba_dinh["active"]) == ("Phường Ba Đình", "3")
+    geo = s.get(gw.http_base + "/console/api/kpi/map", timeout=10).json()
+    assert geo["attribution"] == "centroids" and len(geo["communes"]) == 126
+    assert all(20.5 < c["lat"] < 21.5 and 105.2 < c["lon"] < 106.1 for c in geo["communes"])
+
+
+@pytest.mark.parametrize("path", ["/console/api/devices/%00", "/console/api/devices/" + "a" * 5000])
+def test_odd_device_paths_are_answered_cleanly(gw: Gateway, path: str):
+    s, _ = session_for(gw, gw.token)
+    r = s.get(gw.http_base + path, timeout=10)
+    assert r.status_code in (404, 414, 431), r.status_code
+    assert gw.http_get("/healthz").status_code == 200
+
+
+def test_kpi_map_draws_configured_boundaries(gateway_factory, tmp_path):
+    """With kpi.boundaries_file the map carries each commune's rings (lon, lat) as configured;
+    communes without a boundary keep their centroid."""
+    square = [[105.83, 21.03], [105.85, 21.03], [105.85, 21.05], [105.83, 21.05], [105.83, 21.03]]
+    geojson = tmp_path / "boundaries.geojson"
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"commune_code": "00004"},
+         "geometry": {"type": "Polygon", "coordinates": [square]}}]}))
+    gw: Gateway = gateway_factory(config_toml=f'[kpi]\nboundaries_file = "{geojson}"\n')
+    s, _ = session_for(gw, gw.token)
+    geo = s.get(gw.http_base + "/console/api/kpi/map", timeout=10).json()
+    assert geo["attribution"] == "boundaries"
+    by_code = {c["code"]: c for c in geo["communes"]}
+    assert by_code["00004"]["rings"] == [square]
+    assert by_code["00008"]["rings"] == [] and by_code["00008"]["lat"] > 20
