@@ -310,8 +310,7 @@ pub fn clip_at(text: &str, limit: usize) -> Clipped<'_> {
 
 impl fmt::Display for Clipped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = 0;
-        for (i, c) in self.text.char_indices() {
+        for (shown, (i, c)) in self.text.char_indices().enumerate() {
             if shown == self.limit {
                 return write!(f, "…[{} more bytes]", self.text.len() - i);
             }
@@ -320,7 +319,6 @@ impl fmt::Display for Clipped<'_> {
             } else {
                 fmt::Write::write_char(f, c)?;
             }
-            shown += 1;
         }
         Ok(())
     }

@@ -116,13 +116,14 @@ pub async fn start(
 }
 
 /// The bearer token of a request, checked by `verify` under the back-off of failed attempts
-/// from `peer`. The error is the response to send (401, or 429 with Retry-After).
+/// from `peer`. The error is the response to send (401, or 429 with Retry-After), boxed: it is
+/// the rare path.
 fn check_token<R>(
     state: &Api,
     peer: SocketAddr,
     headers: &HeaderMap,
     verify: impl FnOnce(&str) -> Option<R>,
-) -> Result<R, Response> {
+) -> Result<R, Box<Response>> {
     let throttle = state.registry.throttle();
     if let Err(t) = throttle.check(peer.ip(), None) {
         metrics::counter!("citygw_api_auth_failures_total", "api" => "http", "reason" => "throttled")
@@ -140,7 +141,7 @@ fn check_token<R>(
                 .parse()
                 .expect("digits"),
         );
-        return Err(r);
+        return Err(Box::new(r));
     }
     let token = headers
         .get(header::AUTHORIZATION)
@@ -157,7 +158,7 @@ fn check_token<R>(
     throttle.failed(peer.ip(), None);
     metrics::counter!("citygw_api_auth_failures_total", "api" => "http", "reason" => reason)
         .increment(1);
-    Err(error(StatusCode::UNAUTHORIZED, message))
+    Err(Box::new(error(StatusCode::UNAUTHORIZED, message)))
 }
 
 async fn render_metrics(
@@ -169,7 +170,7 @@ async fn render_metrics(
         if let Err(r) = check_token(&state, peer, &headers, |t| {
             constant_time_eq(t.as_bytes(), expected.as_bytes()).then_some(())
         }) {
-            return r;
+            return *r;
         }
     }
     state.metrics.render().into_response()
@@ -214,7 +215,7 @@ async fn kpi(
         }
     });
     match caller {
-        Err(r) => return r,
+        Err(r) => return *r,
         Ok(Some(agency)) if !agency.kpi => {
             metrics::counter!("citygw_api_denied_total", "api" => "http").increment(1);
             return error(

@@ -124,7 +124,7 @@ enum ConfigCommand {
 #[derive(Subcommand)]
 enum DeviceCommand {
     /// Register a device; prints its secret once.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// List devices.
     List {
         #[arg(long, default_value = "")]
@@ -360,7 +360,7 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
     let mut client = Client::connect(cfg, conn.server, conn.token, &conn.tls).await?;
     match command {
         Command::Device(DeviceCommand::Add(args)) => {
-            let (device, secret, psk) = client.add_device(args).await?;
+            let (device, secret, psk) = client.add_device(*args).await?;
             out.added(&device, &secret, &psk);
         }
         Command::Device(DeviceCommand::List {

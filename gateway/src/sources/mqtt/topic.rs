@@ -69,10 +69,10 @@ mod tests {
             }
         );
         assert_eq!(
-            parse("devices/a1/telemetry/senml+cbor"),
+            parse("devices/a1/telemetry/senml-cbor"),
             Topic::Telemetry {
                 device_id: "a1",
-                format: Some("senml+cbor")
+                format: Some("senml-cbor")
             }
         );
         assert_eq!(
@@ -96,6 +96,9 @@ mod tests {
             "",
             "devices/a1/telemetry/#",
             "devices/+/telemetry",
+            // '+' is a wildcard character anywhere in a topic name (MQTT-4.7.1-1), so the
+            // canonical format names are spelled with '-' in topics.
+            "devices/a1/telemetry/senml+cbor",
             "devices/a1/tele\0metry",
         ] {
             assert_eq!(parse(invalid), Topic::Invalid, "{invalid:?}");
