@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::console::{self, Console};
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
+use crate::control::commands::Commands;
 use crate::kpi::Kpi;
 use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
@@ -56,6 +57,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
+    let (commands, command_log) = Commands::load(store.clone(), registry.clone())?;
+    let command_log = tokio::spawn(command_log.run(cfg.store.retention(), shutdown.clone()));
     if cluster.is_some() {
         tokio::spawn(crate::registry::follow_changes(
             store.clone(),
@@ -140,6 +143,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 kpi: kpi.clone(),
                 lwm2m: lwm2m.clone(),
                 tls: grpc_tls,
+                commands: commands.clone(),
             }
             .start(shutdown.clone())
             .await?,
@@ -152,6 +156,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             pipeline: pipeline.clone(),
             identity_field: cfg.tls.device_identity,
             reloader: reloader.clone(),
+            commands: commands.clone(),
         }),
         Box::new(CoapSource {
             config: cfg.coap.clone(),
@@ -208,6 +213,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .await;
     tasks.abort_all();
+    // The command log's last changes (expiries, answers that raced the shutdown) go to disk.
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, command_log).await;
     housekeeping.abort();
     kpi_refresh.abort();
     reloads.abort();

@@ -734,6 +734,40 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> 
     file.sync_all()
 }
 
+/// A duration as operators write it: `30s`, `5m`, `2h`, `1d`, `500ms`, or a sum such as `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let text = s.trim();
+    let bad =
+        || format!("duration {s:?}: a number and a unit (ms, s, m, h, d), e.g. 30s, 5m, 1h30m");
+    if text.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let millis = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::from_millis(n.checked_mul(millis).ok_or_else(bad)?);
+    }
+    Ok(total)
+}
+
 /// Names operators give things that end up in metric labels, keys and addresses (tenants,
 /// agencies, sinks, network servers): 1-64 characters of a-z 0-9 - _.
 pub fn is_slug(s: &str) -> bool {
@@ -793,6 +827,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "5", "m", "5x", "1.5h", "-3s", "5 m"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

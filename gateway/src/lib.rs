@@ -3,7 +3,8 @@
 //! Data flows left to right through the modules: [`sources`] take bytes in, [`codec`] decodes them,
 //! [`pipeline`] checks identity, normalises and makes readings durable in [`store`], and [`api`]
 //! serves them out. [`registry`] holds devices and credentials; [`kpi`] measures IoT connections
-//! per resident; [`tls`] secures the listeners; [`app`] wires it all for
+//! per resident; [`control`] sends commands to devices and raises alerts; [`tls`] secures the
+//! listeners; [`app`] wires it all for
 //! `citygw run`; [`cli`] is the operator's command line.
 
 pub mod api;
@@ -11,6 +12,7 @@ pub mod app;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod kpi;
 pub mod observability;
 pub mod pipeline;

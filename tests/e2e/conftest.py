@@ -122,6 +122,28 @@ def citygw_pb(citygw_api):
 
 
 @pytest.fixture
+def control(citygw_api):
+    """`control(gw, token)` -> a ControlClient (grpcio, generated stubs) calling
+    `citygw.v1.Control` with that bearer token (the admin token when None is not given:
+    `control(gw)`); channels are closed at teardown."""
+    from support.control import ControlClient
+
+    clients = []
+    unset = object()
+
+    def make(gw: Gateway, token=unset):
+        c = ControlClient(gw, citygw_api, gw.token if token is unset else token)
+        clients.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.fixture
 def telemetry(citygw_api):
     """`telemetry(gw, token, options=())` -> a TelemetryClient (grpcio, generated stubs) calling
     `citygw.v1.Telemetry` with that bearer token; channels are closed at teardown."""

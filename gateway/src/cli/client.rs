@@ -11,6 +11,7 @@ use tonic::{Request, Status};
 use super::AddArgs;
 use crate::config::Config;
 use crate::proto::admin_client::AdminClient;
+use crate::proto::control_client::ControlClient;
 use crate::proto::*;
 
 /// Rows per ImportDevices call: bounded messages, visible progress on large files.
@@ -91,10 +92,12 @@ type Authed = InterceptedService<Channel, AddToken>;
 
 pub struct Client {
     inner: AdminClient<Authed>,
+    /// The Control API (commands, alerts) on the same connection, with the same token.
+    pub control: ControlClient<Authed>,
 }
 
 /// gRPC errors say "status: Unauthenticated, message: ..."; operators want the code and message.
-fn rpc(e: Status) -> anyhow::Error {
+pub fn rpc(e: Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", e.code(), e.message()).context(match e.code() {
         tonic::Code::Unauthenticated => "unauthenticated: check --token / CITYGW_ADMIN_TOKEN",
         tonic::Code::Unavailable => "gateway unavailable",
@@ -132,8 +135,12 @@ impl Client {
             .await
             .with_context(|| format!("cannot reach the gateway at {server}"))?;
         let auth: AddToken = Box::new(bearer(&token)?);
+        let control_auth: AddToken = Box::new(bearer(&token)?);
         Ok(Client {
-            inner: AdminClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20),
+            inner: AdminClient::with_interceptor(channel.clone(), auth)
+                .max_decoding_message_size(64 << 20),
+            control: ControlClient::with_interceptor(channel, control_auth)
+                .max_decoding_message_size(64 << 20),
         })
     }
 
@@ -316,6 +323,7 @@ impl Client {
         tenants: Vec<String>,
         kinds: Vec<String>,
         kpi: bool,
+        control: bool,
     ) -> anyhow::Result<(AgencyInfo, String)> {
         let resp = self
             .inner
@@ -324,6 +332,7 @@ impl Client {
                 tenants,
                 kinds,
                 kpi,
+                control,
             })
             .await
             .map_err(rpc)?

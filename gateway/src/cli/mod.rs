@@ -3,6 +3,7 @@
 
 mod cert;
 pub mod client;
+mod control;
 mod kpi;
 mod output;
 
@@ -96,6 +97,9 @@ enum Command {
     /// IoT connections per resident against the city plan's targets.
     #[command(subcommand)]
     Kpi(KpiCommand),
+    /// Commands to devices: send, follow, inspect.
+    #[command(name = "command", subcommand)]
+    Commands(control::CommandCommand),
 }
 
 #[derive(Subcommand)]
@@ -244,6 +248,9 @@ enum AgencyCommand {
         /// May read the connections-per-resident KPI.
         #[arg(long)]
         kpi: bool,
+        /// May send commands to the devices in its scope and acknowledge or clear their alerts.
+        #[arg(long)]
+        control: bool,
     },
     List,
     /// Revoke an agency's token (API-created agencies only).
@@ -416,8 +423,11 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
             tenants,
             kinds,
             kpi,
+            control,
         }) => {
-            let (agency, token) = client.add_agency(name, tenants, kinds, kpi).await?;
+            let (agency, token) = client
+                .add_agency(name, tenants, kinds, kpi, control)
+                .await?;
             out.agency_added(&agency, &token);
         }
         Command::Agency(AgencyCommand::List) => out.agencies(&client.list_agencies().await?),
@@ -442,6 +452,7 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
         Command::Lwm2m(Lwm2mCommand::List { device }) => {
             out.lwm2m_registrations(&client.lwm2m_registrations(&device).await?)
         }
+        Command::Commands(cmd) => control::run(&mut client, conn.output, cmd).await?,
         Command::Agency(AgencyCommand::Remove { name }) => {
             client.remove_agency(&name).await?;
             println!("agency {name} removed; its token no longer works");

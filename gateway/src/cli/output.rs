@@ -40,7 +40,10 @@ fn operator_json(o: &OperatorInfo) -> Value {
 }
 
 fn agency_json(a: &AgencyInfo) -> Value {
-    json!({"name": a.name, "tenants": a.tenants, "kinds": a.kinds, "kpi": a.kpi, "from_config": a.from_config})
+    json!({
+        "name": a.name, "tenants": a.tenants, "kinds": a.kinds, "kpi": a.kpi,
+        "control": a.control, "from_config": a.from_config,
+    })
 }
 
 fn value_json(v: &Option<reading::Value>) -> Value {
@@ -75,7 +78,7 @@ fn dead_letter_json(d: &DeadLetter) -> Value {
     })
 }
 
-fn time(ms: i64) -> String {
+pub(super) fn time(ms: i64) -> String {
     if ms == 0 {
         return "-".into();
     }
@@ -288,7 +291,7 @@ impl Output {
         match self.format {
             Format::Json => self.json(Value::Array(agencies.iter().map(agency_json).collect())),
             Format::Table => table(
-                &["name", "tenants", "kinds", "kpi", "source"],
+                &["name", "tenants", "kinds", "kpi", "control", "source"],
                 agencies
                     .iter()
                     .map(|a| {
@@ -297,6 +300,7 @@ impl Output {
                             a.tenants.join(","),
                             a.kinds.join(","),
                             a.kpi.to_string(),
+                            a.control.to_string(),
                             if a.from_config { "config" } else { "api" }.to_string(),
                         ]
                     })

@@ -880,7 +880,7 @@ pub async fn follow_changes(
                     Table::Devices => registry.apply_record(&change.key, value),
                     Table::Agencies => agencies.apply_record(&change.key, value),
                     Table::Operators => operators.apply_record(&change.key, value),
-                    Table::Cursors | Table::KpiSnapshots => {}
+                    Table::Cursors | Table::KpiSnapshots | Table::Commands | Table::Alerts => {}
                 }
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {

@@ -23,6 +23,10 @@ pub(super) const OPERATORS: &str = "operators";
 pub(super) const CURSORS: &str = "cursors";
 /// Name of the keyspace holding daily KPI snapshots.
 pub(super) const KPI_SNAPSHOTS: &str = "kpi_snapshots";
+/// Name of the keyspace holding the command log.
+pub(super) const COMMANDS: &str = "commands";
+/// Name of the keyspace holding alerts and alert rules.
+pub(super) const ALERTS: &str = "alerts";
 /// Name of the keyspace holding small store-wide values.
 pub(super) const META: &str = "meta";
 

@@ -102,6 +102,8 @@ pub(crate) struct Keyspaces {
     pub(crate) operators: Keyspace,
     pub(crate) cursors: Keyspace,
     pub(crate) kpi_snapshots: Keyspace,
+    pub(crate) commands: Keyspace,
+    pub(crate) alerts: Keyspace,
     pub(crate) meta: Keyspace,
 }
 
@@ -113,6 +115,8 @@ impl Keyspaces {
             Table::Operators => &self.operators,
             Table::Cursors => &self.cursors,
             Table::KpiSnapshots => &self.kpi_snapshots,
+            Table::Commands => &self.commands,
+            Table::Alerts => &self.alerts,
         }
     }
 
@@ -127,6 +131,8 @@ impl Keyspaces {
             operators: ks(keys::OPERATORS)?,
             cursors: ks(keys::CURSORS)?,
             kpi_snapshots: ks(keys::KPI_SNAPSHOTS)?,
+            commands: ks(keys::COMMANDS)?,
+            alerts: ks(keys::ALERTS)?,
             meta: ks(keys::META)?,
         })
     }

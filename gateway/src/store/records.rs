@@ -29,6 +29,11 @@ pub enum Table {
     Cursors,
     /// Daily KPI snapshots: `{city}/{YYYY-MM-DD}` → figures (one small row per city and day).
     KpiSnapshots,
+    /// The command log: commands with their history and the open ones' markers
+    /// (`control::commands::log` owns the keys).
+    Commands,
+    /// Alerts, alert rules added through the API, action cool-downs (`control` owns the keys).
+    Alerts,
 }
 
 impl Store {
@@ -96,6 +101,119 @@ impl Store {
         })
         .await?;
         reply.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// One record, by key.
+    pub fn get_record(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .inner
+            .ks
+            .table(table)
+            .get(key.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Up to `limit` records whose keys start with `prefix`, in key order after the key `after`
+    /// (or, with `newest_first`, in reverse key order before it); `after` empty: from the first
+    /// (or last) one. Pages through a large table without loading it whole.
+    pub fn records_with_prefix(
+        &self,
+        table: Table,
+        prefix: &str,
+        after: &str,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let start = prefix.as_bytes().to_vec();
+        // Keys with the prefix sort below the prefix with its last byte incremented.
+        let mut end = start.clone();
+        while end.last() == Some(&u8::MAX) {
+            end.pop();
+        }
+        let end = match end.last_mut() {
+            Some(b) => {
+                *b += 1;
+                Bound::Excluded(end)
+            }
+            None => Bound::Unbounded,
+        };
+        let after = (!after.is_empty()).then(|| after.as_bytes().to_vec());
+        let range = match (after, newest_first) {
+            (None, _) => (Bound::Included(start), end),
+            (Some(a), false) => (Bound::Excluded(a.max(start)), end),
+            (Some(a), true) => (Bound::Included(start), Bound::Excluded(a)),
+        };
+        let iter = self.inner.ks.table(table).range::<Vec<u8>, _>(range);
+        let iter: Box<dyn Iterator<Item = fjall::Guard>> = if newest_first {
+            Box::new(iter.rev())
+        } else {
+            Box::new(iter)
+        };
+        iter.take(limit)
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                let key = String::from_utf8(key.to_vec())
+                    .map_err(|_| StoreError::Corrupt("record key is not UTF-8".into()))?;
+                Ok((key, value.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Calls `f` with every record under `prefix`, in key order, a page at a time.
+    pub fn for_each_record(
+        &self,
+        table: Table,
+        prefix: &str,
+        mut f: impl FnMut(&str, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        const PAGE: usize = 1000;
+        let mut after = String::new();
+        loop {
+            let page = self.records_with_prefix(table, prefix, &after, false, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = last.clone();
+            for (key, value) in page {
+                f(&key, value)?;
+            }
+        }
+    }
+
+    /// Newest first (reverse key order) under `prefix`, below the key `before` (empty: from the
+    /// last): the records `pick` turns into a `T`, at most `limit`, scanning at most `max_scan`
+    /// records (a filter that matches little cannot read a whole table for one page).
+    pub fn newest_records<T>(
+        &self,
+        table: Table,
+        prefix: &str,
+        before: &str,
+        limit: usize,
+        max_scan: usize,
+        mut pick: impl FnMut(&str, &[u8]) -> Result<Option<T>, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        const PAGE: usize = 1000;
+        let mut out = Vec::new();
+        let mut before = before.to_string();
+        let mut scanned = 0;
+        while out.len() < limit && scanned < max_scan {
+            let page = self.records_with_prefix(table, prefix, &before, true, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            before = last.clone();
+            for (key, bytes) in &page {
+                scanned += 1;
+                if let Some(t) = pick(key, bytes)? {
+                    out.push(t);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every record of a table, ordered by key; the registry loads them once at start.

@@ -499,8 +499,10 @@ class Gateway:
         return Device(out["device"], out["secret"], out.get("psk"))
 
     def add_agency(self, name: str | None = None, tenants: Iterable[str] = ("*",),
-                   kinds: Iterable[str] = ("*",), kpi: bool = False) -> "Agency":
-        """`citygw agency add NAME --tenant T.. --kind K.. [--kpi]`: the agency and its token."""
+                   kinds: Iterable[str] = ("*",), kpi: bool = False,
+                   control: bool = False) -> "Agency":
+        """`citygw agency add NAME --tenant T.. --kind K.. [--kpi] [--control]`: the agency and
+        its token."""
         name = name or unique_id("agency")
         args = ["agency", "add", name]
         for t in tenants:
@@ -509,6 +511,8 @@ class Gateway:
             args += ["--kind", k]
         if kpi:
             args.append("--kpi")
+        if control:
+            args.append("--control")
         out = self.cli(*args)
         assert isinstance(out, dict) and "agency" in out and out.get("token"), out
         return Agency(out["agency"], out["token"])
@@ -596,10 +600,13 @@ _V311_CONNACK = {
 
 class MqttClient:
     """A paho-mqtt client with blocking helpers: connect() -> CONNACK code, publish() -> PUBACK
-    reason code (0 for a 3.1.1 PUBACK), and events for server-side disconnects."""
+    reason code (0 for a 3.1.1 PUBACK), subscribe() -> SUBACK codes, the messages it received
+    (`wait_message`), and events for server-side disconnects. `clean=False` keeps the session
+    (MQTT 5 clean start off with a session expiry, 3.1.1 clean session off)."""
 
     def __init__(self, host: str, port: int, client_id: str, username: str | None = None,
-                 password: str | None = None, version: int = 5, keepalive: int = 30):
+                 password: str | None = None, version: int = 5, keepalive: int = 30,
+                 clean: bool = True):
         self.host, self.port, self.version = host, port, version
         self.client_id = client_id
         kwargs: dict[str, Any] = dict(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -607,7 +614,8 @@ class MqttClient:
                                       protocol=mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311,
                                       reconnect_on_failure=False)
         if version != 5:
-            kwargs["clean_session"] = True
+            kwargs["clean_session"] = clean
+        self.clean = clean
         self.client = mqtt.Client(**kwargs)
         self.keepalive = keepalive
         if username is not None:
@@ -620,9 +628,13 @@ class MqttClient:
         self.disconnect_reason: Any = None
         self.acks: dict[int, int] = {}
         self.ack_times: dict[int, float] = {}
+        self.subacks: dict[int, list[int]] = {}
+        self.messages: list[mqtt.MQTTMessage] = []
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
         self._loop_started = False
 
     # callbacks run on paho's network thread
@@ -649,10 +661,44 @@ class MqttClient:
             self.ack_times[mid] = time.monotonic()
             self._cv.notify_all()
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        with self._cv:
+            self.subacks[mid] = [getattr(r, "value", r) for r in reason_codes]
+            self._cv.notify_all()
+
+    def _on_message(self, client, userdata, message):
+        with self._cv:
+            self.messages.append(message)
+            self._cv.notify_all()
+
+    def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 15.0) -> list[int]:
+        """SUBACK reason codes (MQTT 5; 3.1.1 granted QoS or 0x80)."""
+        rc, mid = self.client.subscribe(topic_filter, qos=qos)
+        assert rc == 0, f"{self.client_id}: subscribe failed locally (rc {rc})"
+        with self._cv:
+            ok = self._cv.wait_for(lambda: mid in self.subacks or self.disconnected.is_set(),
+                                   timeout)
+        assert ok and mid in self.subacks, f"{self.client_id}: no SUBACK within {timeout}s"
+        return self.subacks[mid]
+
+    def wait_message(self, pred: Callable[[mqtt.MQTTMessage], bool] = lambda m: True,
+                     timeout: float = 15.0) -> mqtt.MQTTMessage:
+        """The first received message `pred` accepts, waiting for it."""
+        with self._cv:
+            ok = self._cv.wait_for(lambda: any(pred(m) for m in self.messages), timeout)
+            assert ok, (f"{self.client_id}: no such message within {timeout}s; got "
+                        f"{[m.topic for m in self.messages]}")
+            return next(m for m in self.messages if pred(m))
+
     def connect(self, timeout: float = 15.0) -> int | None:
         """Connect and return the CONNACK code (3.1.1 return code or MQTT 5 reason code); None
         when the server closed the connection without a CONNACK."""
-        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        kw: dict[str, Any] = {}
+        if self.version == 5 and not self.clean:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            kw = dict(clean_start=False, properties=props)
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive, **kw)
         self.client.loop_start()
         self._loop_started = True
         with self._cv:

@@ -24,7 +24,7 @@ import grpc
 
 from . import ROOT, Gateway, hostport, wait_until
 
-PROTO_MODULES = ("reading", "device", "deadletter", "admin", "telemetry", "kpi")
+PROTO_MODULES = ("reading", "device", "deadletter", "admin", "telemetry", "kpi", "control")
 
 # Channel options of a client that reads slowly: grpc-core's BDP probing would otherwise grow
 # the HTTP/2 receive windows to megabytes and soak up thousands of readings the application never

@@ -33,6 +33,7 @@ fn agency_info(a: &Agency) -> AgencyInfo {
         tenants: a.tenants.clone(),
         kinds: a.kinds.clone(),
         kpi: a.kpi,
+        control: a.control,
         from_config: a.from_config,
     }
 }
@@ -258,7 +259,7 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let (agency, token) = self
             .agencies
-            .add(&r.name, r.tenants, r.kinds, r.kpi)
+            .add(&r.name, r.tenants, r.kinds, r.kpi, r.control)
             .await
             .map_err(status)?;
         Ok(Response::new(AddAgencyResponse {

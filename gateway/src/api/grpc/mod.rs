@@ -1,10 +1,11 @@
-//! The gRPC server on one port: the agency API (Telemetry), the admin API, standard health
-//! checking and server reflection (so grpcurl works without the .proto files). Over TLS when
-//! `grpc.tls_cert_file` is set, optionally with agency client certificates (mTLS); bearer tokens
-//! authorise either way.
+//! The gRPC server on one port: the agency API (Telemetry), the admin API, the Control API
+//! (commands to devices), standard health checking and server reflection (so grpcurl works
+//! without the .proto files). Over TLS when `grpc.tls_cert_file` is set, optionally with agency
+//! client certificates (mTLS); bearer tokens authorise either way.
 
 mod admin;
 mod auth;
+mod control;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Pipeline;
 use crate::proto::admin_server::AdminServer;
+use crate::proto::control_server::ControlServer;
 use crate::proto::telemetry_server::TelemetryServer;
 use crate::registry::agencies::Agencies;
 use crate::registry::Registry;
@@ -32,6 +34,7 @@ pub struct GrpcServer {
     pub lwm2m: Option<std::sync::Arc<crate::sources::coap::lwm2m::Lwm2m>>,
     /// TLS, when configured (certificates reload with the others).
     pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
+    pub commands: crate::control::commands::Commands,
 }
 
 impl GrpcServer {
@@ -52,6 +55,9 @@ impl GrpcServer {
         health_reporter
             .set_serving::<TelemetryServer<telemetry::TelemetryService>>()
             .await;
+        health_reporter
+            .set_serving::<ControlServer<control::ControlService>>()
+            .await;
         // Both reflection versions: grpcurl speaks v1, many clients (grpcio-reflection) v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -60,6 +66,17 @@ impl GrpcServer {
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
+        let control = ControlServer::with_interceptor(
+            control::ControlService {
+                commands: self.commands,
+                registry: self.registry.clone(),
+            },
+            control::ControlAuth {
+                admin_token: self.admin_token.as_str().into(),
+                agencies: self.agencies.clone(),
+                registry: self.registry.clone(),
+            },
+        );
         let admin = AdminServer::with_interceptor(
             admin::AdminService {
                 registry: self.registry.clone(),
@@ -97,7 +114,8 @@ impl GrpcServer {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(admin)
-            .add_service(telemetry);
+            .add_service(telemetry)
+            .add_service(control);
         let signal = shutdown.cancelled_owned();
         Ok(match self.tls {
             Some(tls) => {

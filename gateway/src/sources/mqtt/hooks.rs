@@ -7,6 +7,10 @@
 //! A CONNECT's will message is checked at the CONNECT like a PUBLISH (rmqtt publishes wills
 //! without the ACL hook): a will on any topic but the device's own telemetry refuses the
 //! connection. When it fires, it is stored like any telemetry of the device.
+//!
+//! Commands to devices pass here too: answers on `devices/{id}/commands/{cmd}/result` go to
+//! [`crate::control`] (not the pipeline), and a subscription to the command topic, a command
+//! written to the connection and its PUBACK are reported there.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -22,6 +26,8 @@ use rmqtt::types::{
 
 use super::topic::{self, Topic};
 use crate::codec::Format;
+use crate::control::commands::transport::mqtt::{self as commands_mqtt, ResultRefusal};
+use crate::control::commands::Commands;
 use crate::observability::{clip, LogLimiter};
 use crate::pipeline::{Delivery, Inbound, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
@@ -38,6 +44,7 @@ pub struct Hooks {
     pub registry: Registry,
     pub pipeline: Pipeline,
     pub sessions: super::limit::SessionLimit,
+    pub commands: Commands,
 }
 
 #[async_trait]
@@ -86,6 +93,29 @@ impl Handler for Hooks {
                 self.store_will(&from.id.client_id, p).await;
                 (true, acc)
             }
+            Parameter::SessionSubscribed(s, sub)
+                if topic::receives_commands(&s.id.client_id, &sub.topic_filter) =>
+            {
+                // A new subscription is a new chance: everything not yet acknowledged goes again.
+                self.commands.wake(&s.id.client_id, true);
+                (true, acc)
+            }
+            Parameter::MessageDelivered(s, _, p) => {
+                if let Some((device, command)) = topic::parse_command(&p.topic) {
+                    if device == &*s.id.client_id {
+                        commands_mqtt::delivered_to_connection(&self.commands, device, command);
+                    }
+                }
+                (true, acc)
+            }
+            Parameter::MessageAcked(s, _, p) => {
+                if let Some((device, command)) = topic::parse_command(&p.topic) {
+                    if device == &*s.id.client_id {
+                        commands_mqtt::acknowledged(&self.commands, device, command);
+                    }
+                }
+                (true, acc)
+            }
             _ => (true, acc),
         }
     }
@@ -101,13 +131,20 @@ struct TopicRefusal {
     disconnect: bool,
 }
 
-/// What `device_id` publishing on `topic` means: a format to decode with (or the unknown name
-/// the topic gave), or a refusal.
-fn telemetry_format<'a>(
+/// Where a device's PUBLISH goes.
+enum Route<'a> {
+    /// Telemetry, to decode with this format (or the unknown name the topic gave).
+    Telemetry(Result<Format, &'a str>),
+    /// The device's answer to this command.
+    CommandResult(&'a str),
+}
+
+/// What `device_id` publishing on `topic` means, or a refusal.
+fn route<'a>(
     device_id: &str,
     topic: &'a str,
     content_type: Option<&str>,
-) -> Result<Result<Format, &'a str>, TopicRefusal> {
+) -> Result<Route<'a>, TopicRefusal> {
     match topic::parse(topic) {
         Topic::Invalid => Err(TopicRefusal {
             rejection: Rejection::new(
@@ -119,6 +156,9 @@ fn telemetry_format<'a>(
             disconnect: true,
         }),
         Topic::Telemetry {
+            device_id: claimed, ..
+        }
+        | Topic::CommandResult {
             device_id: claimed, ..
         }
         | Topic::OfDevice { device_id: claimed }
@@ -137,19 +177,24 @@ fn telemetry_format<'a>(
         }
         Topic::Telemetry {
             format: Some(name), ..
-        } => Ok(Format::from_name(name).ok_or(name)),
-        Topic::Telemetry { format: None, .. } => Ok(Ok(content_type
+        } => Ok(Route::Telemetry(Format::from_name(name).ok_or(name))),
+        Topic::Telemetry { format: None, .. } => Ok(Route::Telemetry(Ok(content_type
             .and_then(Format::from_content_type)
-            .unwrap_or(Format::Json))),
-        Topic::OfDevice { .. } | Topic::Other => Err(TopicRefusal {
-            rejection: Rejection::new(
-                "bad_topic",
-                "devices publish to devices/{id}/telemetry[/{format}]",
-            ),
-            code: PublishAckReason::TopicNameInvalid,
-            keep_payload: true,
-            disconnect: false,
-        }),
+            .unwrap_or(Format::Json)))),
+        Topic::CommandResult { command_id, .. } => Ok(Route::CommandResult(command_id)),
+        Topic::OfDevice { .. } | Topic::Other => Err(bad_topic()),
+    }
+}
+
+fn bad_topic() -> TopicRefusal {
+    TopicRefusal {
+        rejection: Rejection::new(
+            "bad_topic",
+            "devices publish to devices/{id}/telemetry[/{format}] and devices/{id}/commands/{command}/result",
+        ),
+        code: PublishAckReason::TopicNameInvalid,
+        keep_payload: true,
+        disconnect: false,
     }
 }
 
@@ -240,8 +285,13 @@ impl Hooks {
             .properties
             .as_ref()
             .and_then(|p| p.content_type.as_deref());
-        match telemetry_format(device_id, &will.topic, content_type) {
-            Ok(_) => Ok(()),
+        // A will answering a command is no telemetry either.
+        let checked = route(device_id, &will.topic, content_type).and_then(|r| match r {
+            Route::Telemetry(_) => Ok(()),
+            Route::CommandResult(_) => Err(bad_topic()),
+        });
+        match checked {
+            Ok(()) => Ok(()),
             Err(refusal) => {
                 metrics::counter!("citygw_auth_failures_total", "protocol" => PROTOCOL, "reason" => "will_refused")
                     .increment(1);
@@ -278,7 +328,7 @@ impl Hooks {
             .properties
             .as_ref()
             .and_then(|p| p.content_type.as_deref());
-        let Ok(format) = telemetry_format(device_id, &p.topic, content_type) else {
+        let Ok(Route::Telemetry(format)) = route(device_id, &p.topic, content_type) else {
             return;
         };
         let inbound = Inbound {
@@ -327,8 +377,11 @@ impl Hooks {
             .properties
             .as_ref()
             .and_then(|p| p.content_type.as_deref());
-        let format = match telemetry_format(device_id, &p.topic, content_type) {
-            Ok(f) => f,
+        let format = match route(device_id, &p.topic, content_type) {
+            Ok(Route::Telemetry(f)) => f,
+            Ok(Route::CommandResult(command_id)) => {
+                return self.command_result(device_id, command_id, p, v5).await
+            }
             Err(r) => {
                 self.pipeline
                     .refuse(
@@ -378,6 +431,43 @@ impl Hooks {
                     "gateway store unavailable",
                     !v5,
                 )
+            }
+        }
+    }
+}
+
+impl Hooks {
+    /// A device's answer to a command: acknowledged once its outcome is durable.
+    async fn command_result(
+        &self,
+        device_id: &str,
+        command_id: &str,
+        p: &Publish,
+        v5: bool,
+    ) -> PublishAclResult {
+        match commands_mqtt::result(&self.commands, device_id, command_id, &p.payload).await {
+            Ok(()) => PublishAclResult::allow(),
+            Err(e) => {
+                metrics::counter!("citygw_command_results_refused_total", "reason" => e.reason())
+                    .increment(1);
+                tracing::warn!(device = %clip(device_id), reason = e.reason(), error = %clip(&e.to_string()), "command result refused");
+                match e {
+                    // Only MQTT 5 can say why in the PUBACK; a 3.1.1 device sees a plain one.
+                    ResultRefusal::Malformed(_) => refuse(
+                        PublishAckReason::PayloadFormatInvalid,
+                        &e.to_string(),
+                        false,
+                    ),
+                    ResultRefusal::UnknownCommand(_) => {
+                        refuse(PublishAckReason::NotAuthorized, &e.to_string(), false)
+                    }
+                    // Not durable: never acknowledged (3.1.1 learns it by the disconnect).
+                    ResultRefusal::Store(_) => refuse(
+                        PublishAckReason::UnspecifiedError,
+                        "gateway store unavailable",
+                        !v5,
+                    ),
+                }
             }
         }
     }

@@ -26,6 +26,7 @@ use rmqtt::types::Id;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
+use crate::control::commands::{transport::mqtt::Mqtt, Commands};
 use crate::pipeline::Pipeline;
 use crate::registry::{Registry, RegistryEvent};
 use crate::tls::identity::{self, IdentityField};
@@ -39,6 +40,7 @@ pub struct MqttSource {
     pub config: MqttConfig,
     pub registry: Registry,
     pub pipeline: Pipeline,
+    pub commands: Commands,
     /// Where a device certificate names the device (mTLS listener).
     pub identity_field: IdentityField,
     pub reloader: Reloader,
@@ -152,6 +154,7 @@ impl super::Source for MqttSource {
                 registry: self.registry.clone(),
                 pipeline: self.pipeline,
                 sessions,
+                commands: self.commands.clone(),
             };
             let register = scx.extends.hook_mgr().register();
             for typ in [
@@ -161,10 +164,15 @@ impl super::Source for MqttSource {
                 Type::ClientSubscribeCheckAcl,
                 Type::MessagePublishCheckAcl,
                 Type::MessagePublish,
+                Type::SessionSubscribed,
+                Type::MessageDelivered,
+                Type::MessageAcked,
             ] {
                 register.add(typ, Box::new(hooks.clone())).await;
             }
             register.start().await;
+            self.commands
+                .attach(std::sync::Arc::new(Mqtt::new(scx.clone())));
             let kicker = tokio::spawn(kick_disabled(scx.clone(), self.registry));
             // Listener ids are explicit: ports may be 0 (chosen by the system) in tests.
             let server = listeners

@@ -25,6 +25,15 @@ use crate::store::{keys, RecordChange, Store, StoreError, Table};
 
 /// Most bucket entries applied in one commit.
 const BATCH: usize = 4096;
+/// After this long without a change the watch is compared with the bucket. The consumer behind
+/// a watch lives on one NATS server; when that server dies the client notices only after two
+/// missed idle heartbeats (10 s), far beyond "a change reaches every node within a second".
+/// A watch seen behind the bucket at two checks in a row, without progress, is replaced, so a
+/// lost consumer delays changes by at most about twice this.
+const STALL_CHECK: Duration = Duration::from_millis(250);
+/// A new watch that is not set up within this is abandoned and asked for again at once: right
+/// after a server died, NATS may still place the new consumer on it and never answer.
+const WATCH_SETUP: Duration = Duration::from_secs(1);
 
 const TABLES: [(Table, &str); 5] = [
     (Table::Devices, "devices"),
@@ -100,8 +109,12 @@ impl Cluster {
                 _ = shutdown.cancelled() => return,
                 r = self.watch_records(&store) => r,
             };
-            if let Err(e) = result {
-                tracing::warn!(error = %format!("{e:#}"), "records watch interrupted, restarting");
+            match result {
+                // A stalled watch is replaced at once: changes are waiting.
+                Ok(()) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "records watch interrupted, restarting");
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -113,7 +126,7 @@ impl Cluster {
     /// Applies everything up to the bucket's current revision; returns once this node is
     /// up to date (start-up waits for it, so a node never serves an old registry).
     pub async fn catch_up_records(&self) -> anyhow::Result<()> {
-        let last = self.records.status().await?.info.state.last_sequence;
+        let last = self.records_revision().await?;
         let mut applied = self.records_applied.subscribe();
         tokio::time::timeout(super::SETUP_DEADLINE, applied.wait_for(|&r| r >= last))
             .await
@@ -122,6 +135,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// The bucket's latest revision, asked of its leader (`kv::Store::status` answers from the
+    /// stream info cached when the bucket was opened).
+    async fn records_revision(&self) -> anyhow::Result<u64> {
+        let stream = format!("KV_{}", self.cfg.records_bucket);
+        let info = self.js.get_stream_no_info(stream).await?.get_info().await?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Follows the bucket; returns Ok when the watch stalled or was not set up in time (to be
+    /// replaced at once), an error when it failed.
     async fn watch_records(&self, store: &Store) -> anyhow::Result<()> {
         let applied = store.meta_u64(keys::META_RECORDS_REVISION)?;
         self.records_applied.send_if_modified(|r| {
@@ -130,16 +153,46 @@ impl Cluster {
             newer
         });
         tracing::debug!(applied, "watching the records bucket");
-        let mut watch = if applied == 0 {
-            // Every key's current value, then live changes (`watch_all` gives changes only).
-            self.records.watch_with_history(">").await?
-        } else {
-            self.records.watch_all_from_revision(applied + 1).await?
+        let setup = async {
+            if applied == 0 {
+                // Every key's current value, then live changes (`watch_all` gives changes only).
+                self.records.watch_with_history(">").await
+            } else {
+                self.records.watch_all_from_revision(applied + 1).await
+            }
         };
+        let Ok(watch) = tokio::time::timeout(WATCH_SETUP, setup).await else {
+            tracing::debug!(applied, "records watch not set up within 1 s; asking again");
+            return Ok(());
+        };
+        let mut watch = watch?;
+        // The applied revision at which the bucket was last seen ahead of this watch.
+        let mut behind_at = None;
         loop {
-            let Some(first) = watch.next().await else {
-                anyhow::bail!("watch ended");
+            let first = match tokio::time::timeout(STALL_CHECK, watch.next()).await {
+                Ok(Some(entry)) => entry,
+                Ok(None) => anyhow::bail!("watch ended"),
+                Err(_) => {
+                    let last = self.records_revision().await?;
+                    let applied = *self.records_applied.borrow();
+                    if last <= applied {
+                        behind_at = None;
+                    } else if behind_at == Some(applied) {
+                        metrics::counter!("citygw_cluster_records_watch_restarts_total")
+                            .increment(1);
+                        tracing::warn!(
+                            applied,
+                            last,
+                            "records watch silent while the bucket moved on; replacing it"
+                        );
+                        return Ok(());
+                    } else {
+                        behind_at = Some(applied);
+                    }
+                    continue;
+                }
             };
+            behind_at = None;
             let mut batch = vec![first?];
             while batch.len() < BATCH {
                 match watch.next().now_or_never() {

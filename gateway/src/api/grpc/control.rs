@@ -1,0 +1,253 @@
+//! `citygw.v1.Control`: commands to devices, for the operator (admin token: any device) and for
+//! agencies holding the `control` permission (their scope only).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::auth::check_token;
+use crate::control::commands::{Commands, SendError};
+use crate::proto::control_server::Control;
+use crate::proto::*;
+use crate::registry::agencies::{Agencies, Agency};
+use crate::registry::secret::constant_time_eq;
+use crate::registry::Registry;
+use crate::store::StoreError;
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 10_000;
+/// Changes a slow watcher may have queued before its stream ends.
+const WATCH_BUFFER: usize = 1024;
+
+/// Who is calling: the operator, or an agency.
+#[derive(Clone)]
+pub enum Caller {
+    Admin,
+    Agency(Arc<Agency>),
+}
+
+impl Caller {
+    /// The audit name of the caller.
+    pub fn by(&self) -> String {
+        match self {
+            Caller::Admin => "admin".into(),
+            Caller::Agency(a) => format!("agency:{}", a.name),
+        }
+    }
+
+    /// Whether the caller sees a device of this tenant and kind.
+    pub fn sees(&self, tenant: &str, kind: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Agency(a) => a.in_scope(tenant, kind),
+        }
+    }
+
+    /// Refuses an agency without the `control` permission.
+    pub fn may_control(&self) -> Result<(), Status> {
+        match self {
+            Caller::Agency(a) if !a.control => {
+                metrics::counter!("citygw_api_denied_total", "api" => "control").increment(1);
+                Err(Status::permission_denied(format!(
+                    "agency {:?} has no control permission",
+                    a.name
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The refusal for a device (or a command of one) outside the caller's scope; unknown ones
+    /// get the same answer, so an agency cannot probe for ids.
+    pub fn out_of_scope(&self, what: &str) -> Status {
+        metrics::counter!("citygw_api_denied_total", "api" => "control").increment(1);
+        match self {
+            Caller::Admin => Status::not_found(format!("{what} not found")),
+            Caller::Agency(a) => {
+                Status::permission_denied(format!("{what} is outside agency {:?}'s scope", a.name))
+            }
+        }
+    }
+}
+
+/// Accepts the admin token or an agency token and puts the [`Caller`] on the request.
+#[derive(Clone)]
+pub struct ControlAuth {
+    pub admin_token: Arc<str>,
+    pub agencies: Agencies,
+    /// For the back-off of failed tokens.
+    pub registry: Registry,
+}
+
+impl tonic::service::Interceptor for ControlAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = check_token(
+            &request,
+            "control",
+            "unknown token",
+            &self.registry,
+            |token| {
+                if constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
+                    Some(Caller::Admin)
+                } else {
+                    self.agencies.authenticate(token).map(Caller::Agency)
+                }
+            },
+        )?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no caller on this call"))
+}
+
+pub struct ControlService {
+    pub commands: Commands,
+    pub registry: Registry,
+}
+
+fn page(limit: u32) -> usize {
+    match limit as usize {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store error in control api");
+    Status::unavailable(format!("store: {e}"))
+}
+
+type Watch<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn send_command(
+        &self,
+        req: Request<SendCommandRequest>,
+    ) -> Result<Response<Command>, Status> {
+        let caller = caller(&req)?;
+        caller.may_control()?;
+        let r = req.into_inner();
+        let what = format!("device {:?}", r.device_id);
+        match self.registry.get(&r.device_id) {
+            Some(d) if caller.sees(d.tenant(), d.kind()) => {}
+            _ => return Err(caller.out_of_scope(&what)),
+        }
+        match self.commands.send(r, &caller.by()).await {
+            Ok(c) => Ok(Response::new(c)),
+            Err(e @ SendError::UnknownDevice(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ (SendError::DisabledDevice(_) | SendError::Unroutable(_))) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e @ SendError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(SendError::Store(e)) => Err(store_status(e)),
+        }
+    }
+
+    async fn get_command(
+        &self,
+        req: Request<GetCommandRequest>,
+    ) -> Result<Response<Command>, Status> {
+        let caller = caller(&req)?;
+        caller.may_control()?;
+        let id = req.into_inner().id;
+        match self.commands.get(&id).map_err(store_status)? {
+            Some(c) if caller.sees(&c.tenant, &c.kind) => Ok(Response::new(c)),
+            _ => Err(caller.out_of_scope(&format!("command {id:?}"))),
+        }
+    }
+
+    async fn list_commands(
+        &self,
+        req: Request<ListCommandsRequest>,
+    ) -> Result<Response<ListCommandsResponse>, Status> {
+        let caller = caller(&req)?;
+        caller.may_control()?;
+        let r = req.into_inner();
+        let commands = self.commands.clone();
+        // The log is read from disk: off the async threads.
+        let listed = tokio::task::spawn_blocking(move || {
+            commands.list(&r.before_id, page(r.limit), |c| {
+                caller.sees(&c.tenant, &c.kind)
+                    && (r.device_id.is_empty() || c.device_id == r.device_id)
+                    && (r.state == 0 || c.state == r.state)
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(store_status)?;
+        Ok(Response::new(ListCommandsResponse { commands: listed }))
+    }
+
+    type WatchCommandsStream = Watch<Command>;
+
+    async fn watch_commands(
+        &self,
+        req: Request<WatchCommandsRequest>,
+    ) -> Result<Response<Self::WatchCommandsStream>, Status> {
+        let caller = caller(&req)?;
+        caller.may_control()?;
+        let r = req.into_inner();
+        for id in &r.device_ids {
+            match self.registry.get(id) {
+                Some(d) if caller.sees(d.tenant(), d.kind()) => {}
+                _ => return Err(caller.out_of_scope(&format!("device {id:?}"))),
+            }
+        }
+        let keep = move |c: &Command| {
+            caller.sees(&c.tenant, &c.kind)
+                && (r.device_ids.is_empty() || r.device_ids.contains(&c.device_id))
+                && (r.states.is_empty() || r.states.contains(&c.state))
+        };
+        Ok(Response::new(watch(self.commands.watch(), keep)))
+    }
+}
+
+/// A stream of the broadcast's items that `keep` accepts. A watcher too slow for the buffer gets
+/// RESOURCE_EXHAUSTED (and watches again, reading the current state by Get or List).
+pub fn watch<T: Clone + Send + Sync + 'static>(
+    mut rx: tokio::sync::broadcast::Receiver<Arc<T>>,
+    keep: impl Fn(&T) -> bool + Send + 'static,
+) -> Watch<T> {
+    let (tx, out) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let item = tokio::select! {
+                r = rx.recv() => r,
+                _ = tx.closed() => return,
+            };
+            match item {
+                Ok(item) if keep(&item) => {
+                    if tx.try_send(Ok((*item).clone())).is_err() {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(
+                                "watcher too slow: changes were dropped; watch again",
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => {
+                    let _ = tx
+                        .send(Err(Status::resource_exhausted(format!(
+                            "watcher too slow: {n} changes were dropped; watch again"
+                        ))))
+                        .await;
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+}
