@@ -75,6 +75,8 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(1_000_000)
         .max_handshaking_limit(1_000)
         .handshake_timeout(std::time::Duration::from_secs(30))
+        .max_inflight(std::num::NonZeroU16::new(64).expect("non-zero"))
+        .pipelined_publishes(true)
         .nodelay(true)
         .reuseaddr(Some(true))
         .bind()

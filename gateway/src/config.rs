@@ -88,6 +88,11 @@ pub struct MqttConfig {
     pub max_handshaking: usize,
     /// Seconds a new TCP connection has to complete CONNECT.
     pub handshake_timeout_secs: u64,
+    /// PUBLISH packets of one connection in the gateway at once (decoded and being stored
+    /// side by side; PUBACKs still leave in arrival order). Sent to MQTT 5 clients as their
+    /// Receive Maximum; beyond it the gateway stops reading the connection until a PUBACK goes
+    /// out. 1 processes one message per connection at a time.
+    pub max_inflight: u16,
     /// MQTT over TLS, devices authenticated by their secret as on `listen`; on when
     /// `tls_cert_file` and `tls_key_file` are set.
     pub tls_listen: SocketAddr,
@@ -410,6 +415,7 @@ impl Default for MqttConfig {
             max_connections: 1_000_000,
             max_handshaking: 1_000,
             handshake_timeout_secs: 30,
+            max_inflight: 64,
             tls_listen: "[::]:8883".parse().expect("static address"),
             tls_cert_file: None,
             tls_key_file: None,
@@ -566,6 +572,10 @@ impl Config {
         anyhow::ensure!(
             self.mqtt.max_payload_bytes as u64 <= self.mqtt.max_packet_bytes as u64,
             "mqtt.max_payload_bytes must not exceed mqtt.max_packet_bytes"
+        );
+        anyhow::ensure!(
+            self.mqtt.max_inflight > 0,
+            "mqtt.max_inflight must be positive"
         );
         self.kpi.validate()?;
         self.cluster.validate()?;

@@ -4,6 +4,10 @@ Several paho clients (MQTT 3.1.1 and 5) publish QoS 1 messages, each with a uniq
 number; the gateway is killed with SIGKILL in mid-stream and restarted on the same data dir;
 every reading whose PUBACK a client received must be in the store. Three crash cycles on one
 data dir, so recovery after a crash is itself crashed.
+
+Each client keeps 100 messages in flight, more than the gateway's window (`mqtt.max_inflight`,
+64): up to 64 per connection are being stored side by side when the kill lands, the rest wait in
+the socket, and the PUBACKs a client saw came in publish order.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ CYCLES = 3
 KILL_AFTER_ACKS = 1000        # PUBACKs seen (all clients) before each kill
 SEQ_STRIDE = 100_000          # cycle k publishes seq k*SEQ_STRIDE, k*SEQ_STRIDE+1, ...
 MAX_PER_CLIENT = 30_000       # safety bound per cycle (mids stay unique below 65535)
-MAX_OUTSTANDING = 40          # published but not yet acknowledged, per client
+MAX_OUTSTANDING = 100         # published but not yet acknowledged, per client
 
 
 class Publisher(threading.Thread):
@@ -48,8 +52,10 @@ class Publisher(threading.Thread):
     def acked(self) -> set[int]:
         with self.c._cv:
             acks = dict(self.c.acks)
+            order = list(self.c.ack_order)
         bad = {mid: code for mid, code in acks.items() if code != 0}
         assert not bad, f"PUBACKs with failure codes: {bad}"
+        assert order == sorted(order), "PUBACKs arrive in publish order"
         return {seq for seq, mid in list(self.sent.items()) if mid in acks}
 
 
@@ -57,7 +63,8 @@ def publish_then_kill(gw: Gateway, devices, cycle: int) -> tuple[dict, dict]:
     """One cycle: all clients publish until KILL_AFTER_ACKS PUBACKs, then SIGKILL the gateway.
     Returns (acked, sent): device id -> set of seq."""
     stop = threading.Event()
-    clients = [gw.connected_client(d, version=v) for d, v in zip(devices, CLIENTS)]
+    clients = [gw.connected_client(d, version=v, max_inflight=MAX_OUTSTANDING)
+               for d, v in zip(devices, CLIENTS)]
     pubs = [Publisher(c, d.topic, cycle * SEQ_STRIDE, stop) for c, d in zip(clients, devices)]
     try:
         for p in pubs:

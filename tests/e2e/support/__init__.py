@@ -606,7 +606,7 @@ class MqttClient:
 
     def __init__(self, host: str, port: int, client_id: str, username: str | None = None,
                  password: str | None = None, version: int = 5, keepalive: int = 30,
-                 clean: bool = True):
+                 max_inflight: int = 20, clean: bool = True):
         self.host, self.port, self.version = host, port, version
         self.client_id = client_id
         kwargs: dict[str, Any] = dict(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -621,6 +621,8 @@ class MqttClient:
         if username is not None:
             self.client.username_pw_set(username, password)
         self.client.max_queued_messages_set(0)
+        # paho's own window (it does not read the server's Receive Maximum)
+        self.client.max_inflight_messages_set(max_inflight)
         self._cv = threading.Condition()
         self.connack: int | None = None
         self.connected = False
@@ -628,6 +630,7 @@ class MqttClient:
         self.disconnect_reason: Any = None
         self.acks: dict[int, int] = {}
         self.ack_times: dict[int, float] = {}
+        self.ack_order: list[int] = []    # message ids in the order their PUBACKs arrived
         self.subacks: dict[int, list[int]] = {}
         self.messages: list[mqtt.MQTTMessage] = []
         self.client.on_connect = self._on_connect
@@ -658,6 +661,7 @@ class MqttClient:
     def _on_publish(self, client, userdata, mid, reason, properties):
         with self._cv:
             self.acks[mid] = reason.value if reason is not None else 0
+            self.ack_order.append(mid)
             self.ack_times[mid] = time.monotonic()
             self._cv.notify_all()
 

@@ -110,6 +110,10 @@ pub struct Builder {
     pub keepalive_backoff: f32,
     /// Window size for unacknowledged QoS 1/2 messages
     pub max_inflight: NonZeroU16,
+    // citygw patch (vendor/README.md): pipelined inbound PUBLISH packets.
+    /// Run the publish hooks of up to `max_inflight` PUBLISH packets of one connection at once,
+    /// and forward and acknowledge them in arrival order (off: one PUBLISH at a time)
+    pub pipelined_publishes: bool,
     /// Timeout for completing connection handshake
     pub handshake_timeout: Duration,
     /// Network I/O timeout for sending operations
@@ -242,6 +246,8 @@ impl Builder {
             allow_zero_keepalive: true,
             keepalive_backoff: 0.75,
             max_inflight: nonzero!(16u16),
+            // citygw patch: off by default, as published.
+            pipelined_publishes: false,
             handshake_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(10),
             max_mqueue_len: 1000,
@@ -375,6 +381,14 @@ impl Builder {
     /// Sets inflight message window size
     pub fn max_inflight(mut self, max_inflight: NonZeroU16) -> Self {
         self.max_inflight = max_inflight;
+        self
+    }
+
+    // citygw patch: pipelined inbound PUBLISH packets.
+    /// Lets up to `max_inflight` PUBLISH packets of one connection be in the publish hooks at
+    /// once; their forwarding and acknowledgements keep arrival order
+    pub fn pipelined_publishes(mut self, pipelined_publishes: bool) -> Self {
+        self.pipelined_publishes = pipelined_publishes;
         self
     }
 

@@ -8,6 +8,11 @@
 //! without the ACL hook): a will on any topic but the device's own telemetry refuses the
 //! connection. When it fires, it is stored like any telemetry of the device.
 //!
+//! Up to `mqtt.max_inflight` of these futures run at once per connection (rmqtt patched in
+//! vendor/, docs/decisions/0012): a connection's messages share group commits, and rmqtt holds
+//! each outcome until every PUBLISH before it has been answered, so PUBACKs keep arrival order.
+//! The hook depends only on its own future resolving when the message is durable (or refused).
+//!
 //! Commands to devices pass here too: answers on `devices/{id}/commands/{cmd}/result` go to
 //! [`crate::control`] (not the pipeline), and a subscription to the command topic, a command
 //! written to the connection and its PUBACK are reported there.

@@ -13,6 +13,7 @@ mod hooks;
 mod limit;
 pub mod topic;
 
+use std::num::NonZeroU16;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -108,6 +109,10 @@ impl super::Source for MqttSource {
                 .max_connections(pending_handshakes)
                 .max_handshaking_limit(cfg.max_handshaking)
                 .handshake_timeout(std::time::Duration::from_secs(cfg.handshake_timeout_secs))
+                // Up to `max_inflight` messages of a connection are decoded and stored side by
+                // side; rmqtt (vendor/, decision 0012) sends their PUBACKs in arrival order.
+                .max_inflight(NonZeroU16::new(cfg.max_inflight).unwrap_or(NonZeroU16::MIN))
+                .pipelined_publishes(true)
                 .nodelay(true)
                 .reuseaddr(Some(true))
         };

@@ -8,7 +8,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
@@ -16,6 +16,9 @@ use bytes::Bytes;
 use super::{escape_token, ids, Cluster};
 use crate::proto::Reading;
 use crate::store::{runs, StoreError};
+
+/// How long to wait before asking again about a message whose twin is being stored.
+const REPEAT_PAUSE: Duration = Duration::from_millis(20);
 
 /// QoS 0 messages waiting for JetStream at once; beyond it they are dropped and counted.
 const BEST_EFFORT_IN_FLIGHT: usize = 10_000;
@@ -57,14 +60,17 @@ impl Cluster {
             }
             let ack = self
                 .js
-                .send_publish(subject, message)
+                .send_publish(subject.clone(), message.clone())
                 .await
                 .map_err(|e| unavailable("publish", &e))?;
-            acks.push((ack, run.readings.len() as u64));
+            acks.push((ack, run.readings.len() as u64, subject, message));
         }
         let mut span: Option<Range<u64>> = None;
-        for (ack, n) in acks {
-            let ack = ack.await.map_err(|e| unavailable("ack", &e))?;
+        for (ack, n, subject, message) in acks {
+            let ack = match ack.await {
+                Err(e) if in_process(&e) => self.settle_repeat(subject, message).await?,
+                ack => ack.map_err(|e| unavailable("ack", &e))?,
+            };
             if ack.duplicate {
                 metrics::counter!("citygw_cluster_duplicates_total").increment(1);
             }
@@ -78,6 +84,32 @@ impl Cluster {
         metrics::histogram!("citygw_cluster_publish_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(span.unwrap_or(0..0))
+    }
+
+    /// A message with the same content id is being stored at this moment (a network server's
+    /// copy that reached another node, a CoAP retransmission): JetStream answers "in process"
+    /// instead of waiting for the first. Asks again until the first is settled: the answer is
+    /// then the original's sequence (a duplicate, stored once), or this copy is stored if the
+    /// first failed.
+    async fn settle_repeat(
+        &self,
+        subject: String,
+        message: PublishMessage,
+    ) -> Result<async_nats::jetstream::publish::PublishAck, StoreError> {
+        let deadline = Instant::now() + self.cfg.ack_timeout();
+        loop {
+            tokio::time::sleep(REPEAT_PAUSE).await;
+            let ack = self
+                .js
+                .send_publish(subject.clone(), message.clone())
+                .await
+                .map_err(|e| unavailable("publish", &e))?
+                .await;
+            match ack {
+                Err(e) if in_process(&e) && Instant::now() < deadline => continue,
+                ack => return ack.map_err(|e| unavailable("ack", &e)),
+            }
+        }
     }
 
     /// QoS 0: published without anyone waiting; dropped and counted when too many are pending.
@@ -97,6 +129,15 @@ impl Cluster {
             BEST_EFFORT.fetch_sub(1, Ordering::AcqRel);
         });
     }
+}
+
+/// Whether JetStream refused a publish because a message with its id is being stored now.
+fn in_process(e: &async_nats::jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|je| {
+            je.error_code() == async_nats::jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT
+        })
 }
 
 fn unavailable(stage: &'static str, e: &dyn std::fmt::Display) -> StoreError {
