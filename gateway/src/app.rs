@@ -9,6 +9,7 @@ use crate::api::console::{self, Console};
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
 use crate::control::commands::Commands;
+use crate::control::rules::Alerts;
 use crate::kpi::Kpi;
 use crate::pipeline::{now_ms, Pipeline};
 use crate::registry::agencies::Agencies;
@@ -59,6 +60,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let admin_token = cfg.admin_token()?;
     let (commands, command_log) = Commands::load(store.clone(), registry.clone())?;
     let command_log = tokio::spawn(command_log.run(cfg.store.retention(), shutdown.clone()));
+    let alerts = Alerts::load(
+        crate::control::rules::config::compile_all(&cfg.rules)?,
+        store.clone(),
+        registry.clone(),
+        commands.clone(),
+    )?;
+    let rules = tokio::spawn(alerts.clone().run(shutdown.clone()));
     if cluster.is_some() {
         tokio::spawn(crate::registry::follow_changes(
             store.clone(),
@@ -144,6 +152,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 lwm2m: lwm2m.clone(),
                 tls: grpc_tls,
                 commands: commands.clone(),
+                alerts,
             }
             .start(shutdown.clone())
             .await?,
@@ -215,6 +224,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tasks.abort_all();
     // The command log's last changes (expiries, answers that raced the shutdown) go to disk.
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, command_log).await;
+    // The rule evaluator saves where it is.
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, rules).await;
     housekeeping.abort();
     kpi_refresh.abort();
     reloads.abort();

@@ -41,6 +41,8 @@ pub struct Config {
     pub auth: crate::registry::throttle::ThrottleConfig,
     /// Single node (embedded store, the default) or several nodes on NATS JetStream.
     pub cluster: crate::store::jetstream::ClusterConfig,
+    /// Alert rules over the readings (threshold, absence, rate of change) and their actions.
+    pub rules: Vec<crate::control::rules::config::RuleConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -389,6 +391,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             auth: Default::default(),
             cluster: Default::default(),
+            rules: Vec::new(),
         }
     }
 }
@@ -579,6 +582,7 @@ impl Config {
         );
         self.kpi.validate()?;
         self.cluster.validate()?;
+        crate::control::rules::config::compile_all(&self.rules)?;
         let c = &self.console;
         anyhow::ensure!(
             c.session_hours > 0 && c.idle_minutes > 0 && c.max_sessions > 0,

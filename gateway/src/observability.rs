@@ -44,6 +44,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    crate::control::describe_metrics();
     describe_counter!(
         "citygw_messages_received_total",
         "Messages received from devices, by protocol"

@@ -574,3 +574,23 @@ def test_sink_forwarded_once_and_fails_over(cl):
     finally:
         ensure_up(cl)
 
+
+def test_console_overview_lists_the_cluster_nodes(cl):
+    """The operator console of any node shows the cluster: every node, healthy, with the stream
+    and which node forwards each sink."""
+    gw = cl.gws[1]
+    s = requests.Session()
+    r = s.post(gw.http_base + "/console/api/session", json={"token": gw.token}, timeout=10)
+    assert r.status_code == 200, r.text
+
+    def settled():
+        c = s.get(gw.http_base + "/console/api/overview", timeout=10).json()["cluster"]
+        names = sorted(n["name"] for n in c["nodes"])
+        return c if (names == ["gw1", "gw2", "gw3"] and c["healthy"]
+                     and all(n["healthy"] for n in c["nodes"])
+                     and [lease["sink"] for lease in c["sink_leases"]] == ["vm"]) else None
+    c = wait_until(settled, 30, desc="three healthy nodes and the vm sink's lease on the overview")
+    assert c["backend"] == "jetstream" and c["node"] == "gw2" and c["replicas"] == 3
+    assert [n["name"] for n in c["nodes"] if n["this_node"]] == ["gw2"]
+    assert c["sink_leases"][0]["node"] in ("gw1", "gw2", "gw3"), c
+    assert c["leader"], "a stream leader is named"

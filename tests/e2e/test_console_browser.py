@@ -2,6 +2,12 @@
 Debian's chromedriver (never Selenium Manager: SE_AVOID_STATS and an explicit driver path keep it
 from downloading or reporting anything). One gateway and one browser for the module.
 
+Live pages (overview, device) replace their elements on every server-sent update, and the gateway
+here updates the overview five times a second so that the tests meet that as a slow host would:
+an element found once can be gone a moment later. So values that change live are read and compared
+inside `wait_until` (which finds the elements again on each try), and one-time facts are read
+with `fresh`, which finds them again when an update replaced them.
+
 Screenshots of every page are written to the artifacts directory printed at the start
 (CITYGW_ARTIFACTS_DIR, default /tmp/citygw-artifacts/console-<time>)."""
 
@@ -13,6 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
 import pytest
@@ -22,8 +29,11 @@ from support import Gateway, wait_until
 os.environ["SE_AVOID_STATS"] = "true"
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.select import Select  # noqa: E402
+
+T = TypeVar("T")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -31,6 +41,11 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
     reason="chromium and chromium-driver (Debian) are installed by tests/run")
+
+
+@pytest.fixture(scope="module")
+def gw(module_gateways) -> Gateway:
+    return module_gateways(env={"CITYGW_CONSOLE__LIVE_INTERVAL_MS": "200"})
 
 
 @pytest.fixture(scope="module")
@@ -75,23 +90,40 @@ def requested_urls(driver) -> list[str]:
     return urls
 
 
-def text(driver, css: str) -> str:
-    return driver.find_element(By.CSS_SELECTOR, css).text
+def text(driver, selector: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, selector).text
 
 
-def wait_css(driver, css: str, timeout: float = 10, desc: str | None = None):
-    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, css), timeout,
-               desc=desc or f"{css} on the page")
-    return driver.find_element(By.CSS_SELECTOR, css)
+def wait_css(driver, selector: str, timeout: float = 10, desc: str | None = None) -> None:
+    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, selector), timeout,
+               desc=desc or f"{selector} on the page")
+
+
+def fresh(read: Callable[[], T], timeout: float = 10) -> T:
+    """`read()`, which finds its elements itself, again whenever a live update replaced them
+    between the find and the use (any other failure is the test's)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return read()
+        except StaleElementReferenceException:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def css(driver, selector: str):
+    return driver.find_element(By.CSS_SELECTOR, selector)
 
 
 def sign_in(driver, gw: Gateway, token: str) -> None:
     driver.get(gw.http_base + "/console/")
-    field = wait_css(driver, "#token")
-    wait_until(lambda: field.is_displayed(), 10, desc="sign-in form shown")
+    wait_css(driver, "#token")
+    wait_until(lambda: css(driver, "#token").is_displayed(), 10, desc="sign-in form shown")
+    field = css(driver, "#token")
     field.clear()
     field.send_keys(token)
-    driver.find_element(By.CSS_SELECTOR, "#signin-form button[type=submit]").click()
+    css(driver, "#signin-form button[type=submit]").click()
 
 
 def shot(driver, artifacts: Path, name: str) -> None:
@@ -151,24 +183,29 @@ def test_overview_equals_the_admin_api(gw: Gateway, browser, artifacts: Path, fl
         return {k: int(text(browser, f'[data-metric="{k}"]').replace(".", "").replace(",", ""))
                 for k in expected}
     wait_until(lambda: shown() == expected, 10, desc=f"overview shows {expected}")
-    rows = {r.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in r.find_elements(By.TAG_NAME, "td")]
-            for r in browser.find_elements(By.CSS_SELECTOR, "#by-protocol tbody tr")}
-    assert rows["mqtt"][2] == str(sum(d["protocol"] == "mqtt" for d in reported))
-    refused = browser.find_element(By.CSS_SELECTOR, "#refused").text
-    assert "malformed_json" in refused
+
+    def active_by_protocol() -> dict:
+        cells = [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
+                 for r in browser.find_elements(By.CSS_SELECTOR, "#by-protocol tbody tr")]
+        return {c[0]: c[2] for c in cells}
+    mqtt_active = str(sum(d["protocol"] == "mqtt" for d in reported))
+    wait_until(lambda: active_by_protocol().get("mqtt") == mqtt_active, 10,
+               desc=f"{mqtt_active} active MQTT devices in the by-protocol table")
+    wait_until(lambda: "malformed_json" in text(browser, "#refused"), 10,
+               desc="malformed_json among the refusals")
     assert int(gw.metric("citygw_messages_rejected_total", protocol="mqtt",
                          reason="malformed_json")) == 1
     wait_css(browser, ".chart .uplot", 10, desc="ingest chart drawn")
     shot(browser, artifacts, "1-overview-vi")
 
     # English, switched in the page; then back to Vietnamese (the default)
-    browser.find_element(By.CSS_SELECTOR, "#lang").click()
+    css(browser, "#lang").click()
     wait_until(lambda: text(browser, '#nav a[data-page="devices"]') == "Devices", 5,
                desc="English navigation")
     assert browser.execute_script("return document.documentElement.lang") == "en"
     wait_css(browser, '[data-metric="devices.registered"]')
     shot(browser, artifacts, "1-overview-en")
-    browser.find_element(By.CSS_SELECTOR, "#lang").click()
+    css(browser, "#lang").click()
     wait_until(lambda: text(browser, '#nav a[data-page="devices"]') == "Thiết bị", 5,
                desc="Vietnamese navigation")
 
@@ -179,12 +216,11 @@ def test_a_reading_published_by_mqtt_appears_on_the_device_page_live(gw: Gateway
     browser.get(f"{gw.http_base}/console/#/devices/{device.id}")
     wait_css(browser, '#latest [data-quantity="temperature"]', 15, desc="latest readings")
     wait_css(browser, "#device-chart .uplot", 10, desc="device chart")
-    picker = browser.find_element(By.CSS_SELECTOR, "#quantity-picker")
-    next(b for b in picker.find_elements(By.TAG_NAME, "button") if b.text == "temperature").click()
+    fresh(lambda: next(b for b in browser.find_elements(By.CSS_SELECTOR, "#quantity-picker button")
+                        if b.text == "temperature").click())
     wait_until(lambda: "temperature" in text(browser, "#device-chart"), 5, desc="temperature charted")
     browser.execute_script("window.__noReload = 'still here'")
-    points_before = int(browser.find_element(By.CSS_SELECTOR, "#device-chart")
-                        .get_attribute("data-points"))
+    points_before = int(css(browser, "#device-chart").get_attribute("data-points"))
     with gw.connected_client(device) as c:
         published = time.monotonic()
         assert c.publish(device.topic, json.dumps({"temperature": 37.25})) == 0
@@ -192,8 +228,7 @@ def test_a_reading_published_by_mqtt_appears_on_the_device_page_live(gw: Gateway
                    2.0, interval=0.02, desc="the new reading on the page within 2 s")
         shown_after = time.monotonic() - published
     assert browser.execute_script("return window.__noReload") == "still here", "page was reloaded"
-    assert int(browser.find_element(By.CSS_SELECTOR, "#device-chart")
-               .get_attribute("data-points")) == points_before + 1
+    assert int(css(browser, "#device-chart").get_attribute("data-points")) == points_before + 1
     print(f"publish -> shown on the device page: {shown_after * 1000:.0f} ms")
     shot(browser, artifacts, "3-device")
 
@@ -201,7 +236,7 @@ def test_a_reading_published_by_mqtt_appears_on_the_device_page_live(gw: Gateway
 def test_devices_page_searches(gw: Gateway, browser, artifacts: Path, fleet):
     browser.get(f"{gw.http_base}/console/#/devices")
     wait_css(browser, "#devices tbody tr", 10)
-    state = Select(browser.find_element(By.CSS_SELECTOR, '#device-filters select[name="state"]'))
+    state = Select(css(browser, '#device-filters select[name="state"]'))
     state.select_by_value("disabled")
     wait_until(lambda: [r.find_element(By.TAG_NAME, "a").text for r in
                         browser.find_elements(By.CSS_SELECTOR, "#devices tbody tr")]
@@ -213,19 +248,17 @@ def test_devices_page_searches(gw: Gateway, browser, artifacts: Path, fleet):
 def test_kpi_page_lists_hanois_126_communes(gw: Gateway, browser, artifacts: Path, fleet):
     browser.get(f"{gw.http_base}/console/#/kpi")
     wait_css(browser, "#kpi-table tbody tr", 20, desc="KPI table")
-    rows = browser.find_elements(By.CSS_SELECTOR, "#kpi-table tbody tr")
-    assert len(rows) == 126 and text(browser, "#commune-count") == "126"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#kpi-table tbody tr")) == 126
+    assert text(browser, "#commune-count") == "126"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#kpi-map .commune")) == 126
-    ba_dinh = browser.find_element(By.CSS_SELECTOR, '#kpi-table tr[data-code="00004"]')
-    assert "Phường Ba Đình" in ba_dinh.text
+    assert "Phường Ba Đình" in text(browser, '#kpi-table tr[data-code="00004"]')
     assert text(browser, '[data-metric="kpi.active"]') == "3"
     # sort by active devices, most first: Ba Đình (3 active) leads
-    header = browser.find_element(By.CSS_SELECTOR, '#kpi-table th[data-key="active"]')
-    header.click()
-    wait_until(lambda: browser.find_element(By.CSS_SELECTOR, "#kpi-table tbody tr")
-               .get_attribute("data-code") == "00004", 5, desc="sorted by active")
-    assert header.get_attribute("data-sort") == "desc"
-    href = browser.find_element(By.CSS_SELECTOR, "#kpi-csv").get_attribute("href")
+    css(browser, '#kpi-table th[data-key="active"]').click()
+    wait_until(lambda: css(browser, "#kpi-table tbody tr").get_attribute("data-code") == "00004",
+               5, desc="sorted by active")
+    assert css(browser, '#kpi-table th[data-key="active"]').get_attribute("data-sort") == "desc"
+    href = css(browser, "#kpi-csv").get_attribute("href")
     assert urlparse(href).path == "/console/api/kpi.csv"
     shot(browser, artifacts, "4-kpi")
 
@@ -233,7 +266,7 @@ def test_kpi_page_lists_hanois_126_communes(gw: Gateway, browser, artifacts: Pat
 def test_dead_letters_page(gw: Gateway, browser, artifacts: Path, fleet):
     browser.get(f"{gw.http_base}/console/#/deadletters")
     wait_css(browser, "#dead-letters tbody tr", 10)
-    first = browser.find_element(By.CSS_SELECTOR, "#dead-letters tbody tr").text
+    first = fresh(lambda: text(browser, "#dead-letters tbody tr"))
     assert "malformed_json" in first and fleet["active"][0].id in first
     assert '{"temperature": oops}' in first, "payload shown as text"
     shot(browser, artifacts, "5-deadletters")
@@ -242,13 +275,15 @@ def test_dead_letters_page(gw: Gateway, browser, artifacts: Path, fleet):
 def test_operator_is_read_only_in_the_page(gw: Gateway, browser, artifacts: Path, fleet):
     token = gw.cli("operator", "add", "wall-screen")["token"]
     browser.get(gw.http_base + "/console/")
-    wait_css(browser, "#signout").click()
+    wait_css(browser, "#signout")
+    css(browser, "#signout").click()
     sign_in(browser, gw, token)
     wait_css(browser, '[data-metric="devices.registered"]', 15)
     assert "wall-screen" in text(browser, "#who")
     browser.get(f"{gw.http_base}/console/#/devices/{fleet['silent'].id}")
-    button = wait_css(browser, "#toggle-enabled", 10)
-    assert not button.is_enabled(), "operators cannot disable devices"
+    wait_css(browser, "#toggle-enabled", 10)
+    assert not fresh(lambda: css(browser, "#toggle-enabled").is_enabled()), \
+        "operators cannot disable devices"
     shot(browser, artifacts, "6-device-operator")
 
 

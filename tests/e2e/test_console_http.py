@@ -282,6 +282,7 @@ def test_overview_devices_and_kpi_agree_with_the_admin_api_and_metrics(gateway_f
     refused = {(r["protocol"], r["reason"]): r["count"] for r in o["refused"]}
     assert refused == {("mqtt", "malformed_json"): 1}
     assert o["store"]["commits_total"] == m.value("citygw_store_commit_seconds_count")
+    assert o["cluster"] == {"backend": "embedded"}, "no cluster section on a single node"
     # the sampler turns counters into a rate history for the chart
     wait_until(lambda: len(overview()["ingest"]["history"]["time_ms"]) >= 2, 15,
                desc="two rate samples")

@@ -7,6 +7,7 @@ what was not acknowledged, and the gateway stores each (device, frame counter, t
 from __future__ import annotations
 
 import collections
+import re
 
 import pytest
 from cayennelpp import LppFrame
@@ -49,14 +50,21 @@ def stored(gw) -> float:
     return gw.metric("citygw_lorawan_messages_total", server="ns1", event="up", outcome="stored")
 
 
-def test_kill9_with_unacknowledged_uplinks_then_each_stored_once(brokers, gateway_factory):
-    broker = brokers.mosquitto(max_inflight=100)
+def bridge_with_meters(broker, gateway_factory, meters: int = 4):
+    """A gateway bridged to `broker` with `meters` registered LPP water meters: (gw, [(device,
+    DevEUI)])."""
     gw = gateway_factory(config_toml=lorawan_toml(broker))
     wait_bridge_connected(gw)
     devices = []
-    for _ in range(4):
+    for _ in range(meters):
         eui = new_dev_eui()
         devices.append((gw.add_device(kind="water_meter", dev_eui=eui, codec="lpp"), eui))
+    return gw, devices
+
+
+def test_kill9_with_unacknowledged_uplinks_then_each_stored_once(brokers, gateway_factory):
+    broker = brokers.mosquitto(max_inflight=100)
+    gw, devices = bridge_with_meters(broker, gateway_factory)
     counters = range(1, 1001)
     total = len(counters) * len(devices)
     # Queue the uplinks for the bridge's session while it is away, so they arrive as one burst.
@@ -80,6 +88,51 @@ def test_kill9_with_unacknowledged_uplinks_then_each_stored_once(brokers, gatewa
     # Informational (timing decides it): copies stored before the kill but not yet acknowledged.
     print("redelivered copies found stored:",
           gw.metric("citygw_lorawan_messages_total", server="ns1", outcome="duplicate"))
+
+
+def acked_in_delivery_order(broker, client_id: str) -> tuple[list[int], list[int]]:
+    """The packet ids the broker sent to `client_id` (PUBLISH, QoS 1) and the ones it got PUBACKs
+    for, each in the order of the broker's log (`log_packets`)."""
+    sent, acked = [], []
+    sending = re.compile(rf"Sending PUBLISH to {re.escape(client_id)} \(d\d, q1, r\d, m(\d+),")
+    receiving = re.compile(rf"Received PUBACK from {re.escape(client_id)} \(Mid: (\d+),")
+    for line in broker.log_path.read_text(errors="replace").splitlines():
+        if m := sending.search(line):
+            sent.append(int(m.group(1)))
+        elif m := receiving.search(line):
+            acked.append(int(m.group(1)))
+    return sent, acked
+
+
+def test_pipelined_uplinks_are_acknowledged_in_delivery_order(brokers, gateway_factory):
+    """Uplinks queued for the bridge's session arrive as one burst and are stored side by side,
+    but the broker sees their PUBACKs in the order it delivered them (MQTT 3.1.1 and 5 section
+    4.6), even where a later message is done first: `location` events, which the bridge
+    acknowledges without a store write, sit between uplinks that wait for their group commit.
+    Mosquitto's own packet log is the witness."""
+    broker = brokers.mosquitto(max_inflight=100, log_packets=True)
+    gw, devices = bridge_with_meters(broker, gateway_factory)
+    counters = range(1, 201)
+    t0, messages = now_ms() - 3_600_000, []
+    for c in counters:
+        messages += uplinks(devices, [c], t0)
+        messages.append((chirpstack_topic(devices[c % len(devices)][1], event="location"), b"{}"))
+    # Queued while the bridge is away, so they arrive as one burst.
+    gw.terminate()
+    brokers.publisher(broker).publish_many(messages)
+    gw.start()
+
+    def all_acked():
+        sent, acked = acked_in_delivery_order(broker, "citygw-ns1")
+        return len(acked) >= len(messages) and sent
+    wait_until(all_acked, 120, interval=0.2, desc="every message acknowledged to the broker")
+    sent, acked = acked_in_delivery_order(broker, "citygw-ns1")
+    assert stored(gw) == len(counters) * len(devices)
+    assert gw.metric("citygw_lorawan_messages_total", server="ns1", event="location",
+                     outcome="ignored") == len(counters)
+    assert len(sent) == len(messages), f"{len(sent)} deliveries for {len(messages)} messages"
+    out_of_order = [(i, a, s) for i, (a, s) in enumerate(zip(acked, sent)) if a != s]
+    assert not out_of_order, f"PUBACKs out of delivery order (index, acked, expected): {out_of_order[:5]}"
 
 
 def test_redelivered_event_after_restart_is_stored_once(brokers, gateway_factory):

@@ -1,6 +1,7 @@
 //! The `citygw` command line: `run` serves; every other command is a client of the running
 //! gateway's admin API, so provisioning works the same against a local or a remote node.
 
+mod alerts;
 mod cert;
 pub mod client;
 mod control;
@@ -100,6 +101,12 @@ enum Command {
     /// Commands to devices: send, follow, inspect.
     #[command(name = "command", subcommand)]
     Commands(control::CommandCommand),
+    /// Alerts raised by the rules: list, show, acknowledge, clear, follow.
+    #[command(subcommand)]
+    Alert(alerts::AlertCommand),
+    /// Alert rules in force.
+    #[command(subcommand)]
+    Rule(alerts::RuleCommand),
 }
 
 #[derive(Subcommand)]
@@ -453,6 +460,8 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
             out.lwm2m_registrations(&client.lwm2m_registrations(&device).await?)
         }
         Command::Commands(cmd) => control::run(&mut client, conn.output, cmd).await?,
+        Command::Alert(cmd) => alerts::run(&mut client, conn.output, cmd).await?,
+        Command::Rule(cmd) => alerts::run_rules(&mut client, conn.output, cmd).await?,
         Command::Agency(AgencyCommand::Remove { name }) => {
             client.remove_agency(&name).await?;
             println!("agency {name} removed; its token no longer works");

@@ -31,7 +31,8 @@ MOSQUITTO_BIN = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 class Mosquitto(ServerProcess):
     name = "mosquitto"
 
-    def __init__(self, workdir: Path, max_inflight: int = 20, tls: "Pki | None" = None):
+    def __init__(self, workdir: Path, max_inflight: int = 20, tls: "Pki | None" = None,
+                 log_packets: bool = False):
         super().__init__(workdir)
         self.tls = tls
         self.port = free_port("127.0.0.1")       # kept across stop()/start()
@@ -49,6 +50,8 @@ class Mosquitto(ServerProcess):
             f"max_inflight_messages {max_inflight}\n"
             "max_queued_messages 100000\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
+            # every packet sent and received, with its packet id, in order (into log_path)
+            + ("log_type debug\n" if log_packets else "") +
             "log_dest stderr\n"
             + (f"cafile {tls.ca}\ncertfile {tls.cert}\nkeyfile {tls.key}\n" if tls else ""))
 
@@ -99,10 +102,11 @@ class Brokers:
         self.dirs: list[Path] = []
         self.publishers: list[NetworkServer] = []
 
-    def mosquitto(self, start: bool = True, max_inflight: int = 20, tls: "Pki | None" = None) -> Mosquitto:
+    def mosquitto(self, start: bool = True, max_inflight: int = 20, tls: "Pki | None" = None,
+                  log_packets: bool = False) -> Mosquitto:
         d = Path(tempfile.mkdtemp(prefix="citygw-mosquitto-"))
         self.dirs.append(d)
-        m = Mosquitto(d, max_inflight=max_inflight, tls=tls)
+        m = Mosquitto(d, max_inflight=max_inflight, tls=tls, log_packets=log_packets)
         self.servers.append(m)
         if start:
             m.start()

@@ -45,10 +45,9 @@ pub async fn overview(State(c): State<Console>, a: Authed) -> Response {
         return busy();
     };
     let rx = c.inner.overview.subscribe();
-    let ov = c.inner.overview.clone();
-    let first = match tokio::task::spawn_blocking(move || ov.json()).await {
-        Ok(Ok(json)) => json,
-        _ => return error(StatusCode::SERVICE_UNAVAILABLE, "overview unavailable"),
+    let first = match c.inner.overview.current().await {
+        Ok(json) => json,
+        Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "overview unavailable"),
     };
     let overview = |json: &str| Event::default().event("overview").data(json);
     let first = overview(&first);

@@ -219,6 +219,39 @@ fn refusals(samples: &[Sample], name: &str) -> Vec<Refusal> {
     out
 }
 
+/// `citygw cluster status` as the overview shows it.
+fn cluster_json(c: &crate::proto::ClusterStatusResponse) -> serde_json::Value {
+    let nodes: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            serde_json::json!({
+                "name": n.name, "version": n.version, "started_time_ms": n.started_time_ms,
+                "seen_time_ms": n.seen_time_ms, "applied_sequence": n.applied_sequence,
+                "lag_messages": n.lag_messages, "healthy": n.healthy, "problem": n.problem,
+                "this_node": n.this_node,
+            })
+        })
+        .collect();
+    // Leases are named "sink/<name>" (sinks::forwarder); the console names the sink.
+    let leases: Vec<_> = c
+        .sink_leases
+        .iter()
+        .filter_map(|l| Some((l.sink.strip_prefix("sink/")?, &l.node)))
+        .map(|(sink, node)| serde_json::json!({"sink": sink, "node": node}))
+        .collect();
+    serde_json::json!({
+        "backend": c.backend, "node": c.node, "stream": c.stream, "healthy": c.healthy,
+        "problem": c.problem, "replicas": c.replicas, "leader": c.leader,
+        "last_sequence": c.last_sequence, "messages": c.messages, "nats_server": c.nats_server,
+        "nodes": nodes, "sink_leases": leases,
+    })
+}
+
+/// How long the overview waits for the cluster's view (each NATS call inside has its own 2 s
+/// bound; a lost quorum must not stall the overview of the node's own figures).
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Overview {
     pub fn new(sources: Sources, interval: Duration) -> Overview {
         Overview {
@@ -245,15 +278,12 @@ impl Overview {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let watched = self.inner.tx.receiver_count() > 0;
             let me = self.clone();
-            let json = tokio::task::spawn_blocking(move || {
-                me.sample();
-                watched.then(|| me.json())
-            })
-            .await;
-            if let Ok(Some(Ok(json))) = json {
-                self.inner.tx.send_replace(json);
+            let _ = tokio::task::spawn_blocking(move || me.sample()).await;
+            if self.inner.tx.receiver_count() > 0 {
+                if let Ok(json) = self.current().await {
+                    self.inner.tx.send_replace(json);
+                }
             }
         }
     }
@@ -287,9 +317,28 @@ impl Overview {
         state.previous = Some(now);
     }
 
-    /// The whole overview as JSON (a registry pass and a metrics read: call it off the async
-    /// threads).
-    pub fn json(&self) -> Result<Arc<str>, crate::store::StoreError> {
+    /// The whole overview as JSON, now: the cluster's view (when clustered), then a registry
+    /// pass and a metrics read on a blocking thread.
+    pub async fn current(&self) -> anyhow::Result<Arc<str>> {
+        let store = &self.inner.sources.store;
+        let cluster = match store.cluster() {
+            Some(c) => match tokio::time::timeout(CLUSTER_TIMEOUT, c.status(store)).await {
+                Ok(status) => cluster_json(&status),
+                Err(_) => serde_json::json!({
+                    "backend": "jetstream", "healthy": false, "nodes": [], "sink_leases": [],
+                    "problem": format!(
+                        "cluster status: no answer within {} s",
+                        CLUSTER_TIMEOUT.as_secs()
+                    ),
+                }),
+            },
+            None => serde_json::json!({"backend": "embedded"}),
+        };
+        let me = self.clone();
+        Ok(tokio::task::spawn_blocking(move || me.json(cluster)).await??)
+    }
+
+    fn json(&self, cluster: serde_json::Value) -> Result<Arc<str>, crate::store::StoreError> {
         let s = &self.inner.sources;
         let now = now_ms();
         let samples = prom::parse(&s.metrics.render(), PREFIXES);
@@ -333,6 +382,7 @@ impl Overview {
             "refused": refusals(&samples, "citygw_messages_rejected_total"),
             "auth_failures": refusals(&samples, "citygw_auth_failures_total"),
             "sinks": sinks,
+            "cluster": cluster,
             "store": {
                 "last_reading_id": s.store.last_reading_id(),
                 "commits_total": commits.count as u64,

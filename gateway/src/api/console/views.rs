@@ -35,13 +35,12 @@ async fn blocking<T: Send + 'static>(
 }
 
 pub async fn overview(State(c): State<Console>, _: Authed) -> Response {
-    let ov = c.inner.overview.clone();
-    match blocking(move || ov.json()).await {
+    match c.inner.overview.current().await {
         Ok(json) => fresh((
             [(header::CONTENT_TYPE, "application/json")],
             json.to_string(),
         )),
-        Err(r) => r,
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("overview: {e}")),
     }
 }
 

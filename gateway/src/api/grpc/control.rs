@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::check_token;
 use crate::control::commands::{Commands, SendError};
+use crate::control::rules::{is_active, AlertError, Alerts};
 use crate::proto::control_server::Control;
 use crate::proto::*;
 use crate::registry::agencies::{Agencies, Agency};
@@ -110,7 +111,15 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 
 pub struct ControlService {
     pub commands: Commands,
+    pub alerts: Alerts,
     pub registry: Registry,
+}
+
+fn alert_status(e: AlertError) -> Status {
+    match e {
+        AlertError::NotFound(id) => Status::not_found(format!("alert {id:?} not found")),
+        AlertError::Store(e) => store_status(e),
+    }
 }
 
 fn page(limit: u32) -> usize {
@@ -208,6 +217,119 @@ impl Control for ControlService {
                 && (r.states.is_empty() || r.states.contains(&c.state))
         };
         Ok(Response::new(watch(self.commands.watch(), keep)))
+    }
+
+    async fn list_alerts(
+        &self,
+        req: Request<ListAlertsRequest>,
+    ) -> Result<Response<ListAlertsResponse>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let alerts = self.alerts.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            alerts.list(&r.before_id, page(r.limit), |a| {
+                caller.sees(&a.tenant, &a.kind)
+                    && (r.device_id.is_empty() || a.device_id == r.device_id)
+                    && (r.rule.is_empty() || a.rule == r.rule)
+                    && (r.state == 0 || a.state == r.state)
+                    && (!r.active_only || is_active(a))
+                    && (r.severity == 0 || a.severity == r.severity)
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(store_status)?;
+        Ok(Response::new(ListAlertsResponse { alerts: listed }))
+    }
+
+    async fn get_alert(&self, req: Request<GetAlertRequest>) -> Result<Response<Alert>, Status> {
+        let caller = caller(&req)?;
+        let id = req.into_inner().id;
+        Ok(Response::new(self.alert_in_scope(&caller, &id).await?))
+    }
+
+    async fn ack_alert(&self, req: Request<AckAlertRequest>) -> Result<Response<Alert>, Status> {
+        let caller = caller(&req)?;
+        caller.may_control()?;
+        let id = req.into_inner().id;
+        self.alert_in_scope(&caller, &id).await?;
+        let changed = self.alerts.ack(&id, &caller.by()).await;
+        Ok(Response::new(changed.map_err(alert_status)?))
+    }
+
+    async fn clear_alert(
+        &self,
+        req: Request<ClearAlertRequest>,
+    ) -> Result<Response<Alert>, Status> {
+        let caller = caller(&req)?;
+        caller.may_control()?;
+        let id = req.into_inner().id;
+        self.alert_in_scope(&caller, &id).await?;
+        let changed = self.alerts.clear(&id, &caller.by()).await;
+        Ok(Response::new(changed.map_err(alert_status)?))
+    }
+
+    type WatchAlertsStream = Watch<Alert>;
+
+    async fn watch_alerts(
+        &self,
+        req: Request<WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        // Severities run from CRITICAL (1) to WARNING (4): "at least MAJOR" is 1..=2.
+        let worst = match r.min_severity {
+            0 => i32::MAX,
+            s => s,
+        };
+        let keep = move |a: &Alert| {
+            caller.sees(&a.tenant, &a.kind)
+                && (r.device_ids.is_empty() || r.device_ids.contains(&a.device_id))
+                && a.severity <= worst
+        };
+        Ok(Response::new(watch(self.alerts.watch(), keep)))
+    }
+
+    async fn list_rules(
+        &self,
+        req: Request<ListRulesRequest>,
+    ) -> Result<Response<ListRulesResponse>, Status> {
+        caller(&req)?;
+        let active = self.alerts.active_per_rule().await;
+        let rules = self
+            .alerts
+            .rules()
+            .iter()
+            .map(|r| Rule {
+                name: r.name.clone(),
+                r#type: r.type_label().to_string(),
+                description: r.describe(),
+                severity: r.severity as i32,
+                quantity: r.quantity.clone(),
+                tenant: r.tenant.clone(),
+                kind: r.kind.clone(),
+                commune: r.commune.clone(),
+                device: r.device.clone(),
+                action_command: r
+                    .action
+                    .as_ref()
+                    .map(|a| a.command.clone())
+                    .unwrap_or_default(),
+                active: active.get(&r.name).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(ListRulesResponse { rules }))
+    }
+}
+
+impl ControlService {
+    /// The alert if the caller sees it; one outside the scope and an unknown one get the same
+    /// refusal from an agency.
+    async fn alert_in_scope(&self, caller: &Caller, id: &str) -> Result<Alert, Status> {
+        match self.alerts.get(id).await.map_err(store_status)? {
+            Some(a) if caller.sees(&a.tenant, &a.kind) => Ok(a),
+            _ => Err(caller.out_of_scope(&format!("alert {id:?}"))),
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! The gRPC server on one port: the agency API (Telemetry), the admin API, the Control API
-//! (commands to devices), standard health checking and server reflection (so grpcurl works
+//! (commands to devices, alerts), standard health checking and server reflection (so grpcurl works
 //! without the .proto files). Over TLS when `grpc.tls_cert_file` is set, optionally with agency
 //! client certificates (mTLS); bearer tokens authorise either way.
 
@@ -35,6 +35,7 @@ pub struct GrpcServer {
     /// TLS, when configured (certificates reload with the others).
     pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
     pub commands: crate::control::commands::Commands,
+    pub alerts: crate::control::rules::Alerts,
 }
 
 impl GrpcServer {
@@ -69,6 +70,7 @@ impl GrpcServer {
         let control = ControlServer::with_interceptor(
             control::ControlService {
                 commands: self.commands,
+                alerts: self.alerts,
                 registry: self.registry.clone(),
             },
             control::ControlAuth {

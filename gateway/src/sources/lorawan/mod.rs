@@ -14,7 +14,10 @@
 //!
 //! Acknowledgements are manual: the PUBACK goes out only after the readings (or the dead letter)
 //! are durable, so a crash never loses an uplink the broker handed over; the broker redelivers
-//! what was not acknowledged, and [`dedup`] stores each event once.
+//! what was not acknowledged, and [`dedup`] stores each event once. Up to `max_inflight` uplinks
+//! are decoded and stored side by side (they share group commits), and their PUBACKs leave in
+//! the order the broker delivered them (MQTT 3.1.1 and 5 section 4.6), released by one acker
+//! task as each uplink and every one before it is done ([`Acks`]).
 
 pub mod chirpstack;
 pub mod config;
@@ -27,8 +30,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
@@ -122,6 +125,7 @@ async fn run(
     let server = cfg.name.clone();
     let inflight = Arc::new(Semaphore::new(cfg.max_inflight));
     let mut tasks = JoinSet::new();
+    let mut acks = Acks::start(client.clone());
     let backoff_min = Duration::from_millis(cfg.backoff_min_ms.max(1));
     let backoff_max = Duration::from_millis(cfg.backoff_max_ms).max(backoff_min);
     let mut backoff = backoff_min;
@@ -140,15 +144,14 @@ async fn run(
         };
         match polled {
             Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
-                let (bridge, client) = (bridge.clone(), client.clone());
+                let bridge = bridge.clone();
+                let done = acks.next();
                 tasks.spawn(async move {
                     let ack = bridge.handle(&publish).await;
+                    // The slot frees when the uplink is handled, not when its ack has gone out:
+                    // acks leave only while this loop polls the event loop, which takes a slot.
                     drop(permit);
-                    if ack {
-                        // Fails only when the event loop is gone (shutdown); the broker then
-                        // redelivers, and dedup stores nothing twice.
-                        let _ = client.ack(&publish).await;
-                    }
+                    let _ = done.send(ack.then(|| ack_of(&publish)));
                 });
             }
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
@@ -191,10 +194,12 @@ async fn run(
     }
     // Let in-flight uplinks become durable and their acks go out; publishes that arrive now are
     // left unacknowledged for the broker to redeliver to the next run.
+    let acker = acks.close();
+    tokio::pin!(acker);
     let drain = async {
         loop {
             tokio::select! {
-                done = tasks.join_next() => if done.is_none() { break },
+                _ = &mut acker => break,
                 e = eventloop.poll() => if e.is_err() { break },
             }
         }
@@ -207,9 +212,60 @@ async fn run(
     };
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
     tasks.abort_all();
+    acker.abort();
     connected.set(0.0);
     tracing::info!(server = %server, "lorawan bridge stopped");
     Ok(())
+}
+
+/// The bridge's PUBACKs, in the order the broker delivered the uplinks.
+///
+/// Each uplink is handled on its own task; [`Acks::next`] (called in delivery order) hands it a
+/// channel for its outcome. One acker task takes those outcomes in the same order and acks each
+/// uplink once it and all before it are done, so an uplink that finishes early (an ignored event,
+/// a dead letter) waits for the ones before it. rumqttc sends acks in the order
+/// `AsyncClient::ack` is called. What waits for its turn is the packet id, not the payload.
+struct Acks {
+    order: mpsc::UnboundedSender<oneshot::Receiver<Option<Publish>>>,
+    acker: JoinHandle<()>,
+}
+
+impl Acks {
+    fn start(client: AsyncClient) -> Self {
+        let (order, mut rx) = mpsc::unbounded_channel::<oneshot::Receiver<Option<Publish>>>();
+        let acker = tokio::spawn(async move {
+            while let Some(outcome) = rx.recv().await {
+                // A task aborted at shutdown drops its sender: nothing to ack.
+                if let Ok(Some(publish)) = outcome.await {
+                    // Fails only when the event loop is gone (shutdown); the broker then
+                    // redelivers, and dedup stores nothing twice.
+                    let _ = client.ack(&publish).await;
+                }
+            }
+        });
+        Acks { order, acker }
+    }
+
+    /// Takes the next uplink in delivery order; its task sends the outcome on the returned
+    /// channel: what to acknowledge, or None to leave the uplink for redelivery.
+    fn next(&mut self) -> oneshot::Sender<Option<Publish>> {
+        let (tx, rx) = oneshot::channel();
+        // The acker only ends after `close`, so the send cannot fail before it.
+        let _ = self.order.send(rx);
+        tx
+    }
+
+    /// No more uplinks: the returned task ends once every uplink taken has been acked or left.
+    fn close(self) -> JoinHandle<()> {
+        self.acker
+    }
+}
+
+/// What acknowledging an uplink needs: its packet id and QoS.
+fn ack_of(publish: &Publish) -> Publish {
+    let mut ack = Publish::new("", publish.qos, Vec::new());
+    ack.pkid = publish.pkid;
+    ack
 }
 
 /// What became of one message, for `citygw_lorawan_messages_total`.

@@ -36,6 +36,7 @@ export function render(root) {
   const auth = h("div");
   const sinks = h("div");
   const store = h("div", { class: "cards" });
+  const cluster = h("section", { id: "cluster", hidden: true });
   const stamp = h("span", { class: "muted live-stamp" });
   root.append(
     h("h1", {}, t("nav.overview"), " ", h("span", { class: "badge" }, t("live")), " ", stamp),
@@ -50,6 +51,7 @@ export function render(root) {
     h("div", { class: "cols" },
       h("section", {}, h("h2", {}, t("ov.sinks")), sinks),
       h("section", {}, h("h2", {}, t("ov.store")), store)),
+    cluster,
   );
 
   let chart = null;
@@ -104,6 +106,24 @@ export function render(root) {
       card(t("ov.last_reading_id"), fmtNum(o.store.last_reading_id), "store.last_reading_id"),
       card(t("ov.commit_errors"), fmtNum(o.store.commit_errors_total), "store.commit_errors_total"),
     );
+    const c = o.cluster || {};
+    cluster.hidden = c.backend !== "jetstream";
+    if (!cluster.hidden) {
+      const leases = (c.sink_leases || []).map((l) => `${l.sink} → ${l.node}`).join(", ");
+      cluster.replaceChildren(
+        h("h2", {}, t("ov.cluster")),
+        h("p", { class: "muted" }, `${t("ov.stream")}: ${c.stream || t("none")} (R${c.replicas ?? "?"}) · `
+          + `${t("ov.leader")}: ${c.leader || t("none")} · ${t("ov.forwarding")}: ${leases || t("none")}`),
+        c.healthy ? "" : h("p", { class: "error", id: "cluster-problem" }, c.problem),
+        table([
+          [t("col.name"), (n) => (n.this_node ? `${n.name} ★` : n.name)],
+          [t("col.state"), (n) => h("span", { class: `state ${n.healthy ? "active" : "silent"}` },
+            n.healthy ? t("ov.healthy") : n.problem || t("ov.unhealthy"))],
+          [t("ov.lag_messages"), (n) => fmtNum(n.lag_messages), { class: "num" }],
+          [t("ov.seen"), (n) => fmtTime(n.seen_time_ms)],
+          [t("ov.version"), (n) => n.version],
+        ], c.nodes, { id: "cluster-nodes" }));
+    }
     root.dataset.updated = String(o.time_ms);
   };
 

@@ -1,0 +1,876 @@
+//! Alert rules over the readings: threshold (with duration and hysteresis), absence, rate of
+//! change; alerts with ThingsBoard's lifecycle; actions that send commands, with a cool-down.
+//!
+//! ```text
+//!  store feed (committed readings, id order) ──▶ evaluator ──▶ alerts table ──▶ watchers
+//!  timer (durations, silent devices)        ──┘        └──▶ action: Commands::send (cool-down)
+//! ```
+//!
+//! The evaluator reads committed readings after the fact, so no acknowledgement ever waits on a
+//! rule, and it resumes after the last reading it evaluated (kept with its state), so a restart
+//! neither skips readings nor loses a `for` duration in progress. An alert is on disk before any
+//! watcher hears of it or any action runs.
+//!
+//! Alert states: raised ACTIVE_UNACK; acknowledging and clearing are independent (ACTIVE_ACK,
+//! CLEARED_UNACK, CLEARED_ACK). The rule clears its alert when the condition ends (below the
+//! `clear` level, the device reports again, the movement falls back); an operator may clear it by
+//! hand, and the rule raises a new one if the condition comes back.
+
+pub mod config;
+pub mod eval;
+pub mod log;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::control::commands::Commands;
+use crate::pipeline::now_ms;
+use crate::proto::{
+    command_payload, reading, Alert, AlertEvent, AlertState, CommandPayload, Reading,
+    SendCommandRequest, Severity,
+};
+use crate::registry::Registry;
+use crate::store::{Store, StoreError};
+use config::{severity_label, Condition, Rule};
+use eval::{Event, Step, Track};
+use log::{AlertLog, Batch};
+
+/// Changes a watcher may fall behind before its stream ends.
+const WATCH_CAPACITY: usize = 4096;
+/// Readings read from the store per page while catching up.
+const CATCH_UP_PAGE: usize = 1000;
+/// How often durations are checked, and the position saved when nothing else was written.
+const TICK: Duration = Duration::from_secs(1);
+const SAVE_POSITION_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error("alert {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone)]
+pub struct Alerts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rules: Vec<Rule>,
+    /// Threshold and rate rules by the quantity they watch.
+    by_quantity: HashMap<String, Vec<usize>>,
+    absence: Vec<usize>,
+    /// How often silent devices are looked for.
+    absence_every: Duration,
+    log: AlertLog,
+    store: Store,
+    registry: Registry,
+    commands: Commands,
+    state: Mutex<State>,
+    changes: broadcast::Sender<Arc<Alert>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Per device, the tracks of the rules that have something to remember for it.
+    tracks: HashMap<String, Vec<(usize, Track)>>,
+    /// Active alerts by id.
+    active: HashMap<String, Alert>,
+    /// `{rule}/{target}` → when its action last sent a command.
+    cooldowns: HashMap<String, i64>,
+    /// Active alerts whose rule is no longer configured: cleared when the evaluator starts.
+    orphans: Vec<String>,
+    /// Last reading evaluated, and the last one saved.
+    position: u64,
+    saved_position: u64,
+}
+
+/// The device an event is about.
+struct Subject<'a> {
+    device: &'a str,
+    tenant: &'a str,
+    kind: &'a str,
+    commune: &'a str,
+}
+
+/// Commands an action is to send once the alert is durable.
+struct Planned {
+    alert_id: String,
+    rule: usize,
+    targets: Vec<String>,
+}
+
+/// What one evaluation pass produced: the writes, the changed alerts, the actions.
+#[derive(Default)]
+struct Pass {
+    batch: Batch,
+    changed: Vec<Alert>,
+    planned: Vec<Planned>,
+    evaluated: u64,
+}
+
+fn value_of(r: &Reading) -> Option<f64> {
+    match r.value.as_ref()? {
+        reading::Value::Number(n) => Some(*n),
+        reading::Value::Boolean(b) => Some(if *b { 1.0 } else { 0.0 }),
+        reading::Value::Text(_) => None,
+    }
+}
+
+/// "ACTIVE_UNACK", ...: the state as operators read it.
+pub fn alert_state_label(s: AlertState) -> &'static str {
+    s.as_str_name()
+        .strip_prefix("ALERT_STATE_")
+        .unwrap_or("UNSPECIFIED")
+}
+
+fn state_of(a: &Alert) -> AlertState {
+    AlertState::try_from(a.state).unwrap_or(AlertState::Unspecified)
+}
+
+pub fn is_active(a: &Alert) -> bool {
+    matches!(state_of(a), AlertState::ActiveUnack | AlertState::ActiveAck)
+}
+
+fn transition(a: &mut Alert, to: AlertState, now: i64, by: &str, detail: String) {
+    a.state = to as i32;
+    a.history.push(AlertEvent {
+        state: to as i32,
+        time_ms: now,
+        by: by.to_string(),
+        detail,
+    });
+}
+
+/// Clears `a` (if active): ACTIVE_UNACK → CLEARED_UNACK, ACTIVE_ACK → CLEARED_ACK.
+fn clear_alert(a: &mut Alert, now: i64, by: &str, detail: String) -> bool {
+    let to = match state_of(a) {
+        AlertState::ActiveUnack => AlertState::ClearedUnack,
+        AlertState::ActiveAck => AlertState::ClearedAck,
+        _ => return false,
+    };
+    a.cleared_time_ms = now;
+    a.cleared_by = by.to_string();
+    transition(a, to, now, by, detail);
+    true
+}
+
+impl Alerts {
+    /// Loads the active alerts and the evaluator's state; [`Alerts::run`] evaluates.
+    pub fn load(
+        rules: Vec<Rule>,
+        store: Store,
+        registry: Registry,
+        commands: Commands,
+    ) -> anyhow::Result<Alerts> {
+        let log = AlertLog::new(store.clone());
+        let mut by_quantity: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut absence = Vec::new();
+        let mut shortest_silence = i64::MAX;
+        for (i, r) in rules.iter().enumerate() {
+            match r.condition {
+                Condition::Absence { silent_ms } => {
+                    absence.push(i);
+                    shortest_silence = shortest_silence.min(silent_ms);
+                }
+                _ => by_quantity.entry(r.quantity.clone()).or_default().push(i),
+            }
+        }
+        let index = |name: &str| rules.iter().position(|r| r.name == name);
+        let mut st = State::default();
+        for alert in log.load_active()? {
+            match index(&alert.rule) {
+                Some(r) => {
+                    let track = track_mut(&mut st.tracks, &alert.device_id, r);
+                    track.active = Some((alert.id.clone(), alert.raised_time_ms));
+                }
+                None => st.orphans.push(alert.id.clone()),
+            }
+            st.active.insert(alert.id.clone(), alert);
+        }
+        for (rule, device, since, value) in log.load_pending()? {
+            if let Some(r) = index(&rule) {
+                track_mut(&mut st.tracks, &device, r).pending = Some((since, value));
+            }
+        }
+        st.cooldowns = log.load_cooldowns()?.into_iter().collect();
+        st.position = match log.position()? {
+            Some(p) => p,
+            // First start: rules apply from now on, not to the history.
+            None => store.last_reading_id(),
+        };
+        st.saved_position = st.position;
+        tracing::info!(
+            rules = rules.len(),
+            active = st.active.len(),
+            position = st.position,
+            "alert rules loaded"
+        );
+        let alerts = Alerts {
+            inner: Arc::new(Inner {
+                absence_every: Duration::from_millis(
+                    (shortest_silence / 10).clamp(1000, 30_000) as u64
+                ),
+                rules,
+                by_quantity,
+                absence,
+                log,
+                store,
+                registry,
+                commands,
+                state: Mutex::new(st),
+                changes: broadcast::channel(WATCH_CAPACITY).0,
+            }),
+        };
+        alerts.set_gauges(&alerts.inner.state.try_lock().expect("not shared yet"));
+        Ok(alerts)
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.inner.rules
+    }
+
+    /// Active alerts per rule name.
+    pub async fn active_per_rule(&self) -> HashMap<String, u64> {
+        let st = self.inner.state.lock().await;
+        let mut out = HashMap::new();
+        for a in st.active.values() {
+            *out.entry(a.rule.clone()).or_default() += 1;
+        }
+        out
+    }
+
+    /// Evaluates committed readings and the timers until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        if self.inner.rules.is_empty() {
+            return;
+        }
+        // Subscribe first, then catch up from the store: nothing committed in between is missed.
+        let mut feed = self.inner.store.subscribe();
+        self.clear_orphans().await;
+        if self.catch_up().await.is_err() {
+            return;
+        }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_absence = tokio::time::Instant::now();
+        let mut last_save = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                got = feed.recv() => match got {
+                    Ok(batch) => {
+                        let mut st = self.inner.state.lock().await;
+                        let mut pass = Pass::default();
+                        for fr in batch.iter() {
+                            if fr.reading.id > st.position {
+                                self.evaluate(&mut st, &mut pass, &fr.reading);
+                                st.position = fr.reading.id;
+                            }
+                        }
+                        self.finish(st, pass, false).await;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        metrics::counter!("citygw_rules_feed_lagged_total").increment(1);
+                        tracing::warn!(commits = n, "rule evaluation fell behind the feed; catching up from the store");
+                        if self.catch_up().await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tick.tick() => {
+                    let absence = last_absence.elapsed() >= self.inner.absence_every;
+                    if absence {
+                        last_absence = tokio::time::Instant::now();
+                    }
+                    let save = last_save.elapsed() >= SAVE_POSITION_EVERY;
+                    if save {
+                        last_save = tokio::time::Instant::now();
+                    }
+                    self.on_tick(absence, save).await;
+                }
+                _ = shutdown.cancelled() => {
+                    self.on_tick(false, true).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Evaluates what the store committed after the position, a page at a time.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        loop {
+            let position = self.inner.state.lock().await.position;
+            let readings = match self.inner.store.readings_after(position, CATCH_UP_PAGE) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "rule evaluation cannot read the store");
+                    return Err(e);
+                }
+            };
+            let Some(last) = readings.last().map(|r| r.id) else {
+                return Ok(());
+            };
+            let mut st = self.inner.state.lock().await;
+            let mut pass = Pass::default();
+            for r in &readings {
+                self.evaluate(&mut st, &mut pass, r);
+            }
+            st.position = last;
+            self.finish(st, pass, true).await;
+        }
+    }
+
+    /// One reading against the rules that watch its quantity (and the absence rules).
+    fn evaluate(&self, st: &mut State, pass: &mut Pass, r: &Reading) {
+        pass.evaluated += 1;
+        let subject = Subject {
+            device: &r.device_id,
+            tenant: &r.tenant,
+            kind: &r.kind,
+            commune: &r.commune_code,
+        };
+        let t = r.received_time_ms;
+        let value = value_of(r);
+        let absence = self.inner.absence.iter();
+        let watching = value
+            .and_then(|_| self.inner.by_quantity.get(&r.quantity))
+            .into_iter()
+            .flatten();
+        for &i in absence.chain(watching) {
+            let rule = &self.inner.rules[i];
+            if !rule.covers(
+                subject.device,
+                subject.tenant,
+                subject.kind,
+                subject.commune,
+            ) {
+                continue;
+            }
+            let v = value.unwrap_or_default();
+            let step = match find_track(&mut st.tracks, subject.device, i) {
+                Some(track) => eval::on_reading(rule, track, v, t),
+                None => {
+                    let mut fresh = Track::default();
+                    let step = eval::on_reading(rule, &mut fresh, v, t);
+                    if fresh.idle() && step.event.is_none() {
+                        continue;
+                    }
+                    *track_mut(&mut st.tracks, subject.device, i) = fresh;
+                    step
+                }
+            };
+            self.apply(st, pass, i, &subject, step, t);
+        }
+    }
+
+    /// Time passing: thresholds held long enough; silent devices (`absence`); saving the position.
+    async fn on_tick(&self, absence: bool, save: bool) {
+        let now = now_ms();
+        let mut st = self.inner.state.lock().await;
+        let mut pass = Pass::default();
+        // Pending durations.
+        let due: Vec<(String, usize)> = st
+            .tracks
+            .iter()
+            .flat_map(|(d, ts)| {
+                ts.iter()
+                    .filter(|(_, t)| t.pending.is_some() && t.active.is_none())
+                    .map(move |(i, _)| (d.clone(), *i))
+            })
+            .collect();
+        for (device, i) in due {
+            let Some(entry) = self.inner.registry.get(&device) else {
+                // Deleted: nothing to alert about any more.
+                drop_track(&mut st.tracks, &device, i);
+                continue;
+            };
+            let rule = &self.inner.rules[i];
+            let Some(track) = find_track(&mut st.tracks, &device, i) else {
+                continue;
+            };
+            let step = eval::on_tick(rule, track, now, entry.last_seen_ms());
+            let subject = Subject {
+                device: entry.id(),
+                tenant: entry.tenant(),
+                kind: entry.kind(),
+                commune: entry.commune_code(),
+            };
+            self.apply(&mut st, &mut pass, i, &subject, step, now);
+        }
+        if absence && !self.inner.absence.is_empty() {
+            let mut silent: Vec<(Arc<crate::registry::DeviceEntry>, usize, Step)> = Vec::new();
+            let rules = &self.inner.rules;
+            let tracks = &mut st.tracks;
+            let devices = self
+                .inner
+                .registry
+                .select("", usize::MAX, |e| e.enabled() && e.last_seen_ms() > 0);
+            for entry in devices {
+                for &i in &self.inner.absence {
+                    let rule = &rules[i];
+                    if !rule.covers(
+                        entry.id(),
+                        entry.tenant(),
+                        entry.kind(),
+                        entry.commune_code(),
+                    ) {
+                        continue;
+                    }
+                    let mut scratch = Track::default();
+                    let track = find_track(tracks, entry.id(), i).unwrap_or(&mut scratch);
+                    let step = eval::on_tick(rule, track, now, entry.last_seen_ms());
+                    if step.event.is_some() {
+                        silent.push((entry.clone(), i, step));
+                    }
+                }
+            }
+            for (entry, i, step) in silent {
+                let subject = Subject {
+                    device: entry.id(),
+                    tenant: entry.tenant(),
+                    kind: entry.kind(),
+                    commune: entry.commune_code(),
+                };
+                self.apply(&mut st, &mut pass, i, &subject, step, now);
+            }
+        }
+        self.finish(st, pass, save).await;
+    }
+
+    /// Turns a step into writes, alert changes and planned actions.
+    fn apply(
+        &self,
+        st: &mut State,
+        pass: &mut Pass,
+        i: usize,
+        s: &Subject<'_>,
+        step: Step,
+        t: i64,
+    ) {
+        let rule = &self.inner.rules[i];
+        let State {
+            tracks,
+            active,
+            cooldowns,
+            ..
+        } = st;
+        let track = track_mut(tracks, s.device, i);
+        if step.pending_changed {
+            pass.batch.pending(&rule.name, s.device, track.pending);
+        }
+        let by = format!("rule:{}", rule.name);
+        match step.event {
+            Some(Event::Raise { value, message }) => {
+                let id = uuid::Uuid::now_v7().to_string();
+                track.active = Some((id.clone(), t));
+                let alert = Alert {
+                    id: id.clone(),
+                    rule: rule.name.clone(),
+                    device_id: s.device.to_string(),
+                    tenant: s.tenant.to_string(),
+                    kind: s.kind.to_string(),
+                    commune_code: s.commune.to_string(),
+                    severity: rule.severity as i32,
+                    state: AlertState::ActiveUnack as i32,
+                    quantity: rule.quantity.clone(),
+                    value,
+                    message: message.clone(),
+                    raised_time_ms: t,
+                    history: vec![AlertEvent {
+                        state: AlertState::ActiveUnack as i32,
+                        time_ms: t,
+                        by,
+                        detail: message.clone(),
+                    }],
+                    ..Default::default()
+                };
+                tracing::warn!(alert = %id, rule = %rule.name, device = s.device,
+                    severity = severity_label(rule.severity), %message, "alert raised");
+                metrics::counter!("citygw_alerts_raised_total", "rule" => rule.name.clone(),
+                    "severity" => severity_label(rule.severity))
+                .increment(1);
+                pass.batch.alert(&alert, true);
+                pass.changed.push(alert.clone());
+                active.insert(id.clone(), alert);
+                if let Some(action) = &rule.action {
+                    self.plan(pass, cooldowns, i, action, s, id, t);
+                }
+            }
+            Some(Event::Clear { value: _, message }) => {
+                if let Some((id, _)) = track.active.take() {
+                    if let Some(mut alert) = active.remove(&id) {
+                        clear_alert(&mut alert, t, &by, message.clone());
+                        tracing::info!(alert = %id, rule = %rule.name, device = s.device,
+                            %message, "alert cleared");
+                        metrics::counter!("citygw_alerts_cleared_total", "rule" => rule.name.clone(),
+                            "severity" => severity_label(rule.severity), "by" => "rule")
+                        .increment(1);
+                        pass.batch.alert(&alert, false);
+                        pass.changed.push(alert);
+                    }
+                }
+            }
+            None => {}
+        }
+        if track.idle() {
+            drop_track(tracks, s.device, i);
+        }
+    }
+
+    /// Decides an action's targets, unless its cool-down for them is still running.
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &self,
+        pass: &mut Pass,
+        cooldowns: &mut HashMap<String, i64>,
+        i: usize,
+        action: &config::Action,
+        s: &Subject<'_>,
+        alert_id: String,
+        t: i64,
+    ) {
+        let rule = &self.inner.rules[i];
+        let key = if action.target_kind.is_empty() {
+            format!("{}/{}", rule.name, s.device)
+        } else {
+            format!("{}/commune:{}", rule.name, s.commune)
+        };
+        let now = now_ms().max(t);
+        if cooldowns
+            .get(&key)
+            .is_some_and(|last| now - last < action.cooldown_ms)
+        {
+            metrics::counter!("citygw_rule_actions_total", "rule" => rule.name.clone(), "outcome" => "cooldown")
+                .increment(1);
+            tracing::info!(rule = %rule.name, target = %key, "action skipped: cool-down");
+            return;
+        }
+        let targets = if action.target_kind.is_empty() {
+            vec![s.device.to_string()]
+        } else {
+            self.inner
+                .registry
+                .select("", usize::MAX, |e| {
+                    e.enabled()
+                        && e.kind() == action.target_kind
+                        && e.commune_code() == s.commune
+                        && (rule.tenant.is_empty() || e.tenant() == rule.tenant)
+                })
+                .iter()
+                .map(|e| e.id().to_string())
+                .collect()
+        };
+        cooldowns.insert(key.clone(), now);
+        pass.batch.cooldown(&key, now);
+        pass.planned.push(Planned {
+            alert_id,
+            rule: i,
+            targets,
+        });
+    }
+
+    /// Writes a pass (with the position), then tells the watchers and runs the actions.
+    /// `save_position`: write the position even if nothing else changed.
+    async fn finish(
+        &self,
+        mut st: tokio::sync::MutexGuard<'_, State>,
+        pass: Pass,
+        save_position: bool,
+    ) {
+        if pass.evaluated > 0 {
+            metrics::counter!("citygw_rules_readings_evaluated_total").increment(pass.evaluated);
+        }
+        if self
+            .write(&mut st, pass.batch, save_position)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        drop(st);
+        self.tell(pass.changed);
+        for p in pass.planned {
+            self.act(p).await;
+        }
+    }
+
+    /// One durable commit of `batch` and the position, retried while the store fails (not once
+    /// it is closed).
+    async fn write(
+        &self,
+        st: &mut State,
+        mut batch: Batch,
+        save_position: bool,
+    ) -> Result<(), StoreError> {
+        let moved = st.position != st.saved_position;
+        if batch.is_empty() && !(save_position && moved) {
+            return Ok(());
+        }
+        batch.position(st.position);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.inner.log.save(batch.clone()).await {
+                Ok(()) => break,
+                Err(StoreError::Closed) => return Err(StoreError::Closed),
+                Err(e) => {
+                    metrics::counter!("citygw_alert_log_errors_total").increment(1);
+                    tracing::warn!(error = %e, "alert state not written; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        st.saved_position = st.position;
+        self.set_gauges(st);
+        Ok(())
+    }
+
+    fn tell(&self, changed: Vec<Alert>) {
+        for a in changed {
+            let _ = self.inner.changes.send(Arc::new(a));
+        }
+    }
+
+    /// Sends an action's commands and records their ids on the alert.
+    async fn act(&self, p: Planned) {
+        let rule = &self.inner.rules[p.rule];
+        let Some(action) = &rule.action else {
+            return;
+        };
+        let by = format!("rule:{}", rule.name);
+        let mut ids = Vec::new();
+        for device in &p.targets {
+            let req = SendCommandRequest {
+                device_id: device.clone(),
+                name: action.command.clone(),
+                payload: Some(CommandPayload {
+                    kind: Some(command_payload::Kind::ParamsJson(action.params.clone())),
+                }),
+                ttl_ms: action.ttl_ms,
+                confirmed: false,
+                f_port: 0,
+            };
+            match self.inner.commands.send(req, &by).await {
+                Ok(c) => {
+                    metrics::counter!("citygw_rule_actions_total", "rule" => rule.name.clone(), "outcome" => "sent")
+                        .increment(1);
+                    ids.push(c.id);
+                }
+                Err(e) => {
+                    metrics::counter!("citygw_rule_actions_total", "rule" => rule.name.clone(), "outcome" => "failed")
+                        .increment(1);
+                    tracing::warn!(rule = %rule.name, device, error = %e, "action command not sent");
+                }
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let mut st = self.inner.state.lock().await;
+        let alert = match st.active.get_mut(&p.alert_id) {
+            Some(a) => {
+                a.command_ids.extend(ids);
+                Some((a.clone(), true))
+            }
+            None => match self.inner.log.get(&p.alert_id) {
+                Ok(Some(mut a)) => {
+                    a.command_ids.extend(ids);
+                    Some((a, false))
+                }
+                _ => None,
+            },
+        };
+        if let Some((alert, active)) = alert {
+            let mut batch = Batch::default();
+            batch.alert(&alert, active);
+            if self.write(&mut st, batch, false).await.is_ok() {
+                drop(st);
+                self.tell(vec![alert]);
+            }
+        }
+    }
+
+    /// Clears the active alerts of rules no longer configured.
+    async fn clear_orphans(&self) {
+        let mut st = self.inner.state.lock().await;
+        let now = now_ms();
+        let mut pass = Pass::default();
+        for id in std::mem::take(&mut st.orphans) {
+            if let Some(mut a) = st.active.remove(&id) {
+                let detail = format!("rule {:?} is no longer configured", a.rule);
+                clear_alert(&mut a, now, "gateway", detail);
+                pass.batch.alert(&a, false);
+                pass.changed.push(a);
+            }
+        }
+        self.finish(st, pass, false).await;
+    }
+
+    fn set_gauges(&self, st: &State) {
+        let mut counts: HashMap<i32, u64> = HashMap::new();
+        for a in st.active.values() {
+            *counts.entry(a.severity).or_default() += 1;
+        }
+        for s in [
+            Severity::Critical,
+            Severity::Major,
+            Severity::Minor,
+            Severity::Warning,
+        ] {
+            metrics::gauge!("citygw_alerts_active", "severity" => severity_label(s))
+                .set(counts.get(&(s as i32)).copied().unwrap_or(0) as f64);
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Alert>, StoreError> {
+        if let Some(a) = self.inner.state.lock().await.active.get(id) {
+            return Ok(Some(a.clone()));
+        }
+        self.inner.log.get(id)
+    }
+
+    /// Alerts newest first (see [`AlertLog::list`]).
+    pub fn list(
+        &self,
+        before_id: &str,
+        limit: usize,
+        keep: impl FnMut(&Alert) -> bool,
+    ) -> Result<Vec<Alert>, StoreError> {
+        self.inner.log.list(before_id, limit, 1_000_000, keep)
+    }
+
+    /// Every change from now on, once it is durable.
+    pub fn watch(&self) -> broadcast::Receiver<Arc<Alert>> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Acknowledges an alert (active or cleared); acknowledging twice changes nothing.
+    pub async fn ack(&self, id: &str, by: &str) -> Result<Alert, AlertError> {
+        self.change(id, by, |a, now| {
+            let to = match state_of(a) {
+                AlertState::ActiveUnack => AlertState::ActiveAck,
+                AlertState::ClearedUnack => AlertState::ClearedAck,
+                _ => return false,
+            };
+            a.acked_time_ms = now;
+            a.acked_by = by.to_string();
+            transition(a, to, now, by, "acknowledged".into());
+            true
+        })
+        .await
+    }
+
+    /// Clears an active alert by hand; clearing a cleared alert changes nothing.
+    pub async fn clear(&self, id: &str, by: &str) -> Result<Alert, AlertError> {
+        self.change(id, by, |a, now| {
+            clear_alert(a, now, by, "cleared by hand".into())
+        })
+        .await
+    }
+
+    /// Applies an operator's change to an alert, durably, and tells the watchers.
+    async fn change(
+        &self,
+        id: &str,
+        by: &str,
+        f: impl FnOnce(&mut Alert, i64) -> bool,
+    ) -> Result<Alert, AlertError> {
+        let mut st = self.inner.state.lock().await;
+        let now = now_ms();
+        let mut alert = match st.active.get(id) {
+            Some(a) => a.clone(),
+            None => self
+                .inner
+                .log
+                .get(id)?
+                .ok_or_else(|| AlertError::NotFound(id.to_string()))?,
+        };
+        let was_active = is_active(&alert);
+        if !f(&mut alert, now) {
+            return Ok(alert);
+        }
+        let active = is_active(&alert);
+        let mut batch = Batch::default();
+        batch.alert(&alert, active);
+        if was_active && !active {
+            // Cleared by hand: the rule may raise a new alert if the condition comes back.
+            if let Some(i) = self.inner.rules.iter().position(|r| r.name == alert.rule) {
+                if let Some(track) = find_track(&mut st.tracks, &alert.device_id, i) {
+                    track.active = None;
+                    if track.idle() {
+                        drop_track(&mut st.tracks, &alert.device_id, i);
+                    }
+                }
+            }
+            metrics::counter!("citygw_alerts_cleared_total", "rule" => alert.rule.clone(),
+                "severity" => severity_label(Severity::try_from(alert.severity).unwrap_or_default()),
+                "by" => "operator")
+            .increment(1);
+        }
+        self.inner.log.save(batch).await?;
+        if active {
+            st.active.insert(alert.id.clone(), alert.clone());
+        } else {
+            st.active.remove(&alert.id);
+        }
+        self.set_gauges(&st);
+        drop(st);
+        tracing::info!(
+            alert = id,
+            by,
+            state = alert_state_label(state_of(&alert)),
+            "alert changed"
+        );
+        let _ = self.inner.changes.send(Arc::new(alert.clone()));
+        Ok(alert)
+    }
+}
+
+fn find_track<'a>(
+    tracks: &'a mut HashMap<String, Vec<(usize, Track)>>,
+    device: &str,
+    rule: usize,
+) -> Option<&'a mut Track> {
+    tracks
+        .get_mut(device)?
+        .iter_mut()
+        .find(|(i, _)| *i == rule)
+        .map(|(_, t)| t)
+}
+
+fn track_mut<'a>(
+    tracks: &'a mut HashMap<String, Vec<(usize, Track)>>,
+    device: &str,
+    rule: usize,
+) -> &'a mut Track {
+    if !tracks.contains_key(device) {
+        tracks.insert(device.to_string(), Vec::new());
+    }
+    let list = tracks.get_mut(device).expect("just inserted");
+    let at = match list.iter().position(|(i, _)| *i == rule) {
+        Some(at) => at,
+        None => {
+            list.push((rule, Track::default()));
+            list.len() - 1
+        }
+    };
+    &mut list[at].1
+}
+
+fn drop_track(tracks: &mut HashMap<String, Vec<(usize, Track)>>, device: &str, rule: usize) {
+    if let Some(list) = tracks.get_mut(device) {
+        list.retain(|(i, _)| *i != rule);
+        if list.is_empty() {
+            tracks.remove(device);
+        }
+    }
+}
