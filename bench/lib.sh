@@ -105,7 +105,7 @@ git_commit() { git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unkn
 # ---------------------------------------------------------------- citygw
 # start_citygw DATA_DIR LOGNAME [ARGS of `citygw run`, e.g. --config FILE] -> $CITYGW_PID
 # (CITYGW_* in the environment reach it; MQTT_BIND, default 127.0.0.1, is the MQTT listen address:
-# 0.0.0.0 lets clients spread over 127.0.0.x)
+# 0.0.0.0 lets clients spread over 127.0.0.x; READY_SECS, default 30, how long it may take to be ready)
 start_citygw() {
   local data=$1 logname=$2
   shift 2
@@ -120,7 +120,7 @@ start_citygw() {
   PIDS+=("$CITYGW_PID")
   COMMANDS+=("CITYGW_DATA_DIR=$data CITYGW_MQTT__LISTEN=${MQTT_BIND:-127.0.0.1}:$MQTT_PORT CITYGW_GRPC__LISTEN=127.0.0.1:$GRPC_PORT CITYGW_HTTP__LISTEN=127.0.0.1:$HTTP_PORT CITYGW_ADMIN__TOKEN=$TOKEN $CITYGW run ${*:+$(printf '%q ' "$@")}&")
   local i
-  for i in $(seq 1 300); do
+  for i in $(seq 1 $((${READY_SECS:-30} * 10))); do
     kill -0 "$CITYGW_PID" 2>/dev/null || die "citygw exited (see $WORK/$logname.log)"
     curl -sf "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1 && return 0
     sleep 0.1
@@ -139,4 +139,26 @@ provision() { # provision COUNT PREFIX -> $WORK/PREFIX.secrets.csv
     "$WORK/$prefix.devices.csv" --secrets-out "$WORK/$prefix.secrets.csv" >"$WORK/$prefix.import.log" 2>&1 ||
     die "device import failed (see $WORK/$prefix.import.log)"
   log "imported $n devices in $((SECONDS - t0)) s"
+}
+
+# ---------------------------------------------------------------- before/after builds
+# build_baseline REV CARGO_BUILD_ARGS...: builds `git archive REV` in target/bench-baseline/REV
+# (kept, so a rerun rebuilds only what changed) with this tree's gateway/examples copied in (a
+# benchmark's measuring example may be newer than REV; it must use only what REV has), and sets
+# BASELINE_BIN to its target/release. A first build starts from a copy of this tree's release
+# artifacts, so only the workspace's own crates compile again.
+build_baseline() {
+  local rev=$1
+  shift
+  local dir="$ROOT/target/bench-baseline/$rev"
+  rm -rf "$dir/src"
+  mkdir -p "$dir/src" "$dir/target"
+  git -C "$ROOT" archive "$rev" | tar -x -C "$dir/src"
+  cp "$ROOT"/gateway/examples/*.rs "$dir/src/gateway/examples/"
+  if [[ ! -d "$dir/target/release" && -d "$ROOT/target/release/deps" ]]; then
+    cp -a --reflink=auto "$ROOT/target/release" "$dir/target/release"
+  fi
+  (cd "$dir/src" && CARGO_TARGET_DIR="$dir/target" cargo build --release "$@" >&2)
+  COMMANDS+=("git archive $rev | tar -x -C $dir/src; cp gateway/examples/*.rs $dir/src/gateway/examples/; CARGO_TARGET_DIR=$dir/target cargo build --release $*")
+  BASELINE_BIN="$dir/target/release"
 }

@@ -1,4 +1,5 @@
-//! `device-sim bench fanout`: many agency subscribers on citygw's gRPC `Telemetry.Subscribe`.
+//! `device-sim bench fanout`: many agency subscribers on citygw's gRPC `Telemetry.Subscribe` (or,
+//! with `--batched`, `Telemetry.SubscribeBatches`).
 //!
 //! Each subscriber has its own HTTP/2 connection (its own tonic `Channel`), as separate agencies
 //! would, and one `Subscribe` stream with an empty filter (everything in the agency's scope). All
@@ -81,6 +82,9 @@ pub struct FanoutArgs {
     /// PEM CA of an https:// gateway (default: the system's roots).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Use `SubscribeBatches` (readings in `ReadingBatch` messages) instead of `Subscribe`.
+    #[arg(long)]
+    pub batched: bool,
 }
 
 /// Shared counters for the progress line.
@@ -292,6 +296,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
                 fatal: fatal_tx.clone(),
                 record_latency: args.resume_after_id.is_none(),
                 until_id: args.until_id,
+                batched: args.batched,
             };
             tokio::spawn(sub.run(args.resume_after_id))
         })
@@ -386,6 +391,13 @@ struct Subscriber {
     /// Live subscriptions only: in a replay the stamps measure the backlog's age.
     record_latency: bool,
     until_id: Option<u64>,
+    batched: bool,
+}
+
+/// One Subscribe or SubscribeBatches call's messages.
+enum Messages {
+    Each(tonic::Streaming<Reading>),
+    Batches(tonic::Streaming<citygw::proto::ReadingBatch>),
 }
 
 /// How one stream ended.
@@ -427,22 +439,33 @@ impl Subscriber {
         });
         req.metadata_mut()
             .insert("authorization", self.auth.clone());
-        let call = tokio::time::timeout_at(self.window.end, self.client.subscribe(req)).await;
-        let mut stream = match call {
-            Err(_) => return Ended::WindowOver,
-            Ok(Ok(resp)) => resp.into_inner(),
-            Ok(Err(status)) => return self.on_status(status, resume, stats).await,
+        let mut stream = if self.batched {
+            match tokio::time::timeout_at(self.window.end, self.client.subscribe_batches(req)).await
+            {
+                Err(_) => return Ended::WindowOver,
+                Ok(Ok(resp)) => Messages::Batches(resp.into_inner()),
+                Ok(Err(status)) => return self.on_status(status, resume, stats).await,
+            }
+        } else {
+            match tokio::time::timeout_at(self.window.end, self.client.subscribe(req)).await {
+                Err(_) => return Ended::WindowOver,
+                Ok(Ok(resp)) => Messages::Each(resp.into_inner()),
+                Ok(Err(status)) => return self.on_status(status, resume, stats).await,
+            }
         };
         loop {
-            match tokio::time::timeout_at(self.window.end, stream.message()).await {
-                Err(_) => return Ended::WindowOver,
-                Ok(Ok(Some(r))) => {
-                    self.on_reading(&r, stats);
-                    if self.until_id.is_some_and(|until| r.id >= until) {
-                        stats.finished_at = Some(Instant::now());
-                        return Ended::WindowOver;
-                    }
-                }
+            // Ok(true): the replay reached `until_id`.
+            let next = match &mut stream {
+                Messages::Each(s) => tokio::time::timeout_at(self.window.end, s.message())
+                    .await
+                    .map(|m| m.map(|m| m.map(|r| self.take(&r, stats)))),
+                Messages::Batches(s) => tokio::time::timeout_at(self.window.end, s.message())
+                    .await
+                    .map(|m| m.map(|m| m.map(|b| b.readings.iter().any(|r| self.take(r, stats))))),
+            };
+            match next {
+                Err(_) | Ok(Ok(Some(true))) => return Ended::WindowOver,
+                Ok(Ok(Some(false))) => {}
                 Ok(Ok(None)) => {
                     // The server ended the stream without a status: not in the contract.
                     stats.error(&self.live, "stream ended without a status".into());
@@ -452,6 +475,16 @@ impl Subscriber {
                 Ok(Err(status)) => return self.on_status(status, resume, stats).await,
             }
         }
+    }
+
+    /// Counts a reading; whether the replay is over (`until_id` reached).
+    fn take(&self, r: &Reading, stats: &mut SubStats) -> bool {
+        self.on_reading(r, stats);
+        if self.until_id.is_some_and(|until| r.id >= until) {
+            stats.finished_at = Some(Instant::now());
+            return true;
+        }
+        false
     }
 
     fn on_reading(&self, r: &Reading, stats: &mut SubStats) {

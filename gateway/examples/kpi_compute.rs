@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
             commit_window: Duration::ZERO,
             max_batch: 8192,
             retention: Duration::from_secs(86_400),
+            ..Default::default()
         },
     )?;
     let registry = Registry::load(store.clone())?;

@@ -35,6 +35,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             commit_window: cfg.store.commit_window(),
             max_batch: cfg.store.max_batch,
             retention: cfg.store.retention(),
+            min_free_bytes: cfg.store.min_free_bytes(),
         },
     )?;
     let shutdown = CancellationToken::new();
@@ -55,7 +56,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     )?);
     let agencies = Agencies::load(store.clone(), &cfg.agencies)?;
     let operators = Operators::load(store.clone(), &cfg.operators)?;
-    let pipeline = Pipeline::new(store.clone(), cfg.mqtt.max_payload_bytes);
+    let pipeline = Pipeline::with_device_clock(
+        store.clone(),
+        cfg.mqtt.max_payload_bytes,
+        cfg.ingest.device_clock(),
+    );
     let kpi = Kpi::new(&cfg.kpi, registry.clone(), store.clone())?;
     let admin_token = cfg.admin_token()?;
     let (commands, command_log) = Commands::load(store.clone(), registry.clone())?;
@@ -111,6 +116,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             kpi: kpi.clone(),
             sinks: sinks.clone(),
             metrics: metrics.clone(),
+            commands: commands.clone(),
             tls: http_tls.is_some(),
         })
     });
@@ -125,6 +131,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 http::Api {
                     metrics: metrics.clone(),
                     ready: ready.clone(),
+                    store: store.clone(),
                     agencies: agencies.clone(),
                     admin_token: admin_token.clone(),
                     kpi: kpi.clone(),
@@ -178,12 +185,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ];
     for server in &cfg.lorawan {
         sources.push(Box::new(LorawanSource {
-            config: match &cluster {
-                Some(c) => server.for_cluster_node(c.node()),
-                None => server.clone(),
-            },
+            config: server.clone(),
             registry: registry.clone(),
             pipeline: pipeline.clone(),
+            // Cluster mode: one node bridges each network server at a time.
+            lease: cluster
+                .as_ref()
+                .map(|c| c.lease(&format!("lorawan/{}", server.name), shutdown.clone())),
         }));
     }
     for source in sources {

@@ -12,19 +12,28 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the store, the generated admin token and other state live.
+    /// Where the store, the generated admin token, the PSK sealing key and other state live.
     pub data_dir: PathBuf,
+    /// Logging.
     pub log: LogConfig,
+    /// The MQTT listener (embedded broker).
     pub mqtt: MqttConfig,
+    /// CoAP, CoAPS and LwM2M listeners.
     pub coap: CoapConfig,
+    /// The gRPC listener: agency API (Telemetry), admin API, health, reflection.
     pub grpc: GrpcConfig,
+    /// The HTTP listener: /metrics, /healthz, /readyz, the KPI as JSON.
     pub http: HttpConfig,
+    /// The operator's admin API.
     pub admin: AdminConfig,
+    /// The embedded durable store.
     pub store: StoreConfig,
     /// The operator console on the HTTP listener.
     pub console: ConsoleConfig,
+    pub ingest: IngestConfig,
     /// Agencies fixed in the file; more can be added through the admin API.
     pub agencies: Vec<crate::registry::agencies::AgencyConfig>,
     /// Console operators (read-only) fixed in the file; more through the admin API.
@@ -46,6 +55,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Where a device certificate carries the device id: "cn", "san_dns" or "san_uri".
@@ -65,17 +75,21 @@ impl Default for TlsConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// A tracing filter, e.g. "info" or "citygw=debug,rmqtt=warn".
+    /// A tracing filter, e.g. "info" or "citygw=debug,rmqtt=warn"; `RUST_LOG` overrides it. The
+    /// embedded broker and storage engine log only warnings by default.
     pub level: String,
     /// "text" for people, "json" for log shippers.
     pub format: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
+    /// Address and TCP port; `[::]` is dual stack (IPv4 and IPv6).
     pub listen: SocketAddr,
     /// Payloads above this are dead-lettered as `payload_too_large`.
     pub max_payload_bytes: usize,
@@ -101,6 +115,7 @@ pub struct MqttConfig {
     /// PEM: the server certificate (then intermediates) of both TLS listeners.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
+    /// PEM: the key of `tls_cert_file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
     /// MQTT over TLS with client certificates: the certificate names the device (see
@@ -158,11 +173,13 @@ fn cert_and_key(
 
 /// CoAP over UDP (`sources::coap`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct CoapConfig {
     /// Plain (unencrypted) CoAP listener. Off by default: requests then carry the device
     /// secret in clear text, acceptable only on a private APN (docs/src/coap.md).
     pub plain_enabled: bool,
+    /// Address and UDP port of plain CoAP (when `plain_enabled`).
     pub listen: SocketAddr,
     /// Largest payload accepted, in one datagram or reassembled from Block1 transfers;
     /// beyond it the answer is 4.13 with Size1.
@@ -181,6 +198,7 @@ pub struct CoapConfig {
     pub lwm2m_nosec: bool,
     /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
     pub dtls_enabled: bool,
+    /// Address and UDP port of CoAPS (when `dtls_enabled`).
     pub dtls_listen: SocketAddr,
     /// DTLS sessions (handshaking or established) held at once; new peers beyond it are ignored.
     pub dtls_max_sessions: usize,
@@ -195,8 +213,10 @@ pub struct CoapConfig {
     /// certificate and key, and the CA device certificates chain to; on when all three are set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtls_cert_file: Option<PathBuf>,
+    /// PEM: the key of `dtls_cert_file` (X.509 mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtls_key_file: Option<PathBuf>,
+    /// PEM: the CA(s) device certificates must chain to (X.509 mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtls_client_ca_file: Option<PathBuf>,
     /// PEM: revocation lists of the device CAs (X.509 mode).
@@ -233,8 +253,10 @@ impl CoapConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcConfig {
+    /// Address and TCP port of the agency and admin APIs.
     pub listen: SocketAddr,
     /// Readings a live subscription may have queued for a slow client before it is ended with
     /// RESOURCE_EXHAUSTED and a resume point.
@@ -242,12 +264,14 @@ pub struct GrpcConfig {
     /// gRPC over TLS (agencies, the admin API): PEM certificate and key; plaintext when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
+    /// PEM: the key of `tls_cert_file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
     /// PEM: CA(s) of agency client certificates (mTLS). Bearer tokens still decide what a
     /// caller may read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_ca_file: Option<PathBuf>,
+    /// PEM: revocation lists of those CAs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_crl_file: Option<PathBuf>,
     /// With `client_ca_file`: refuse connections without a client certificate (false: verify
@@ -280,12 +304,16 @@ impl GrpcConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
+    /// Address and TCP port of /metrics, /healthz, /readyz and /api/v1/kpi.
     pub listen: SocketAddr,
-    /// HTTPS: PEM certificate and key; plain HTTP when unset.
+    /// HTTPS: PEM certificate (then intermediates); plain HTTP when unset. The console's
+    /// session cookie is `Secure` then.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
+    /// PEM: the key of `tls_cert_file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
     /// Bearer token `/metrics` requires (empty: open, as Prometheus scrapes by default). The
@@ -335,8 +363,10 @@ impl HttpConfig {
 
 /// The operator console (`api::console`), served at `/console/` on the HTTP listener.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsoleConfig {
+    /// Serve the console at `/console/` on the HTTP listener.
     pub enabled: bool,
     /// IANA time zone the console shows dates in (the city's).
     pub time_zone: String,
@@ -351,6 +381,7 @@ pub struct ConsoleConfig {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// The operator's bearer token for the admin API. Empty: a random token is generated on first
@@ -360,15 +391,53 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
 }
 
+/// What the pipeline believes of a device (`pipeline::clock`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// A device time more than this ahead of the receive time is replaced by the receive time.
+    pub device_time_max_ahead_secs: u64,
+    /// A device time more than this before the receive time is replaced by the receive time
+    /// (a clock reset to 1970 or 2000); older buffered readings are kept as sent.
+    pub device_time_max_behind_days: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            device_time_max_ahead_secs: 600,
+            device_time_max_behind_days: 3650,
+        }
+    }
+}
+
+impl IngestConfig {
+    pub fn device_clock(&self) -> crate::pipeline::clock::DeviceClock {
+        let ms = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        crate::pipeline::clock::DeviceClock {
+            max_ahead_ms: ms(self.device_time_max_ahead_secs),
+            max_behind_ms: ms(self.device_time_max_behind_days.saturating_mul(86_400)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// How long the group commit waits for more writes before one fsync covers them all.
+    /// How long the group commit waits for more writes before one fsync covers them all (0: it
+    /// covers whatever queued during the previous fsync).
     pub commit_window_ms: u64,
     /// Upper bound of readings in one commit.
     pub max_batch: usize,
-    /// Readings and dead letters older than this are deleted.
+    /// Readings and dead letters older than this many days are deleted (hourly, in chunks),
+    /// except readings a sink has not delivered yet.
     pub retention_days: u64,
+    /// Low-space watermark (MiB free on the data directory's filesystem): below it new readings
+    /// are refused (devices retry), keeping room for dead letters, registry records, sink cursors
+    /// and the store's recovery; below half of it dead letters are refused too.
+    pub min_free_mb: u64,
 }
 
 impl Default for Config {
@@ -383,6 +452,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
             console: ConsoleConfig::default(),
+            ingest: IngestConfig::default(),
             agencies: Vec::new(),
             operators: Vec::new(),
             sinks: Vec::new(),
@@ -512,6 +582,7 @@ impl Default for StoreConfig {
             commit_window_ms: 0,
             max_batch: 8192,
             retention_days: 30,
+            min_free_mb: 256,
         }
     }
 }
@@ -523,6 +594,10 @@ impl StoreConfig {
 
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_days * 86_400)
+    }
+
+    pub fn min_free_bytes(&self) -> u64 {
+        self.min_free_mb.saturating_mul(1 << 20)
     }
 }
 
@@ -676,13 +751,16 @@ impl Config {
     }
 }
 
+/// The sections whose keys `CITYGW_<SECTION>__<KEY>` variables override (the arrays of tables,
+/// `[[sinks]]`, `[[lorawan]]`, `[[agencies]]`, `[[operators]]`, come from the file only).
+pub(crate) const ENV_SECTIONS: &[&str] = &[
+    "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster", "ingest",
+    "tls", "auth",
+];
+
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN
 /// for the CLI, CITYGW_CONFIG) are not configuration and must not trip `deny_unknown_fields`.
 fn config_env() -> config::Map<String, String> {
-    const SECTIONS: &[&str] = &[
-        "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster",
-        "tls", "auth",
-    ];
     std::env::vars()
         .filter(|(k, _)| {
             let Some(key) = k.strip_prefix("CITYGW_") else {
@@ -690,7 +768,7 @@ fn config_env() -> config::Map<String, String> {
             };
             let key = key.to_ascii_lowercase();
             key == "data_dir"
-                || SECTIONS
+                || ENV_SECTIONS
                     .iter()
                     .any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with("__")))
         })

@@ -17,8 +17,14 @@ pub mod kpi;
 pub mod observability;
 pub mod pipeline;
 pub mod proto;
+pub mod reason;
+#[cfg(test)]
+mod reference_docs;
 pub mod registry;
 pub mod sinks;
 pub mod sources;
 pub mod store;
 pub mod tls;
+
+#[cfg(test)]
+mod fuzz;

@@ -42,9 +42,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-fn describe() {
+/// Every metric the gateway records, with its help text: the one place they are described
+/// (docs/src/reference/metrics.md is generated from it, see `reference_docs`).
+pub(crate) fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    crate::control::describe_metrics();
     describe_counter!(
         "citygw_messages_received_total",
         "Messages received from devices, by protocol"
@@ -56,19 +57,22 @@ fn describe() {
     );
     describe_counter!(
         "citygw_messages_rejected_total",
-        "Messages refused, by protocol and reason"
+        "Messages refused and dead-lettered, by protocol and reason (docs/src/reference/dead-letters.md)"
     );
     describe_counter!(
         "citygw_auth_failures_total",
-        "Refused device authentications, by protocol and reason"
+        "Refused device authentications, by protocol and reason (bad_credentials, unknown_device, \
+         disabled_device, anonymous, session_limit, throttled: refused unchecked by the back-off of \
+         failed attempts, will_refused: a will on a topic the device may not publish to)"
     );
     describe_counter!(
         "citygw_subscribe_denied_total",
-        "Refused MQTT subscriptions"
+        "Refused MQTT subscriptions (outside the device's own topics), by protocol"
     );
     describe_counter!(
         "citygw_api_auth_failures_total",
-        "Refused API calls with a missing or wrong token, by api (admin, telemetry, http, console)"
+        "Refused API calls with a missing or wrong token, by api (admin, telemetry, http, console) \
+         and reason (throttled: refused unchecked by the back-off of failed attempts)"
     );
     describe_gauge!(
         "citygw_connected_devices",
@@ -101,6 +105,27 @@ fn describe() {
         "Write requests waiting for the group commit"
     );
     describe_counter!("citygw_store_commit_errors_total", "Failed group commits");
+    describe_gauge!(
+        "citygw_store_writable",
+        "1 while the store accepts new readings, 0 while it refuses them (low space, engine failed)"
+    );
+    describe_gauge!(
+        "citygw_store_free_bytes",
+        Unit::Bytes,
+        "Free space on the data directory's filesystem (available to unprivileged users)"
+    );
+    describe_counter!(
+        "citygw_store_refused_total",
+        "Writes refused without trying (low space, engine being reopened), by what and reason"
+    );
+    describe_counter!(
+        "citygw_store_recoveries_total",
+        "Storage engine reopened from disk after a failed commit"
+    );
+    describe_counter!(
+        "citygw_device_time_replaced_total",
+        "Implausible device times replaced by the receive time, by protocol and direction"
+    );
     describe_gauge!(
         "citygw_store_write_buffer_bytes",
         Unit::Bytes,
@@ -179,100 +204,153 @@ fn describe() {
     );
     describe_counter!(
         "citygw_coaps_datagrams_total",
-        "Datagrams received on the CoAPS (DTLS) listener"
+        "Datagrams received on the CoAPS (DTLS) listener, before decryption"
     );
     describe_counter!(
         "citygw_coaps_datagrams_dropped_total",
-        "CoAPS datagrams dropped because their session's queue was full"
+        "CoAPS datagrams dropped: not a ClientHello from an unknown peer, the session limit \
+         reached, or a session's queue full"
+    );
+    describe_counter!(
+        "citygw_coaps_hello_verify_requests_total",
+        "DTLS ClientHellos without a valid cookie, answered statelessly with a HelloVerifyRequest \
+         (RFC 6347 4.2.1): no state is held for them"
     );
     describe_counter!(
         "citygw_coaps_handshakes_total",
-        "DTLS handshakes finished, by result (ok, failed)"
+        "DTLS handshakes, by result (ok, failed)"
     );
     describe_counter!(
         "citygw_coaps_handshake_failures_total",
-        "Failed DTLS handshakes, by reason"
+        "Failed DTLS handshakes, by reason (timeout: a wrong PSK shows as one; handshake)"
+    );
+    describe_counter!(
+        "citygw_tls_handshakes_total",
+        "TLS handshakes on the gRPC and HTTP listeners, by listener and result (ok, failed, timeout)"
+    );
+    describe_counter!(
+        "citygw_tls_client_certs_refused_total",
+        "Client certificates refused at the TLS handshake, by listener and reason (unknown_issuer, \
+         expired, revoked, pin_mismatch, no_identity, ...)"
+    );
+    describe_counter!(
+        "citygw_tls_reloads_total",
+        "Reloads of a TLS listener's certificate, key, CA and CRL files (SIGHUP or a file change), \
+         by listener and result (ok, failed: the previous material stays in use)"
+    );
+    describe_gauge!(
+        "citygw_tls_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When the certificate a TLS listener serves expires, Unix seconds, by listener (alert on \
+         less than 14 days left)"
     );
     describe_gauge!(
         "citygw_coaps_sessions",
-        "DTLS sessions held (handshaking or established)"
-    );
-    describe_counter!(
-        "citygw_lwm2m_registrations_total",
-        "LwM2M register interface events, by event"
+        "DTLS sessions held, handshaking or established"
     );
     describe_gauge!(
         "citygw_lwm2m_registrations_active",
-        "LwM2M clients registered now"
+        "LwM2M clients registered and not expired"
+    );
+    describe_counter!(
+        "citygw_lwm2m_registrations_total",
+        "LwM2M registration events, by event (register, update, deregister, expire)"
     );
     describe_counter!(
         "citygw_lwm2m_notifications_total",
-        "LwM2M observation notifications received"
+        "LwM2M observe notifications received"
     );
     describe_counter!(
         "citygw_lwm2m_observe_errors_total",
-        "LwM2M observations or reads that failed, by reason"
+        "LwM2M observations that failed, by reason (timeout, bad_value, refused)"
+    );
+    describe_gauge!(
+        "citygw_lorawan_connected",
+        "1 while connected to the network server's broker, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_connects_total",
+        "Connections made to a network server's broker, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_connection_errors_total",
+        "Broker connections lost or failed, by server"
+    );
+    describe_counter!(
+        "citygw_lorawan_messages_total",
+        "Network-server events handled, by server, event (up, join, status, error, ...) and \
+         outcome (stored, duplicate, dead_letter, ignored)"
+    );
+    describe_counter!(
+        "citygw_lorawan_dead_letters_total",
+        "Network-server events dead-lettered, by server and reason"
+    );
+    describe_counter!(
+        "citygw_lorawan_unknown_devices_total",
+        "Events for DevEUIs no device is registered with, by server"
     );
     describe_gauge!(
         "citygw_mqtt_session_limit",
-        "MQTT sessions this node may hold (mqtt.max_connections, capped by the open-files limit)"
+        "MQTT sessions this process may hold (from its open-files limit less a reserve for the \
+         store)"
     );
-    describe_histogram!(
-        "citygw_query_seconds",
-        Unit::Seconds,
-        "Agency API queries (history, device lists), by method"
+    describe_counter!(
+        "citygw_store_best_effort_dropped_total",
+        "Best-effort readings (MQTT QoS 0, CoAP NON) dropped because the store's queue was full"
     );
+    describe_counter!(
+        "citygw_retention_held_total",
+        "Readings retention kept past store.retention_days because a sink has not delivered them"
+    );
+    describe_gauge!("citygw_subscribers", "Live agency subscriptions, by agency");
     describe_counter!(
         "citygw_readings_streamed_total",
         "Readings sent to agency subscriptions, by agency"
     );
-    describe_gauge!("citygw_subscribers", "Live agency subscriptions, by agency");
     describe_counter!(
         "citygw_subscriber_overflows_total",
-        "Subscriptions ended for a client too slow to read (RESOURCE_EXHAUSTED), by agency"
+        "Subscriptions ended (RESOURCE_EXHAUSTED, with a resume point) for a client too slow to \
+         read, by agency"
     );
-    describe_counter!(
-        "citygw_retention_held_total",
-        "Readings past retention kept because a sink has not delivered them"
-    );
-    describe_counter!(
-        "citygw_store_best_effort_dropped_total",
-        "Best-effort readings (QoS 0, CoAP NON) dropped because the write queue was full"
+    describe_histogram!(
+        "citygw_query_seconds",
+        Unit::Seconds,
+        "Agency history and device queries, by method"
     );
     describe_counter!(
         "citygw_sink_batches_total",
-        "Batches a sink accepted, by sink"
+        "Batches a time-series store acknowledged, by sink"
     );
     describe_counter!(
         "citygw_sink_points_total",
-        "Readings delivered to a sink, by sink"
+        "Readings a time-series store acknowledged, by sink"
     );
     describe_counter!(
         "citygw_sink_retries_total",
-        "Sink writes retried after a failure, by sink"
+        "Writes retried after a network error, 429, 5xx or a configuration error, by sink"
     );
     describe_counter!(
         "citygw_sink_errors_total",
-        "Failed sink writes, by sink and HTTP status (or network)"
+        "Failed writes, by sink and status (HTTP status, or the kind of network error)"
     );
     describe_histogram!(
         "citygw_sink_write_seconds",
         Unit::Seconds,
-        "One write to a sink, by sink"
+        "One write to a time-series store, request to answer, by sink"
     );
     describe_gauge!(
         "citygw_sink_lag_readings",
-        "Readings stored but not yet delivered to a sink, by sink"
+        "Stored readings not yet delivered, by sink"
     );
     describe_gauge!(
         "citygw_sink_lag_seconds",
         Unit::Seconds,
-        "Age of the oldest reading not yet delivered to a sink, by sink"
+        "Age of the oldest reading not yet delivered, by sink (0 when none)"
     );
     describe_gauge!(
         "citygw_sink_last_success_timestamp_seconds",
         Unit::Seconds,
-        "Unix time of a sink's last accepted write, by sink"
+        "Unix time of the last write a time-series store acknowledged, by sink"
     );
     describe_counter!(
         "citygw_console_sign_ins_total",
@@ -285,6 +363,112 @@ fn describe() {
     describe_gauge!(
         "citygw_console_live_streams",
         "Console server-sent event streams open"
+    );
+    describe_counter!(
+        "citygw_commands_total",
+        "Commands to devices entering each state (QUEUED, SENT, DELIVERED, SUCCEEDED, FAILED, \
+         EXPIRED), by transport and state"
+    );
+    describe_gauge!(
+        "citygw_commands_open",
+        "Commands to devices not in a final state yet"
+    );
+    describe_histogram!(
+        "citygw_command_seconds",
+        Unit::Seconds,
+        "A command's creation to its final state, by transport and outcome"
+    );
+    describe_counter!(
+        "citygw_command_results_refused_total",
+        "Device answers to commands refused, by reason (malformed_result, unknown_command, \
+         store_unavailable)"
+    );
+    describe_counter!(
+        "citygw_command_reports_late_total",
+        "Device reports for commands already in a final state (ignored), by transport"
+    );
+    describe_counter!(
+        "citygw_command_log_errors_total",
+        "Command log writes that failed (retried)"
+    );
+    describe_counter!(
+        "citygw_alerts_raised_total",
+        "Alerts raised, by rule and severity"
+    );
+    describe_counter!(
+        "citygw_alerts_cleared_total",
+        "Alerts cleared, by rule, severity and who (rule, operator)"
+    );
+    describe_gauge!("citygw_alerts_active", "Alerts active now, by severity");
+    describe_counter!(
+        "citygw_rule_actions_total",
+        "Commands of rule actions per target, by rule and outcome (sent, cooldown, failed)"
+    );
+    describe_counter!(
+        "citygw_rules_readings_evaluated_total",
+        "Readings the rule evaluator went through"
+    );
+    describe_counter!(
+        "citygw_rules_feed_lagged_total",
+        "Times the rule evaluator fell behind the feed and caught up from the store"
+    );
+    describe_counter!(
+        "citygw_alert_log_errors_total",
+        "Writes of alert state that failed (retried)"
+    );
+    describe_gauge!(
+        "citygw_cluster_healthy",
+        "Cluster mode: 1 while the readings stream has a leader and a quorum (else /readyz is 503)"
+    );
+    describe_gauge!(
+        "citygw_cluster_lag_messages",
+        "Cluster mode: stream messages this node has not materialised into its store yet"
+    );
+    describe_gauge!(
+        "citygw_cluster_applied_sequence",
+        "Cluster mode: last stream sequence materialised into this node's store"
+    );
+    describe_histogram!(
+        "citygw_cluster_publish_seconds",
+        Unit::Seconds,
+        "Cluster mode: publish to JetStream acknowledgement of one device message"
+    );
+    describe_counter!(
+        "citygw_cluster_publish_errors_total",
+        "Cluster mode: writes JetStream did not acknowledge (the device was told to retry), by \
+         stage (publish, ack, records)"
+    );
+    describe_counter!(
+        "citygw_cluster_duplicates_total",
+        "Cluster mode: messages JetStream recognised as repeats by content id (stored once)"
+    );
+    describe_counter!(
+        "citygw_cluster_materialised_messages_total",
+        "Cluster mode: stream messages written into this node's store"
+    );
+    describe_counter!(
+        "citygw_cluster_materialised_readings_total",
+        "Cluster mode: readings written into this node's store from the stream"
+    );
+    describe_counter!(
+        "citygw_cluster_materialise_restarts_total",
+        "Cluster mode: stream consumer restarts (after a server or quorum loss)"
+    );
+    describe_counter!(
+        "citygw_cluster_messages_skipped_total",
+        "Cluster mode: stream messages that were not citygw records (skipped on every node)"
+    );
+    describe_gauge!(
+        "citygw_cluster_records_revision",
+        "Cluster mode: last records-bucket revision applied to this node"
+    );
+    describe_counter!(
+        "citygw_cluster_records_watch_restarts_total",
+        "Cluster mode: records-bucket watches replaced because they fell silent while the bucket moved on (their NATS server died)"
+    );
+    describe_gauge!(
+        "citygw_sink_lease_held",
+        "Cluster mode: 1 on the node that forwards this sink, by sink"
     );
 }
 

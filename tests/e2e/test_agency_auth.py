@@ -25,11 +25,12 @@ HOUR = 3_600_000
 
 def every_call(api, flt=None):
     """One attempt at each Telemetry method, returning the RpcError each ends with (a refused
-    Subscribe must also deliver nothing)."""
+    Subscribe or SubscribeBatches must also deliver nothing)."""
     errors = {}
-    sub = api.subscribe(flt, wait=False)
-    errors["Subscribe"] = sub.wait_ended()
-    assert sub.snapshot() == [], f"a refused subscription delivered {summarise(sub.snapshot())}"
+    for method, batched in (("Subscribe", False), ("SubscribeBatches", True)):
+        sub = api.subscribe(flt, wait=False, batched=batched)
+        errors[method] = sub.wait_ended()
+        assert sub.snapshot() == [], f"a refused {method} delivered {summarise(sub.snapshot())}"
     errors["QueryHistory"] = rpc_error(lambda: api.history(flt, from_ms=0, to_ms=now_ms()))
     errors["ListDevices"] = rpc_error(lambda: api.list_devices(flt))
     return errors
@@ -62,8 +63,8 @@ def test_missing_wrong_and_admin_tokens_are_unauthenticated(gw: Gateway, telemet
     api = telemetry(gw, None)
     api.metadata = (("authorization", f"Basic {gw.token}"),)
     assert rpc_error(lambda: api.list_devices()).code() == UNAUTHENTICATED
-    # unknown tokens (wrong, admin) on the four methods are counted
-    gw.wait_metric("citygw_api_auth_failures_total", failures0 + 8, api="telemetry")
+    # unknown tokens (wrong, admin) on the five methods are counted
+    gw.wait_metric("citygw_api_auth_failures_total", failures0 + 10, api="telemetry")
 
 
 def test_filters_outside_the_scope_are_permission_denied_and_named(gw: Gateway, telemetry, scene):

@@ -6,6 +6,9 @@ agency's client subscribes and then reads nothing; its channel has a small HTTP/
 and the gateway-side buffer really fills. Five paho-mqtt devices publish QoS 1 meanwhile, and a
 second agency's client reads normally.
 
+The same again through SubscribeBatches: its buffer counts readings too, so the stalled batch
+client gets at most the buffer's readings and no batch is larger.
+
 Expected: every publish is PUBACKed while the stalled client still has read nothing; the second
 subscriber receives every reading once, in order; the stalled client, once it reads, gets what
 was buffered and then RESOURCE_EXHAUSTED with the `citygw-resume-after-id` trailer; subscribing
@@ -18,6 +21,7 @@ import json
 import threading
 
 import grpc
+import pytest
 
 from support import Gateway, publish_json, unique_id
 from support.telemetry import SLOW_READER_OPTIONS, summarise, trailer, wait_for_subscribers
@@ -56,15 +60,18 @@ def publish_from_all(gw: Gateway, devices) -> dict[str, list[tuple[int | None, f
     return results
 
 
-def test_stalled_subscriber_is_cut_off_with_a_resume_point_and_slows_no_one(gateway_factory, telemetry):
+@pytest.mark.parametrize("batched", [False, True], ids=["Subscribe", "SubscribeBatches"])
+def test_stalled_subscriber_is_cut_off_with_a_resume_point_and_slows_no_one(gateway_factory, telemetry,
+                                                                           batched):
     gw = gateway_factory(env={"CITYGW_GRPC__SUBSCRIPTION_BUFFER": str(BUFFER)})
     tenant = unique_id("city")
     slow = gw.add_agency(unique_id("slow"), tenants=[tenant], kinds=["*"])
     fast = gw.add_agency(unique_id("fast"), tenants=[tenant], kinds=["*"])
     devices = [gw.add_device(tenant=tenant, kind="traffic") for _ in range(DEVICES)]
 
-    stalled = telemetry(gw, slow.token, options=SLOW_READER_OPTIONS).subscribe(reading=False)
-    healthy = telemetry(gw, fast.token).subscribe()
+    stalled = telemetry(gw, slow.token, options=SLOW_READER_OPTIONS).subscribe(reading=False,
+                                                                               batched=batched)
+    healthy = telemetry(gw, fast.token).subscribe(batched=batched)
     wait_for_subscribers(gw, slow.name, 1)
     wait_for_subscribers(gw, fast.name, 1)
 
@@ -104,7 +111,10 @@ def test_stalled_subscriber_is_cut_off_with_a_resume_point_and_slows_no_one(gate
     wait_for_subscribers(gw, slow.name, 0)
 
     # resuming from the trailer: exactly the rest, then live readings
-    resumed = telemetry(gw, slow.token).subscribe(after_id=resume_after)
+    if batched:
+        # the buffer counts readings, not batches: no batch is larger than it
+        assert max(stalled.batches + healthy.batches) <= BUFFER, (stalled.batches, healthy.batches)
+    resumed = telemetry(gw, slow.token).subscribe(after_id=resume_after, batched=batched)
     rest = resumed.wait_count(total - len(before), timeout=30)
     union = [r.id for r in before + rest]
     assert union == ids, (
@@ -114,3 +124,4 @@ def test_stalled_subscriber_is_cut_off_with_a_resume_point_and_slows_no_one(gate
     live = resumed.wait_device_seq(devices[0].id, PER_DEVICE)
     assert [r.number for r in live[len(rest):]] == [PER_DEVICE]
     assert gw.metric("citygw_subscriber_overflows_total", agency=slow.name) == 1
+

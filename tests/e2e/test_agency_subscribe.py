@@ -1,4 +1,5 @@
-"""Live subscriptions of the agency API (`citygw.v1.Telemetry/Subscribe`).
+"""Live subscriptions of the agency API (`citygw.v1.Telemetry/Subscribe`, and the same tests
+again through `SubscribeBatches`, which must deliver exactly the same readings in batches).
 
 Peers: mosquitto_pub publishes as the devices (QoS 1: a PUBACK means stored); a grpcio client
 generated from proto/ subscribes with an agency token. Every test gets its own tenant, agency
@@ -26,6 +27,11 @@ C1, C2 = "00004", "00008"                      # 2025 commune codes (Ha Noi)
 BBOX = (21.00, 105.80, 21.10, 105.90)          # min_lat, min_lon, max_lat, max_lon
 INSIDE = (21.0285, 105.8542)
 OUTSIDE = (21.20, 105.50)
+
+
+@pytest.fixture(params=[False, True], ids=["Subscribe", "SubscribeBatches"])
+def batched(request) -> bool:
+    return request.param
 
 
 def in_bbox(loc) -> bool:
@@ -103,7 +109,7 @@ def check_stream(name: str, got: list, expected: list[dict], published: Publishe
             assert (r.location.lat, r.location.lon) == pytest.approx(e["loc"]), r
 
 
-def test_filtered_subscriptions_receive_exactly_the_matching_readings(gw: Gateway, telemetry):
+def test_filtered_subscriptions_receive_exactly_the_matching_readings(gw: Gateway, telemetry, batched):
     tenant, other_tenant = unique_id("city"), unique_id("city")
     agency = gw.add_agency(tenants=[tenant], kinds=["*"])
     reg = {
@@ -132,7 +138,7 @@ def test_filtered_subscriptions_receive_exactly_the_matching_readings(gw: Gatewa
         "unfiltered": ({}, lambda r: True),
     }
     streamed0 = gw.metric("citygw_readings_streamed_total", agency=agency.name)
-    subs = {name: api.subscribe(f) for name, (f, _) in filters.items()}
+    subs = {name: api.subscribe(f, batched=batched) for name, (f, _) in filters.items()}
     wait_for_subscribers(gw, agency.name, len(subs))
 
     pub = Published(gw)
@@ -176,12 +182,12 @@ def test_filtered_subscriptions_receive_exactly_the_matching_readings(gw: Gatewa
     wait_for_subscribers(gw, agency.name, 0)
 
 
-def test_subscription_without_resume_starts_with_readings_committed_after_it(gw: Gateway, telemetry):
+def test_subscription_without_resume_starts_with_readings_committed_after_it(gw: Gateway, telemetry, batched):
     tenant = unique_id("city")
     agency = gw.add_agency(tenants=[tenant], kinds=["water_level"])
     dev = gw.add_device(tenant=tenant, kind="water_level")
     publish_json(gw, dev, {"seq": 1, "level": 1.0}, {"seq": 2, "level": 1.1})
-    sub = telemetry(gw, agency.token).subscribe()
+    sub = telemetry(gw, agency.token).subscribe(batched=batched)
     publish_json(gw, dev, {"seq": 3, "level": 1.2})
     got = sub.wait_device_seq(dev.id, 3)
     assert [(r.device_seq, r.quantity, r.number, r.unit) for r in got] == [(3, "water_level", 1.2, "m")]
@@ -222,7 +228,7 @@ class Trickle:
             self.proc.wait()
 
 
-def test_resume_after_id_delivers_every_missed_reading_once_then_live(gw: Gateway, telemetry):
+def test_resume_after_id_delivers_every_missed_reading_once_then_live(gw: Gateway, telemetry, batched):
     tenant = unique_id("city")
     agency = gw.add_agency(tenants=[tenant], kinds=["water_level"])
     dev = gw.add_device(tenant=tenant, kind="water_level")
@@ -230,7 +236,7 @@ def test_resume_after_id_delivers_every_missed_reading_once_then_live(gw: Gatewa
     api = telemetry(gw, agency.token)
     flt = dict(device_ids=[dev.id])
 
-    first = api.subscribe(flt)
+    first = api.subscribe(flt, batched=batched)
     publish_json(gw, dev, *({"seq": s, "level": s / 100} for s in (1, 2, 3)))
     first.wait_device_seq(dev.id, 3)
 
@@ -245,7 +251,7 @@ def test_resume_after_id_delivers_every_missed_reading_once_then_live(gw: Gatewa
         # readings keep arriving while no one listens
         wait_until(lambda: len(gw.readings(dev.id)) >= min(403, len(got1) + 40), 30,
                    desc="40 more stored readings while disconnected")
-        second = api.subscribe(flt, after_id=last_id)     # catch-up, probably while publishing
+        second = api.subscribe(flt, after_id=last_id, batched=batched)     # catch-up, probably while publishing
         for t in trickles:
             t.wait()
     finally:
@@ -258,6 +264,9 @@ def test_resume_after_id_delivers_every_missed_reading_once_then_live(gw: Gatewa
     got2 = second.wait_device_seq(dev.id, 405)
 
     assert got2[0].id > last_id, (last_id, summarise(got2))
+    if batched:
+        # the catch-up came from the store a page at a time, not a reading at a time
+        assert max(second.batches) > 1, second.batches
     both = got1 + got2
     seqs = [r.device_seq for r in both]
     assert seqs == list(range(1, 406)), (
@@ -269,7 +278,7 @@ def test_resume_after_id_delivers_every_missed_reading_once_then_live(gw: Gatewa
     assert [(r.number, r.unit) for r in got2[-2:]] == [(4.04, "m"), (4.05, "m")]
 
 
-def test_resume_since_ms_replays_readings_received_from_then(gw: Gateway, telemetry):
+def test_resume_since_ms_replays_readings_received_from_then(gw: Gateway, telemetry, batched):
     tenant = unique_id("city")
     agency = gw.add_agency(tenants=[tenant], kinds=["*"])
     dev = gw.add_device(tenant=tenant, kind="water_level")
@@ -284,8 +293,8 @@ def test_resume_since_ms_replays_readings_received_from_then(gw: Gateway, teleme
     assert expected == [4, 5, 6]
 
     api = telemetry(gw, agency.token)
-    sub = api.subscribe(dict(device_ids=[dev.id]), since_ms=since)
-    everything = api.subscribe(dict(device_ids=[dev.id]), after_id=0)
+    sub = api.subscribe(dict(device_ids=[dev.id]), since_ms=since, batched=batched)
+    everything = api.subscribe(dict(device_ids=[dev.id]), after_id=0, batched=batched)
     sub.wait_device_seq(dev.id, 6)
     publish_json(gw, dev, {"seq": 7, "level": 0.7})
     got = sub.wait_device_seq(dev.id, 7)

@@ -272,6 +272,39 @@ def test_dead_letters_page(gw: Gateway, browser, artifacts: Path, fleet):
     shot(browser, artifacts, "5-deadletters")
 
 
+def test_commands_page_sends_a_command_and_follows_it_live(gw: Gateway, browser, artifacts: Path):
+    """The admin sends a command from the page; a real MQTT device receives it and answers; the
+    row goes QUEUED -> ... -> SUCCEEDED on the page without a reload, and its history opens."""
+    d = gw.add_device(kind="street_light", commune="00004")
+    browser.get(f"{gw.http_base}/console/#/commands/{d.id}")
+    wait_css(browser, "#send-command", 15, desc="send form (admin)")
+    browser.execute_script("window.__noReload = 'commands'")
+    with gw.connected_client(d) as dev:
+        assert dev.subscribe(f"devices/{d.id}/commands/+") == [1]
+        form = css(browser, "#send-command")
+        form.find_element(By.NAME, "name").send_keys("light")
+        form.find_element(By.NAME, "params").send_keys('{"on": true, "level": 80}')
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        msg = dev.wait_message(lambda m: m.topic.startswith(f"devices/{d.id}/commands/"))
+        body = json.loads(msg.payload)
+        assert (body["name"], body["params"]) == ("light", {"on": True, "level": 80})
+        row = f'#commands tr[data-id="{body["id"]}"]'
+        wait_css(browser, row, 10, desc="the sent command listed")
+        assert dev.publish(f"devices/{d.id}/commands/{body['id']}/result",
+                           json.dumps({"status": "ok", "result": {"level": 80}})) == 0
+        wait_until(lambda: css(browser, row).get_attribute("data-state") == "SUCCEEDED", 10,
+                   desc="the command SUCCEEDED on the page, live")
+    assert browser.execute_script("return window.__noReload") == "commands", "page was reloaded"
+    shown = gw.cli("command", "show", body["id"])
+    assert shown["state"] == "SUCCEEDED" and shown["created_by"] == "admin", shown
+    fresh(lambda: css(browser, row + " td:nth-child(3)").click())
+    wait_until(lambda: [r.find_elements(By.TAG_NAME, "td")[0].text for r in
+                        browser.find_elements(By.CSS_SELECTOR, "#command-history tbody tr")]
+               == ["Đang chờ", "Đã gửi", "Đã nhận", "Thành công"], 10,
+               desc="the command's history, oldest first")
+    shot(browser, artifacts, "7-commands")
+
+
 def test_operator_is_read_only_in_the_page(gw: Gateway, browser, artifacts: Path, fleet):
     token = gw.cli("operator", "add", "wall-screen")["token"]
     browser.get(gw.http_base + "/console/")
@@ -284,6 +317,9 @@ def test_operator_is_read_only_in_the_page(gw: Gateway, browser, artifacts: Path
     wait_css(browser, "#toggle-enabled", 10)
     assert not fresh(lambda: css(browser, "#toggle-enabled").is_enabled()), \
         "operators cannot disable devices"
+    browser.get(f"{gw.http_base}/console/#/commands")
+    wait_css(browser, "#commands-readonly", 10, desc="commands page, read-only")
+    assert browser.find_elements(By.CSS_SELECTOR, "#send-command") == [], "no send form"
     shot(browser, artifacts, "6-device-operator")
 
 

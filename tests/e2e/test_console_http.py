@@ -19,7 +19,8 @@ API_PATHS = [
     "/console/api/overview", "/console/api/devices", "/console/api/devices/x",
     "/console/api/devices/x/readings", "/console/api/deadletters", "/console/api/kpi",
     "/console/api/kpi.csv", "/console/api/kpi/map", "/console/api/live/overview",
-    "/console/api/live/devices/x", "/console/api/session",
+    "/console/api/live/devices/x", "/console/api/session", "/console/api/commands",
+    "/console/api/commands/x", "/console/api/live/commands",
 ]
 
 
@@ -54,6 +55,9 @@ def test_nothing_answers_without_a_session(gw: Gateway):
         assert r.status_code == 401, cookie[:10]
     r = requests.post(gw.http_base + "/console/api/devices/x/enabled", json={"enabled": False},
                       timeout=10)
+    assert r.status_code == 401
+    r = requests.post(gw.http_base + "/console/api/commands",
+                      json={"device_id": "x", "name": "reboot"}, timeout=10)
     assert r.status_code == 401
     assert gw.metric("citygw_console_requests_refused_total", reason="no_session") >= len(API_PATHS)
     # The page shell holds no data and is public; its API calls are not.
@@ -215,6 +219,47 @@ def test_read_only_operator_sees_everything_and_changes_nothing(gw: Gateway):
     wait_until(lambda: "event: signed_out" in got, 10, desc="stream told signed_out")
     reader.join(20)
     assert not reader.is_alive(), "the stream must end with the session"
+
+
+def test_commands_the_admin_sends_and_everyone_reads(gw: Gateway):
+    """Commands through the console are the Control API's commands: the admin sends one (CSRF
+    like every write), the CLI sees it; bad requests are refused; an operator reads only."""
+    device = gw.add_device(kind="street_light")
+    off = gw.add_device(kind="street_light")
+    gw.cli("device", "disable", off.id)
+    s, csrf = session_for(gw, gw.token)
+    url = gw.http_base + "/console/api/commands"
+    body = {"device_id": device.id, "name": "reboot", "params": {"delay_s": 5}, "ttl_s": 600}
+    assert s.post(url, json=body, timeout=10).status_code == 403, "no CSRF token"
+    r = s.post(url, json=body, headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert r.status_code == 200, r.text
+    sent = r.json()
+    assert (sent["state"], sent["created_by"], sent["transport"]) == ("QUEUED", "admin", "mqtt")
+    assert sent["payload"] == {"params": {"delay_s": 5}}
+    assert sent["expires_time_ms"] - sent["created_time_ms"] == 600_000
+    shown = gw.cli("command", "show", sent["id"])
+    assert (shown["name"], shown["state"]) == ("reboot", "QUEUED"), shown
+    for bad, status in (({**body, "params": [1]}, 400), ({**body, "extra": 1}, 400),
+                        ({"name": "reboot"}, 400), ({**body, "name": "no spaces!"}, 400),
+                        ({**body, "device_id": "nope"}, 404), ({**body, "device_id": off.id}, 409)):
+        r = s.post(url, json=bad, headers={"X-CSRF-Token": csrf}, timeout=10)
+        assert r.status_code == status, (bad, r.status_code, r.text)
+    # newest first, by device and by state, as the CLI lists them
+    assert [c["id"] for c in s.get(url, params={"device": device.id}, timeout=10)
+            .json()["commands"]] == [sent["id"]]
+    assert s.get(url, params={"device": device.id, "state": "succeeded"}, timeout=10) \
+        .json()["commands"] == []
+    assert s.get(url, params={"state": "bogus"}, timeout=10).status_code == 400
+    one = s.get(f"{url}/{sent['id']}", timeout=10).json()
+    assert [(e["state"], e["by"]) for e in one["history"]] == [("QUEUED", "admin")]
+    assert s.get(f"{url}/nope", timeout=10).status_code == 404
+    # an operator reads them and sends nothing
+    op, op_csrf = session_for(gw, add_operator(gw, "cmd-reader"))
+    assert [c["id"] for c in op.get(url, params={"device": device.id}, timeout=10)
+            .json()["commands"]] == [sent["id"]]
+    r = op.post(url, json=body, headers={"X-CSRF-Token": op_csrf}, timeout=10)
+    assert r.status_code == 403 and "read-only" in r.json()["error"], r.text
+    assert [c["id"] for c in gw.cli("command", "list", "--device", device.id)] == [sent["id"]]
 
 
 def test_assets_are_embedded_with_security_headers_and_no_outside_reference(gw: Gateway):

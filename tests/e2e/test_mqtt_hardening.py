@@ -148,22 +148,6 @@ def test_huge_client_ids_and_topics_do_not_amplify_the_log(gw: Gateway):
     assert grown < 8_000, f"the log grew by {grown} bytes for two 65 KB strings"
 
 
-def test_immediate_reconnects_take_over_the_old_session(gw: Gateway):
-    """A device that reconnects at once, while its previous connection is still closing, takes
-    the session over (3.1.1 section 3.1.4-2) instead of getting CONNACK "server unavailable"
-    (0x03), which ~20 % of these reconnects got before."""
-    d = gw.add_device()
-    codes = []
-    for i in range(60):
-        s, code = raw.raw_connect(gw.host, gw.mqtt_port, d.id, d.id, d.secret)
-        codes.append(code)
-        if i % 2:  # half leave with DISCONNECT, half just drop the socket
-            s.sendall(raw.disconnect())
-        s.close()
-    refused = [c for c in codes if c != V311_ACCEPTED]
-    assert not refused, f"{len(refused)} of {len(codes)} reconnects refused: {sorted(set(refused))}"
-
-
 # -- defect 3: failed CONNECTs back off, the real device does not
 
 

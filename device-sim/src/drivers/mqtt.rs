@@ -1,31 +1,50 @@
-//! MQTT 5 driver: one rumqttc v5 connection per device (client id = username = device id), one
-//! message per interval on `devices/{id}/telemetry/{format}`, QoS from the scenario.
+//! MQTT 5 driver: one connection per device (client id = username = device id), one message per
+//! interval on `devices/{id}/telemetry/{format}`, QoS from the scenario.
 //!
 //! MQTT 5 so a refusal is visible: the gateway answers a refused payload with PUBACK 0x99 (and a
 //! spoofed topic with 0x87), counted here as `rejected` by reason code. A message counts as
-//! acknowledged only on PUBACK success; messages in flight when a connection drops are dropped
-//! from the retransmission queue and counted `unconfirmed` (the gateway may or may not have
-//! stored them — `verify` reports such readings separately, never as errors).
+//! acknowledged only on PUBACK success; messages in flight when a connection drops are counted
+//! `unconfirmed` and not sent again (the gateway may or may not have stored them — `verify`
+//! reports such readings separately, never as errors).
+//!
+//! Each device speaks MQTT through [`Link`]: rumqttc's packet codec over a plain `TcpStream`, not
+//! rumqttc's `EventLoop`. The event loop is made for a busy client (100-slot event and request
+//! queues, a packet-id bitset of 64 Ki entries, 10 KiB buffers): ~74 KiB per connection, so one
+//! load host could not drive 100,000 devices. A device here sends one small message every few
+//! seconds and has at most a handful in flight; its session is a few hundred bytes of buffers
+//! and a small in-flight table (docs/decisions/0016-device-sim-mqtt-sessions.md).
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-use rumqttc::Outgoing;
+use bytes::{Bytes, BytesMut};
+use rumqttc::v5::mqttbytes::v5::{
+    Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Login, Packet, PingReq,
+    PubAckReason, Publish,
+};
+use rumqttc::v5::mqttbytes::{self, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::sample::Sampler;
 use crate::run::{AckRecord, DriverContext};
 use crate::scenario::SimDevice;
 
+const KEEP_ALIVE: Duration = Duration::from_secs(60);
+/// Largest packet accepted from the gateway (it sends CONNACK, PUBACK, PINGRESP, DISCONNECT).
+const MAX_INCOMING: u32 = 64 * 1024;
+/// Unacknowledged QoS 1 messages one device may have; a device reporting every few seconds
+/// needs one.
+const MAX_INFLIGHT: usize = 16;
+
 /// What a message carried, kept until its acknowledgement.
 struct Sent {
+    pkid: u16,
     device_time_ms: u64,
     readings: u64,
+    at: Instant,
 }
 
 pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>) {
@@ -35,50 +54,27 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
     }
     let stats = &ctx.stats;
     let host = &ctx.mqtt_hosts[dev.index % ctx.mqtt_hosts.len()];
-    let mut opts = MqttOptions::new(dev.id.clone(), host.as_str(), ctx.mqtt_port);
-    opts.set_credentials(dev.id.clone(), secret)
-        .set_keep_alive(Duration::from_secs(60))
-        .set_clean_start(true)
-        .set_request_channel_capacity(8)
-        // rumqttc sizes its in-flight table by this (u16::MAX slots by default: megabytes per
-        // connection); a device reporting every few seconds needs a handful.
-        .set_outgoing_inflight_upper_limit(16)
-        .set_connection_timeout(ctx.connect_timeout.as_secs().max(1));
-    let mut net = opts.network_options();
-    net.set_tcp_nodelay(true);
-    opts.set_network_options(net);
-    let (client, mut eventloop) = AsyncClient::new(opts, 8);
 
     let permit = ctx.connect_permits.acquire().await;
-    let first = tokio::time::timeout(ctx.connect_timeout, eventloop.poll()).await;
+    let first = Link::connect(host, ctx.mqtt_port, &dev.id, &secret, ctx.connect_timeout).await;
     drop(permit);
-    match first {
-        Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) if ack.code == ConnectReturnCode::Success => {
-            stats.opened()
+    let mut link = match first {
+        Ok(link) => {
+            stats.opened();
+            link
         }
-        other => {
+        Err(e) => {
             stats.connect_failed.fetch_add(1, Ordering::Relaxed);
-            let reason = match &other {
-                Ok(Err(ConnectionError::ConnectionRefused(code))) => {
-                    format!("connect refused: {code:?}")
-                }
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    format!("connect refused: {:?}", ack.code)
-                }
-                Err(_) => "connect timeout".into(),
-                Ok(Err(ConnectionError::Io(_))) => "connect i/o error".into(),
-                _ => "connect error".into(),
-            };
-            stats.count_reason(reason);
-            stats.note_error(format!("{}: {:?}", dev.id, other.err()));
+            stats.count_reason(e.reason());
+            stats.note_error(format!("{}: {e}", dev.id));
             return;
         }
-    }
+    };
 
     let profile = &ctx.scenario.profiles[&dev.profile];
     let quantities = super::ack_log_quantities(profile);
     let device_id: Arc<str> = dev.id.as_str().into();
-    let topic = dev.format.topic(&dev.id);
+    let topic = Bytes::from(dev.format.topic(&dev.id));
     let qos = if ctx.scenario.qos == 0 {
         QoS::AtMostOnce
     } else {
@@ -87,15 +83,17 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
     let mut sampler = Sampler::new(&dev, &ctx.scenario);
     let mut next = sampler.first_report();
     let mut seq = 0u64;
-    let mut queued: VecDeque<Sent> = VecDeque::new();
-    let mut inflight: HashMap<u16, (Sent, Instant)> = HashMap::new();
+    // Oldest first: PUBACKs come in publish order (MQTT 5 §4.6).
+    let mut inflight: Vec<Sent> = Vec::new();
+    let mut connected = true;
 
     loop {
         let reporting = next < ctx.end;
         let deadline = if reporting { next } else { ctx.end + ctx.drain };
-        if !reporting && queued.is_empty() && inflight.is_empty() {
+        if !reporting && inflight.is_empty() {
             break;
         }
+        let ping_at = link.last_sent + KEEP_ALIVE;
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {
                 if !reporting {
@@ -106,68 +104,250 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
                 let values = &sampler.values;
                 let payload = dev.format.encode(&dev.id, ts_s, seq, values);
                 seq += 1;
-                match client.try_publish(topic.as_str(), qos, false, payload) {
-                    Ok(()) => queued.push_back(Sent { device_time_ms: ts_s * 1000, readings: values.len() as u64 }),
-                    Err(e) => stats.note_error(format!("{}: publish not queued: {e}", dev.id)),
+                if !connected {
+                    // Down and not back yet: the message is never sent.
+                    stats.unconfirmed.fetch_add(1, Ordering::Relaxed);
+                    connected = reconnect(&mut link, host, &dev.id, &secret, &ctx).await;
+                    continue;
+                }
+                if inflight.len() >= MAX_INFLIGHT {
+                    stats.note_error(format!("{}: publish not queued: {MAX_INFLIGHT} in flight", dev.id));
+                    continue;
+                }
+                let mut publish = Publish::new("", qos, payload, None);
+                publish.topic = topic.clone();
+                let pkid = if qos == QoS::AtLeastOnce { link.next_pkid() } else { 0 };
+                publish.pkid = pkid;
+                match link.send(&Packet::Publish(publish)).await {
+                    Ok(()) => {
+                        stats.sent.fetch_add(1, Ordering::Relaxed);
+                        if qos == QoS::AtLeastOnce {
+                            inflight.push(Sent {
+                                pkid,
+                                device_time_ms: ts_s * 1000,
+                                readings: values.len() as u64,
+                                at: Instant::now(),
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        stats.unconfirmed.fetch_add(1, Ordering::Relaxed);
+                        lost(&mut inflight, &ctx, format!("{}: {e}", dev.id));
+                        connected = false;
+                    }
                 }
             }
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    stats.sent.fetch_add(1, Ordering::Relaxed);
-                    if let Some(sent) = queued.pop_front() {
-                        if qos == QoS::AtMostOnce {
-                            continue;
+            packet = link.receive(), if connected => match packet {
+                Ok(Packet::PubAck(ack)) => match inflight.iter().position(|s| s.pkid == ack.pkid) {
+                    Some(i) => {
+                        let sent = inflight.remove(i);
+                        if ack.reason == PubAckReason::Success {
+                            ctx.acknowledged(
+                                sent.at.elapsed(),
+                                sent.readings,
+                                AckRecord {
+                                    device_id: device_id.clone(),
+                                    device_time_ms: sent.device_time_ms,
+                                    quantities: quantities.clone(),
+                                },
+                            );
+                        } else {
+                            stats.rejected.fetch_add(1, Ordering::Relaxed);
+                            stats.count_reason(format!("puback {:?}", ack.reason));
                         }
-                        inflight.insert(pkid, (sent, Instant::now()));
-                    }
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => match inflight.remove(&ack.pkid) {
-                    Some((sent, t0)) if ack.reason == PubAckReason::Success => {
-                        ctx.acknowledged(
-                            t0.elapsed(),
-                            sent.readings,
-                            AckRecord {
-                                device_id: device_id.clone(),
-                                device_time_ms: sent.device_time_ms,
-                                quantities: quantities.clone(),
-                            },
-                        );
-                    }
-                    Some(_) => {
-                        stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        stats.count_reason(format!("puback {:?}", ack.reason));
                     }
                     None => stats.count_reason("puback for an unknown packet id".into()),
                 },
                 Ok(_) => {}
                 Err(e) => {
-                    on_connection_lost(&mut eventloop, &mut queued, &mut inflight, &ctx);
-                    stats.note_error(format!("{}: {e}", dev.id));
-                    // rumqttc reconnects on the next poll; do not spin on a gateway that is down.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    lost(&mut inflight, &ctx, format!("{}: {e}", dev.id));
+                    connected = false;
+                }
+            },
+            _ = tokio::time::sleep_until(ping_at), if connected => {
+                if let Err(e) = link.send(&Packet::PingReq(PingReq)).await {
+                    lost(&mut inflight, &ctx, format!("{}: {e}", dev.id));
+                    connected = false;
                 }
             }
         }
     }
-    let lost = (queued.len() + inflight.len()) as u64;
-    stats.unconfirmed.fetch_add(lost, Ordering::Relaxed);
-    crate::mqtt::disconnect_v5(&client, &mut eventloop).await;
+    stats
+        .unconfirmed
+        .fetch_add(inflight.len() as u64, Ordering::Relaxed);
+    if connected {
+        link.disconnect().await;
+    }
     stats.closed();
 }
 
-/// A dropped connection: what was in flight or queued will not be acknowledged in this session.
-fn on_connection_lost(
-    eventloop: &mut EventLoop,
-    queued: &mut VecDeque<Sent>,
-    inflight: &mut HashMap<u16, (Sent, Instant)>,
-    ctx: &DriverContext,
-) {
+/// A dropped connection: what was in flight will not be acknowledged in this session. Not
+/// retransmitted: each simulated message is either acknowledged in its session or counted
+/// unconfirmed, never both.
+fn lost(inflight: &mut Vec<Sent>, ctx: &DriverContext, error: String) {
     ctx.stats.disconnects.fetch_add(1, Ordering::Relaxed);
-    let lost = (queued.len() + inflight.len()) as u64;
-    ctx.stats.unconfirmed.fetch_add(lost, Ordering::Relaxed);
-    // Not retransmitted: each simulated message is either acknowledged in its session or
-    // counted unconfirmed, never both.
-    eventloop.pending.clear();
-    queued.clear();
+    ctx.stats
+        .unconfirmed
+        .fetch_add(inflight.len() as u64, Ordering::Relaxed);
     inflight.clear();
+    ctx.stats.note_error(error);
+}
+
+/// One attempt to connect again (at the device's next report, so a gateway that is down is
+/// not hammered); whether it worked.
+async fn reconnect(
+    link: &mut Link,
+    host: &str,
+    device_id: &str,
+    secret: &str,
+    ctx: &DriverContext,
+) -> bool {
+    match Link::connect(host, ctx.mqtt_port, device_id, secret, ctx.connect_timeout).await {
+        Ok(new) => {
+            *link = new;
+            true
+        }
+        Err(e) => {
+            ctx.stats.note_error(format!("{device_id}: reconnect: {e}"));
+            false
+        }
+    }
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug)]
+enum LinkError {
+    Timeout,
+    Refused(ConnectReturnCode),
+    Io(std::io::Error),
+    Protocol(String),
+}
+
+impl LinkError {
+    fn reason(&self) -> String {
+        match self {
+            LinkError::Timeout => "connect timeout".into(),
+            LinkError::Refused(code) => format!("connect refused: {code:?}"),
+            LinkError::Io(_) => "connect i/o error".into(),
+            LinkError::Protocol(_) => "connect error".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Timeout => write!(f, "timed out"),
+            LinkError::Refused(code) => write!(f, "refused: {code:?}"),
+            LinkError::Io(e) => write!(f, "i/o: {e}"),
+            LinkError::Protocol(e) => write!(f, "protocol: {e}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for LinkError {
+    fn from(e: std::io::Error) -> Self {
+        LinkError::Io(e)
+    }
+}
+
+impl From<mqttbytes::Error> for LinkError {
+    fn from(e: mqttbytes::Error) -> Self {
+        LinkError::Protocol(e.to_string())
+    }
+}
+
+/// One device's MQTT 5 connection: the socket, a read buffer that grows only as packets need,
+/// and the next packet id.
+struct Link {
+    stream: TcpStream,
+    read: BytesMut,
+    next_pkid: u16,
+    last_sent: Instant,
+}
+
+impl Link {
+    /// Connects, logs in (clean start) and waits for a successful CONNACK.
+    async fn connect(
+        host: &str,
+        port: u16,
+        device_id: &str,
+        secret: &str,
+        timeout: Duration,
+    ) -> Result<Link, LinkError> {
+        let open = async {
+            let stream = TcpStream::connect((host, port)).await?;
+            stream.set_nodelay(true)?;
+            let mut link = Link {
+                stream,
+                read: BytesMut::new(),
+                next_pkid: 0,
+                last_sent: Instant::now(),
+            };
+            let connect = Connect {
+                keep_alive: KEEP_ALIVE.as_secs() as u16,
+                client_id: device_id.to_string(),
+                clean_start: true,
+                properties: None,
+            };
+            link.send(&Packet::Connect(
+                connect,
+                None,
+                Some(Login::new(device_id, secret)),
+            ))
+            .await?;
+            match link.receive().await? {
+                Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(link),
+                Packet::ConnAck(ack) => Err(LinkError::Refused(ack.code)),
+                other => Err(LinkError::Protocol(format!(
+                    "expected CONNACK, got {other:?}"
+                ))),
+            }
+        };
+        tokio::time::timeout(timeout, open)
+            .await
+            .map_err(|_| LinkError::Timeout)?
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid % u16::MAX + 1;
+        self.next_pkid
+    }
+
+    async fn send(&mut self, packet: &Packet) -> Result<(), LinkError> {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, None)?;
+        self.stream.write_all(&out).await?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// The next packet from the gateway. Cancel-safe: bytes read stay in the buffer.
+    async fn receive(&mut self) -> Result<Packet, LinkError> {
+        loop {
+            match Packet::read(&mut self.read, Some(MAX_INCOMING)) {
+                Ok(packet) => {
+                    if self.read.is_empty() {
+                        // Give the buffer back between packets: an idle device holds none.
+                        self.read = BytesMut::new();
+                    }
+                    return Ok(packet);
+                }
+                Err(mqttbytes::Error::InsufficientBytes(n)) => self.read.reserve(n.max(64)),
+                Err(e) => return Err(e.into()),
+            }
+            if self.stream.read_buf(&mut self.read).await? == 0 {
+                return Err(LinkError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    async fn disconnect(mut self) {
+        let bye = Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection));
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.send(&bye).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::kpi::{Kpi, KpiError};
 use crate::registry::agencies::Agencies;
 use crate::registry::secret::constant_time_eq;
+use crate::store::Store;
 
 /// Set once every listener is up; cleared when shutdown begins so load balancers drain us. In
 /// cluster mode also not ready while JetStream has no quorum (writes cannot be acknowledged).
@@ -55,6 +56,8 @@ impl Readiness {
 pub struct Api {
     pub metrics: PrometheusHandle,
     pub ready: Readiness,
+    /// Not ready while the store refuses new data (disk full, a failed engine being reopened).
+    pub store: Store,
     /// `/api/v1/kpi` accepts an agency token with the KPI scope...
     pub agencies: Agencies,
     /// ...or the operator's admin token.
@@ -177,7 +180,11 @@ async fn render_metrics(
 }
 
 async fn readyz(State(state): State<Api>) -> (StatusCode, String) {
-    match state.ready.check() {
+    let store = || match state.store.unwritable() {
+        None => Ok(()),
+        Some(why) => Err(format!("not ready: store: {why}")),
+    };
+    match state.ready.check().and_then(|()| store()) {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }

@@ -20,22 +20,34 @@ pub enum AlertCommand {
         /// ACTIVE_UNACK, ACTIVE_ACK, CLEARED_UNACK or CLEARED_ACK.
         #[arg(long)]
         state: Option<String>,
+        /// Only this device's alerts.
         #[arg(long, default_value = "")]
         device: String,
+        /// Only this rule's alerts.
         #[arg(long, default_value = "")]
         rule: String,
         /// critical, major, minor or warning.
         #[arg(long)]
         severity: Option<String>,
+        /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
     /// One alert with its history.
-    Show { id: String },
+    Show {
+        /// The alert's id.
+        id: String,
+    },
     /// Acknowledge an alert (active or cleared).
-    Ack { id: String },
+    Ack {
+        /// The alert's id.
+        id: String,
+    },
     /// Clear an active alert by hand.
-    Clear { id: String },
+    Clear {
+        /// The alert's id.
+        id: String,
+    },
     /// Follow alerts as they are raised, acknowledged and cleared (Ctrl-C to stop).
     Watch {
         /// Only these devices (repeat).

@@ -21,17 +21,20 @@ use time::{Duration, OffsetDateTime};
 pub enum CertCommand {
     /// Create a city CA (ca.pem, ca.key) in DIR.
     Ca {
+        /// The CA directory (created if missing); keep it off the gateway.
         #[arg(long)]
         dir: PathBuf,
         /// The CA's name (subject CN).
         #[arg(long, default_value = "citygw city CA")]
         name: String,
+        /// Days the CA certificate is valid for.
         #[arg(long, default_value_t = 3650)]
         days: i64,
     },
     /// Issue a certificate signed by the CA in CA_DIR: OUT.pem and OUT.key. Prints its SHA-256
     /// (what `citygw device add --cert-sha256` pins).
     Issue {
+        /// The CA directory made by `citygw cert ca`.
         #[arg(long)]
         ca_dir: PathBuf,
         /// Path prefix of the files written.
@@ -43,11 +46,13 @@ pub enum CertCommand {
         /// A server certificate for these host names or IP addresses (repeat).
         #[arg(long, required_unless_present = "device")]
         server: Vec<String>,
+        /// Days the certificate is valid for.
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
     /// Revoke certificates issued by the CA in CA_DIR and rewrite its crl.pem.
     Revoke {
+        /// The CA directory made by `citygw cert ca`.
         #[arg(long)]
         ca_dir: PathBuf,
         /// PEM certificate files to revoke; none: only renew crl.pem before it runs out.

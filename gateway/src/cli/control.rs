@@ -14,14 +14,19 @@ pub enum CommandCommand {
     /// Queue a command for a device; prints its id.
     Send(SendArgs),
     /// One command with its history.
-    Show { id: String },
+    Show {
+        /// The command's id (printed by `command send`).
+        id: String,
+    },
     /// Commands, newest first.
     List {
+        /// Only this device's commands.
         #[arg(long, default_value = "")]
         device: String,
         /// QUEUED, SENT, DELIVERED, SUCCEEDED, FAILED or EXPIRED.
         #[arg(long)]
         state: Option<String>,
+        /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -35,6 +40,7 @@ pub enum CommandCommand {
 
 #[derive(Args)]
 pub struct SendArgs {
+    /// The device's id.
     pub device: String,
     /// What the command does, e.g. light, reboot.
     pub name: String,

@@ -4,7 +4,7 @@
 mod alerts;
 mod cert;
 pub mod client;
-mod control;
+pub mod control;
 mod kpi;
 mod output;
 
@@ -58,6 +58,12 @@ struct ConnArgs {
 pub enum Format {
     Table,
     Json,
+}
+
+/// The command tree, for the generated CLI reference page (`reference_docs`).
+#[cfg(test)]
+pub(crate) fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(Subcommand)]
@@ -123,7 +129,10 @@ enum KpiCommand {
     },
     /// Store daily snapshots from a CSV file with header city_code,date,active,registered (history
     /// kept before citygw); a day already stored is replaced.
-    Backfill { file: PathBuf },
+    Backfill {
+        /// The CSV file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,22 +147,34 @@ enum DeviceCommand {
     Add(Box<AddArgs>),
     /// List devices.
     List {
+        /// Only devices of this tenant.
         #[arg(long, default_value = "")]
         tenant: String,
+        /// Only devices of this kind.
         #[arg(long, default_value = "")]
         kind: String,
-        /// 0 = all.
+        /// Most devices to list; 0 = all.
         #[arg(long, default_value_t = 0)]
         limit: usize,
     },
     /// Show one device.
-    Show { id: String },
+    Show {
+        /// The device id.
+        id: String,
+    },
     /// Disable a device: its live sessions are closed and it is refused from now on.
-    Disable { id: String },
+    Disable {
+        /// The device id.
+        id: String,
+    },
     /// Enable a device again.
-    Enable { id: String },
+    Enable {
+        /// The device id.
+        id: String,
+    },
     /// Pin a device to one client certificate (MQTT mTLS, CoAPS X.509), or unpin it.
     Pin {
+        /// The device id.
         id: String,
         #[command(flatten)]
         cert: CertPin,
@@ -163,6 +184,7 @@ enum DeviceCommand {
     },
     /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret,dev_eui,codec,psk,cert_sha256].
     Import {
+        /// The CSV file.
         file: PathBuf,
         /// Write id,secret of every registered device here (mode 0600).
         #[arg(long)]
@@ -172,18 +194,25 @@ enum DeviceCommand {
 
 #[derive(Args)]
 pub struct AddArgs {
+    /// The device id: 1-128 characters of A-Z a-z 0-9 - _ . : (MQTT client id and username).
     pub id: String,
+    /// The tenant it belongs to (a-z 0-9 - _).
     #[arg(long)]
     pub tenant: String,
+    /// Its kind: air_quality, noise, water_level, flood, rain, weather, traffic, parking,
+    /// street_light, energy_meter, water_meter, fire_alarm, waste_bin, soil_moisture, generic.
     #[arg(long)]
     pub kind: String,
     /// Five-digit commune code (2025 units).
     #[arg(long, default_value = "")]
     pub commune: String,
+    /// Registered latitude (WGS 84), with --lon.
     #[arg(long, requires = "lon", allow_hyphen_values = true)]
     pub lat: Option<f64>,
+    /// Registered longitude (WGS 84), with --lat.
     #[arg(long, requires = "lat", allow_hyphen_values = true)]
     pub lon: Option<f64>,
+    /// A name for people (free text).
     #[arg(long, default_value = "")]
     pub name: String,
     /// Choose the secret instead of letting the gateway generate one (hashed with Argon2id).
@@ -231,12 +260,15 @@ impl CertPin {
 
 #[derive(Args)]
 struct ReadingsArgs {
+    /// The device id.
     device: String,
-    /// Unix milliseconds or RFC 3339.
+    /// Device time from (inclusive): Unix milliseconds or RFC 3339.
     #[arg(long)]
     from: Option<String>,
+    /// Device time to: Unix milliseconds or RFC 3339.
     #[arg(long)]
     to: Option<String>,
+    /// Most readings to print.
     #[arg(long, default_value_t = 1000)]
     limit: u32,
 }
@@ -245,6 +277,7 @@ struct ReadingsArgs {
 enum AgencyCommand {
     /// Create an agency; prints its token once.
     Add {
+        /// The agency's name (a-z 0-9 - _).
         name: String,
         /// Tenant it may read (repeat; "*" for all).
         #[arg(long = "tenant", required = true)]
@@ -259,13 +292,16 @@ enum AgencyCommand {
         #[arg(long)]
         control: bool,
     },
+    /// Agencies, their scopes and where they were defined (config file or API).
     List,
     /// Revoke an agency's token (API-created agencies only).
     Remove {
+        /// The agency's name.
         name: String,
     },
     /// Print the SHA-256 of a token, for `token_sha256` of an agency in the config file.
     HashToken {
+        /// The agency's bearer token.
         token: String,
     },
 }
@@ -274,15 +310,19 @@ enum AgencyCommand {
 enum OperatorCommand {
     /// Create an operator (read-only console sign-in); prints the token once.
     Add {
+        /// The operator's name (a-z 0-9 - _).
         name: String,
     },
+    /// Operators and where they were defined (config file or API).
     List,
     /// Revoke an operator's token (API-created operators only); their sessions end.
     Remove {
+        /// The operator's name.
         name: String,
     },
     /// Print the SHA-256 of a token, for `token_sha256` of an operator in the config file.
     HashToken {
+        /// The operator's sign-in token.
         token: String,
     },
 }
@@ -291,6 +331,7 @@ enum OperatorCommand {
 enum Lwm2mCommand {
     /// Live registrations: endpoint, address, lifetime, objects, last observation error.
     List {
+        /// Only this device.
         #[arg(long, default_value = "")]
         device: String,
     },
@@ -311,10 +352,12 @@ enum SinkCommand {
 
 #[derive(Subcommand)]
 enum DeadletterCommand {
-    /// Newest last.
+    /// Refused payloads with their reason, detail and payload head, newest last.
     List {
+        /// Only this device's.
         #[arg(long, default_value = "")]
         device: String,
+        /// Most records to print.
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },

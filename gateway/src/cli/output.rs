@@ -436,7 +436,7 @@ impl Output {
         );
         if !c.sink_leases.is_empty() {
             table(
-                &["sink", "forwarded by"],
+                &["lease", "held by"],
                 c.sink_leases
                     .iter()
                     .map(|l| vec![l.sink.clone(), l.node.clone()])

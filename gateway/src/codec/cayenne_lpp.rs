@@ -196,10 +196,15 @@ impl Decoder for LppDecoder {
             .transpose()?
             .flatten();
         let only_gps = items.iter().all(|i| i.ty.id == GPS);
-        let channels_of = |id: u8| items.iter().filter(|i| i.ty.id == id).count();
+        // Counted once: a frame of a payload limit's worth of 3-byte items is ~87,000 items, and
+        // counting per item would be quadratic in an attacker's hands.
+        let mut per_type = [0u32; 256];
+        for item in &items {
+            per_type[usize::from(item.ty.id)] += 1;
+        }
         let mut out = Vec::new();
         for item in &items {
-            let suffix = if channels_of(item.ty.id) > 1 {
+            let suffix = if per_type[usize::from(item.ty.id)] > 1 {
                 format!("_{}", item.channel)
             } else {
                 String::new()

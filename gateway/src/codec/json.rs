@@ -48,7 +48,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::{reason, DecodeError, Decoded, Decoder};
+use super::{reason, DecodeError, Decoded, Decoder, Reason};
 use crate::proto::reading::Value;
 
 /// Decoder for [`Format::Json`](super::Format::Json); see the module docs for the format.
@@ -88,7 +88,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn fail<E: de::Error>(&mut self, reason: &'static str, detail: impl Into<String>) -> E {
+    fn fail<E: de::Error>(&mut self, reason: Reason, detail: impl Into<String>) -> E {
         let detail = detail.into();
         let e = E::custom(&detail);
         self.err = Some(DecodeError::new(reason, detail));
@@ -511,7 +511,7 @@ mod tests {
         JsonDecoder.decode(s.as_bytes(), 1_700_000_000_000)
     }
 
-    fn reason_of(s: &str) -> &'static str {
+    fn reason_of(s: &str) -> Reason {
         match decode(s) {
             Ok(v) => panic!("expected an error for {s}, got {v:?}"),
             Err(e) => e.reason,

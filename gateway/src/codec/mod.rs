@@ -10,8 +10,8 @@
 //! [`crate::pipeline::normalise`], so every format shares one quantity table.
 //!
 //! A payload is accepted or refused as a whole. A refusal carries a stable [`DecodeError::reason`]
-//! (see [`reason`]) that becomes a metrics label and the dead-letter reason, so an operator can see
-//! why a device's data is missing without reading gateway logs.
+//! (see [`crate::reason`]) that becomes a metrics label and the dead-letter reason, so an operator
+//! can see why a device's data is missing without reading gateway logs.
 
 pub mod cayenne_lpp;
 pub mod json;
@@ -20,6 +20,7 @@ pub mod senml;
 
 use crate::proto::reading::Value;
 use crate::proto::Location;
+use crate::reason::{self, Reason};
 
 /// Payload formats a device can send.
 ///
@@ -144,65 +145,23 @@ pub struct Decoded {
 
 /// Why a payload was refused.
 ///
-/// `reason` is a stable snake_case code (one of [`reason::ALL`]) because it is used as a metrics
-/// label and a dead-letter reason: dashboards and alerts key on it, so it must never carry free
-/// text. The human-readable specifics go in `detail`.
+/// `reason` is a stable code from [`crate::reason`] because it is used as a metrics label and a
+/// dead-letter reason: dashboards and alerts key on it, so it must never carry free text. The
+/// human-readable specifics go in `detail`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{reason}: {detail}")]
 pub struct DecodeError {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub detail: String,
 }
 
 impl DecodeError {
-    pub fn new(reason: &'static str, detail: impl Into<String>) -> DecodeError {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> DecodeError {
         DecodeError {
             reason,
             detail: detail.into(),
         }
     }
-}
-
-/// The reason codes a [`Decoder`] can return, as constants so callers and tests cannot misspell
-/// a metrics label.
-pub mod reason {
-    /// The payload has no bytes (or, for the text formats, only whitespace).
-    pub const EMPTY_PAYLOAD: &str = "empty_payload";
-    /// Not JSON at all, or JSON that is not in the shape of the gateway's JSON format.
-    pub const MALFORMED_JSON: &str = "malformed_json";
-    /// Well-formed JSON or CBOR that is not a valid SenML pack.
-    pub const MALFORMED_SENML: &str = "malformed_senml";
-    /// Truncated or invalid CBOR.
-    pub const MALFORMED_CBOR: &str = "malformed_cbor";
-    /// Not a `ReadingBatch`, or a reading without quantity or value.
-    pub const MALFORMED_PROTOBUF: &str = "malformed_protobuf";
-    /// NaN or an infinity where a number was expected (incl. JSON `NaN`, `Infinity`, `1e999`).
-    pub const NON_FINITE_VALUE: &str = "non_finite_value";
-    /// A timestamp of the wrong type, unparseable, negative or beyond year 9999.
-    pub const BAD_TIMESTAMP: &str = "bad_timestamp";
-    /// A position with only one of lat/lon, a non-number, or coordinates out of range.
-    pub const BAD_LOCATION: &str = "bad_location";
-    /// A value the schema cannot hold: null, a nested array or object, a bad `seq`.
-    pub const UNSUPPORTED_VALUE: &str = "unsupported_value";
-    /// A valid document carrying zero values.
-    pub const NO_READINGS: &str = "no_readings";
-    /// A Cayenne LPP frame with an unknown type or a value cut short.
-    pub const MALFORMED_LPP: &str = "malformed_lpp";
-
-    /// Every code, so metrics can be pre-registered at zero.
-    pub const ALL: &[&str] = &[
-        EMPTY_PAYLOAD,
-        MALFORMED_JSON,
-        MALFORMED_SENML,
-        MALFORMED_CBOR,
-        MALFORMED_PROTOBUF,
-        NON_FINITE_VALUE,
-        BAD_TIMESTAMP,
-        BAD_LOCATION,
-        UNSUPPORTED_VALUE,
-        NO_READINGS,
-        MALFORMED_LPP,
-    ];
 }
 
 /// One trait per seam: every payload format implements it.
@@ -428,18 +387,6 @@ mod tests {
             .decode(br#"{"temperature":1}"#, 0)
             .unwrap();
         assert_eq!(ok.len(), 1);
-    }
-
-    #[test]
-    fn reason_codes_are_snake_case_and_unique() {
-        let mut seen = std::collections::HashSet::new();
-        for r in reason::ALL {
-            assert!(
-                r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-                "{r}"
-            );
-            assert!(seen.insert(r), "{r}");
-        }
     }
 
     #[test]

@@ -625,6 +625,7 @@ fn cbor_kind(v: &Cbor) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reason::Reason;
 
     const NOW: i64 = 1_750_000_000_000;
 
@@ -632,7 +633,7 @@ mod tests {
         SenmlJsonDecoder.decode(s.as_bytes(), NOW)
     }
 
-    fn json_reason(s: &str) -> &'static str {
+    fn json_reason(s: &str) -> Reason {
         match json(s) {
             Ok(v) => panic!("expected an error for {s}, got {v:?}"),
             Err(e) => e.reason,
@@ -649,7 +650,7 @@ mod tests {
         SenmlCborDecoder.decode(&cbor_bytes(v), NOW)
     }
 
-    fn cbor_reason(v: &Cbor) -> &'static str {
+    fn cbor_reason(v: &Cbor) -> Reason {
         match cbor(v) {
             Ok(out) => panic!("expected an error for {v:?}, got {out:?}"),
             Err(e) => e.reason,
@@ -996,7 +997,7 @@ mod tests {
             .decode(br#"[{"n":"x","v":1}]"#, NOW)
             .unwrap_err();
         assert!(
-            matches!(err.reason, "malformed_cbor" | "malformed_senml"),
+            matches!(err.reason.as_str(), "malformed_cbor" | "malformed_senml"),
             "{err}"
         );
 

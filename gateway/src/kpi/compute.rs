@@ -48,9 +48,8 @@ impl Counts {
             communes: vec![[Tally::default(); NKINDS]; geo.communes().len()],
             unassigned: [Tally::default(); NKINDS],
         };
-        let generic = KINDS.len() - 1;
         registry.for_each(|d: &DeviceEntry| {
-            let kind = KINDS.iter().position(|k| *k == d.kind()).unwrap_or(generic);
+            let kind = d.kind_index();
             let attribution = geo.attribute(d.commune_code(), d.position());
             let tally = match attribution.commune() {
                 Some(i) => &mut counts.communes[i as usize][kind],

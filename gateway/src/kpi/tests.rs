@@ -9,6 +9,7 @@ async fn registry(dir: &std::path::Path) -> (Registry, Store) {
         commit_window: Duration::ZERO,
         max_batch: 1024,
         retention: Duration::from_secs(86_400),
+        ..Default::default()
     };
     let store = Store::open(dir, opts).unwrap();
     (Registry::load(store.clone()).unwrap(), store)

@@ -4,6 +4,7 @@
 //! the same rules decide what is stored and what is refused, and a refusal always leaves a
 //! dead-letter record and a counter behind.
 
+pub mod clock;
 pub mod normalise;
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use crate::codec::{self, Format};
 use crate::proto::{DeadLetter, Protocol, Reading};
+use crate::reason::{self, Reason};
 use crate::registry::DeviceEntry;
 use crate::store::{Store, StoreError};
 
@@ -30,16 +32,16 @@ pub enum Delivery {
     BestEffort,
 }
 
-/// A refused message: `reason` is a stable label (metrics, dead letters, docs).
+/// A refused message: `reason` is a stable code from [`crate::reason`] (metrics, dead letters, docs).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {detail}")]
 pub struct Rejection {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub detail: String,
 }
 
 impl Rejection {
-    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
@@ -81,14 +83,25 @@ pub struct Pipeline {
 struct Inner {
     store: Store,
     max_payload_bytes: usize,
+    clock: clock::DeviceClock,
 }
 
 impl Pipeline {
     pub fn new(store: Store, max_payload_bytes: usize) -> Self {
+        Self::with_device_clock(store, max_payload_bytes, clock::DeviceClock::default())
+    }
+
+    /// With a policy for device timestamps other than the default (see [`clock`]).
+    pub fn with_device_clock(
+        store: Store,
+        max_payload_bytes: usize,
+        clock: clock::DeviceClock,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 max_payload_bytes,
+                clock,
             }),
         }
     }
@@ -145,7 +158,7 @@ impl Pipeline {
         let started = Instant::now();
         count_received(protocol_label(protocol), size);
         let now_ms = now_ms();
-        let readings = to_readings(device, protocol, decoded, now_ms);
+        let readings = to_readings(device, protocol, decoded, now_ms, &self.inner.clock);
         self.store_readings(
             device,
             protocol,
@@ -186,7 +199,7 @@ impl Pipeline {
     fn readings(&self, msg: &Inbound<'_>, now_ms: i64) -> Result<Vec<Reading>, Rejection> {
         if msg.payload.len() > self.inner.max_payload_bytes {
             return Err(Rejection::new(
-                "payload_too_large",
+                reason::PAYLOAD_TOO_LARGE,
                 format!(
                     "{} bytes, limit {}",
                     msg.payload.len(),
@@ -195,7 +208,10 @@ impl Pipeline {
             ));
         }
         let format = msg.format.map_err(|name| {
-            Rejection::new("unknown_format", format!("unknown payload format {name:?}"))
+            Rejection::new(
+                reason::UNKNOWN_FORMAT,
+                format!("unknown payload format {name:?}"),
+            )
         })?;
         let decoded = codec::decoder(format)
             .decode(msg.payload, now_ms)
@@ -203,7 +219,13 @@ impl Pipeline {
                 reason: e.reason,
                 detail: e.detail,
             })?;
-        Ok(to_readings(msg.device, msg.protocol, decoded, now_ms))
+        Ok(to_readings(
+            msg.device,
+            msg.protocol,
+            decoded,
+            now_ms,
+            &self.inner.clock,
+        ))
     }
 
     /// Refuses a message before decoding (wrong topic, spoofed identity): counted as received,
@@ -247,10 +269,10 @@ impl Pipeline {
     ) {
         use crate::observability::{clip, clip_at};
         let label = protocol_label(protocol);
-        metrics::counter!("citygw_messages_rejected_total", "protocol" => label, "reason" => rejection.reason)
+        metrics::counter!("citygw_messages_rejected_total", "protocol" => label, "reason" => rejection.reason.as_str())
             .increment(1);
         if let Some(suppressed) = REJECT_LOG.allow() {
-            tracing::warn!(device = device_id, protocol = label, address = %clip(address), reason = rejection.reason, detail = %clip_at(&rejection.detail, DEAD_LETTER_TEXT), suppressed, "message rejected");
+            tracing::warn!(device = device_id, protocol = label, address = %clip(address), reason = rejection.reason.as_str(), detail = %clip_at(&rejection.detail, DEAD_LETTER_TEXT), suppressed, "message rejected");
         }
         let dl = DeadLetter {
             id: 0,
@@ -265,8 +287,11 @@ impl Pipeline {
                 .unwrap_or_default(),
             payload_size: payload.map_or(0, |p| p.len() as u64),
         };
-        if let Err(e) = self.inner.store.dead_letter(dl).await {
-            tracing::error!(error = %e, device = device_id, "could not store dead letter");
+        match self.inner.store.dead_letter(dl).await {
+            Err(e) if !e.is_refusal() => {
+                tracing::error!(error = %e, device = device_id, "could not store dead letter")
+            }
+            _ => {}
         }
     }
 }
@@ -277,8 +302,10 @@ fn to_readings(
     protocol: Protocol,
     decoded: Vec<codec::Decoded>,
     now_ms: i64,
+    clock: &clock::DeviceClock,
 ) -> Vec<Reading> {
     let device_location = device.location();
+    let label = protocol_label(protocol);
     decoded
         .into_iter()
         .map(|d| {
@@ -290,7 +317,7 @@ fn to_readings(
                 quantity: quantity.into_owned(),
                 value: Some(d.value),
                 unit: unit.into_owned(),
-                device_time_ms: d.time_ms.unwrap_or(now_ms),
+                device_time_ms: clock.device_time(d.time_ms, now_ms, label),
                 received_time_ms: now_ms,
                 protocol: protocol as i32,
                 location: d.location.or(device_location),

@@ -22,14 +22,23 @@ pub const ANY: &str = "*";
 /// An agency as configured: in the config file `token_sha256` is the hex SHA-256 of its token
 /// (`citygw agency hash-token` computes it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AgencyConfig {
+    /// The agency's name (a-z 0-9 - _): metrics label `agency`, logs.
     pub name: String,
+    /// Hex SHA-256 of its bearer token (`citygw agency hash-token <token>`); the token itself is
+    /// never in the file.
     pub token_sha256: String,
+    /// Tenants it may read (`"*"`: all).
     pub tenants: Vec<String>,
+    /// Device kinds it may read (`"*"`: all).
     pub kinds: Vec<String>,
+    /// Whether it may read the connections-per-resident KPI (a city-wide aggregate).
     #[serde(default)]
     pub kpi: bool,
+    /// Whether it may send commands to the devices in its scope (tenants and kinds) through the
+    /// Control API.
     #[serde(default)]
     pub control: bool,
 }

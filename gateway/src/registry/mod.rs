@@ -1,25 +1,32 @@
 //! Devices, their credentials and their live state.
 //!
-//! The whole registry is held in memory (a city's devices fit: ~300 bytes each) and written
-//! through to the store on every change, so authentication and the per-reading identity lookup
-//! never touch the disk. Last-seen times change on every reading and are persisted in the
-//! background instead (see [`Registry::persist_last_seen`]).
+//! The whole registry is held in memory and written through to the store on every change, so
+//! authentication and the per-reading identity lookup never touch the disk. A device costs
+//! about 0.2 KiB resident ([`entry`] says how; docs/decisions/0015-registry-memory.md has the
+//! measurements and the disk-backed alternative it was weighed against). Last-seen times change
+//! on every reading and are persisted in the background instead (see
+//! [`Registry::persist_last_seen`]).
 
 pub mod agencies;
+mod entry;
+mod intern;
 pub mod operators;
 pub mod psk;
 pub mod secret;
 pub mod throttle;
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::proto::{Device, Protocol};
+pub use entry::DeviceEntry;
+use entry::{Credential, Record};
+
+use crate::proto::Device;
 use crate::store::{Store, StoreError, Table};
 
 /// Device kinds the platform knows; KPI and agency scopes are expressed in them.
@@ -81,201 +88,6 @@ pub struct NewDevice {
 /// the bytes as they came.
 pub const CODEC_RAW: &str = "raw";
 
-/// The persisted form of a device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Record {
-    id: String,
-    tenant: String,
-    kind: String,
-    #[serde(default)]
-    commune_code: String,
-    lat: Option<f64>,
-    lon: Option<f64>,
-    enabled: bool,
-    created_time_ms: i64,
-    #[serde(default)]
-    last_seen_time_ms: i64,
-    #[serde(default)]
-    name: String,
-    secret_hash: String,
-    // Records written before LoRaWAN support have neither field.
-    #[serde(default)]
-    dev_eui: String,
-    #[serde(default)]
-    codec: String,
-    /// The DTLS PSK sealed by [`psk::Sealer`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    psk_sealed: Option<String>,
-    /// `Protocol` of the last accepted reading (0: never seen); saved with the last-seen time.
-    #[serde(default)]
-    protocol: i32,
-    /// The pinned client certificate's SHA-256 (hex), when the device is pinned.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "pin_hex")]
-    cert_sha256: Option<Box<[u8; 32]>>,
-}
-
-/// A pinned fingerprint as 64 hex digits in the record; absent for unpinned devices, so it costs
-/// them nothing, and one pointer in memory.
-mod pin_hex {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &Option<Box<[u8; 32]>>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(f) => s.serialize_str(&hex::encode(f.as_slice())),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<[u8; 32]>>, D::Error> {
-        let text = Option::<String>::deserialize(d)?;
-        text.map(|t| {
-            crate::tls::identity::parse_fingerprint(&t)
-                .map(Box::new)
-                .ok_or_else(|| serde::de::Error::custom("cert_sha256: 64 hex digits"))
-        })
-        .transpose()
-    }
-}
-
-/// One device as the hot path sees it: immutable identity plus atomically updated live state.
-#[derive(Debug)]
-pub struct DeviceEntry {
-    record: Record,
-    enabled: AtomicBool,
-    last_seen_ms: AtomicI64,
-    last_seen_dirty: AtomicBool,
-    protocol: AtomicI32,
-    sessions: AtomicU32,
-    verified: Mutex<Option<[u8; 32]>>,
-}
-
-impl DeviceEntry {
-    fn new(record: Record) -> Self {
-        Self {
-            enabled: AtomicBool::new(record.enabled),
-            last_seen_ms: AtomicI64::new(record.last_seen_time_ms),
-            last_seen_dirty: AtomicBool::new(false),
-            protocol: AtomicI32::new(record.protocol),
-            sessions: AtomicU32::new(0),
-            verified: Mutex::new(None),
-            record,
-        }
-    }
-
-    pub fn id(&self) -> &str {
-        &self.record.id
-    }
-    pub fn tenant(&self) -> &str {
-        &self.record.tenant
-    }
-    pub fn kind(&self) -> &str {
-        &self.record.kind
-    }
-    pub fn name(&self) -> &str {
-        &self.record.name
-    }
-    pub fn commune_code(&self) -> &str {
-        &self.record.commune_code
-    }
-    pub fn location(&self) -> Option<crate::proto::Location> {
-        Some(crate::proto::Location {
-            lat: self.record.lat?,
-            lon: self.record.lon?,
-            alt_m: None,
-        })
-    }
-    /// LoRaWAN DevEUI, 16 lower-case hex digits, "" when none.
-    pub fn dev_eui(&self) -> &str {
-        &self.record.dev_eui
-    }
-    /// LoRaWAN payload codec, "" for the network server's decoding.
-    pub fn codec(&self) -> &str {
-        &self.record.codec
-    }
-    /// The client certificate the device is pinned to (SHA-256), if any.
-    pub fn cert_pin(&self) -> Option<&[u8; 32]> {
-        self.record.cert_sha256.as_deref()
-    }
-    pub fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
-    }
-    /// Registered position as (lat, lon).
-    pub fn position(&self) -> Option<(f64, f64)> {
-        Some((self.record.lat?, self.record.lon?))
-    }
-    /// Receive time of the last accepted reading, Unix milliseconds; 0 when never seen.
-    pub fn last_seen_ms(&self) -> i64 {
-        self.last_seen_ms.load(Ordering::Relaxed)
-    }
-
-    /// Records that the device delivered an accepted reading.
-    pub fn touch(&self, now_ms: i64) {
-        if self.last_seen_ms.fetch_max(now_ms, Ordering::Relaxed) < now_ms {
-            self.last_seen_dirty.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Records the protocol an accepted reading came over (saved with the next last-seen write).
-    pub fn reported_over(&self, protocol: Protocol) {
-        self.protocol.store(protocol as i32, Ordering::Relaxed);
-    }
-
-    /// The protocol of the last accepted reading; `Unspecified` when the device never reported.
-    pub fn protocol(&self) -> Protocol {
-        Protocol::try_from(self.protocol.load(Ordering::Relaxed)).unwrap_or_default()
-    }
-
-    /// Whether a live connection (MQTT session) is open now.
-    pub fn online(&self) -> bool {
-        self.sessions.load(Ordering::Relaxed) > 0
-    }
-
-    pub fn session_opened(&self) {
-        self.sessions.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn session_closed(&self) {
-        // Saturating: a close without an open (gateway restart races) must not wrap.
-        let _ = self
-            .sessions
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-    }
-
-    pub fn to_proto(&self) -> Device {
-        let r = &self.record;
-        Device {
-            id: r.id.clone(),
-            tenant: r.tenant.clone(),
-            kind: r.kind.clone(),
-            commune_code: r.commune_code.clone(),
-            lat: r.lat,
-            lon: r.lon,
-            enabled: self.enabled(),
-            created_time_ms: r.created_time_ms,
-            last_seen_time_ms: self.last_seen_ms.load(Ordering::Relaxed),
-            name: r.name.clone(),
-            online: self.online(),
-            dev_eui: r.dev_eui.clone(),
-            codec: r.codec.clone(),
-            has_psk: r.psk_sealed.is_some(),
-            protocol: self.protocol.load(Ordering::Relaxed),
-            cert_sha256: r
-                .cert_sha256
-                .as_deref()
-                .map(|f| hex::encode(f.as_slice()))
-                .unwrap_or_default(),
-        }
-    }
-
-    fn snapshot(&self) -> Record {
-        let mut r = self.record.clone();
-        r.enabled = self.enabled();
-        r.last_seen_time_ms = self.last_seen_ms.load(Ordering::Relaxed);
-        r.protocol = self.protocol.load(Ordering::Relaxed);
-        r
-    }
-}
-
 /// Why a CONNECT (or any credentialed request) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthError {
@@ -313,35 +125,99 @@ pub struct Registry {
 
 struct Inner {
     store: Store,
-    devices: RwLock<BTreeMap<String, Arc<DeviceEntry>>>,
-    /// DevEUI -> device, for LoRaWAN uplinks. Entries are only ever added with their device.
-    by_dev_eui: RwLock<HashMap<String, Arc<DeviceEntry>>>,
+    index: RwLock<Index>,
     events: broadcast::Sender<RegistryEvent>,
     psk_sealer: OnceLock<psk::Sealer>,
     throttle: OnceLock<throttle::AuthThrottle>,
 }
 
-impl Registry {
-    /// Loads every device from the store.
-    pub fn load(store: Store) -> anyhow::Result<Registry> {
-        let mut devices = BTreeMap::new();
-        let mut by_dev_eui = HashMap::new();
-        for (id, bytes) in store.load_records(Table::Devices)? {
-            let record: Record = serde_json::from_slice(&bytes)
-                .map_err(|e| anyhow::anyhow!("device record {id:?} is corrupt: {e}"))?;
-            let entry = Arc::new(DeviceEntry::new(record));
-            if !entry.dev_eui().is_empty() {
-                by_dev_eui.insert(entry.dev_eui().to_string(), entry.clone());
-            }
-            devices.insert(id, entry);
+/// The registry's lookups: an entry is in every index it belongs to from its insertion to its
+/// removal (only the cluster removes or replaces devices; disabling keeps them).
+#[derive(Default)]
+struct Index {
+    /// Authentication and the per-reading lookup: one hash probe.
+    by_id: HashSet<ById>,
+    /// Listing in id order and paging by `after_id`.
+    ordered: BTreeSet<ById>,
+    /// DevEUI -> device, for LoRaWAN uplinks.
+    by_dev_eui: HashMap<u64, Arc<DeviceEntry>>,
+}
+
+impl Index {
+    fn insert(&mut self, entry: Arc<DeviceEntry>) {
+        if let Some(eui) = entry.dev_eui_u64() {
+            self.by_dev_eui.insert(eui, entry.clone());
         }
-        tracing::info!(devices = devices.len(), "registry loaded");
+        self.ordered.insert(ById(entry.clone()));
+        self.by_id.insert(ById(entry));
+    }
+
+    fn get(&self, id: &str) -> Option<&Arc<DeviceEntry>> {
+        self.by_id.get(id).map(|e| &e.0)
+    }
+
+    /// Cluster mode only: a device removed (or replaced) by the cluster.
+    fn remove(&mut self, id: &str) {
+        if let Some(ById(entry)) = self.by_id.take(id) {
+            self.ordered.remove(id);
+            if let Some(eui) = entry.dev_eui_u64() {
+                self.by_dev_eui.remove(&eui);
+            }
+        }
+    }
+}
+
+/// A device keyed by its id, so the indexes need no second copy of the id.
+#[derive(Clone)]
+struct ById(Arc<DeviceEntry>);
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        self.0.id()
+    }
+}
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.id().hash(state)
+    }
+}
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id() == other.0.id()
+    }
+}
+impl Eq for ById {}
+impl PartialOrd for ById {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ById {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id().cmp(other.0.id())
+    }
+}
+
+impl Registry {
+    /// Loads every device from the store, one record at a time (a city's registry never exists
+    /// twice in memory, not even while it loads).
+    pub fn load(store: Store) -> anyhow::Result<Registry> {
+        let mut index = Index::default();
+        store.for_each_record(Table::Devices, "", |id, bytes| {
+            let entry = serde_json::from_slice::<Record>(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(DeviceEntry::new)
+                .map_err(|e| StoreError::Corrupt(format!("device record {id:?}: {e}")))?;
+            index.insert(Arc::new(entry));
+            Ok(())
+        })?;
+        index.by_id.shrink_to_fit();
+        tracing::info!(devices = index.by_id.len(), "registry loaded");
         let (events, _) = broadcast::channel(1024);
         Ok(Registry {
             inner: Arc::new(Inner {
                 store,
-                devices: RwLock::new(devices),
-                by_dev_eui: RwLock::new(by_dev_eui),
+                index: RwLock::new(index),
                 events,
                 psk_sealer: OnceLock::new(),
                 throttle: OnceLock::new(),
@@ -370,15 +246,8 @@ impl Registry {
 
     /// The DTLS PSK of an enabled device, for the handshake.
     pub fn psk(&self, id: &str) -> Result<Vec<u8>, AuthError> {
-        let entry = self.get(id).ok_or(AuthError::UnknownDevice)?;
-        if !entry.enabled() {
-            return Err(AuthError::DisabledDevice);
-        }
-        let sealed = entry
-            .record
-            .psk_sealed
-            .as_deref()
-            .ok_or(AuthError::BadCredentials)?;
+        let entry = self.enabled_device(id)?;
+        let sealed = entry.psk_sealed().ok_or(AuthError::BadCredentials)?;
         self.inner
             .psk_sealer
             .get()
@@ -390,27 +259,22 @@ impl Registry {
         self.inner.events.subscribe()
     }
 
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.inner.index.read().expect("registry lock")
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<DeviceEntry>> {
-        self.inner
-            .devices
-            .read()
-            .expect("registry lock")
-            .get(id)
-            .cloned()
+        self.index().get(id).cloned()
     }
 
     /// The device registered with this DevEUI (16 lower-case hex digits).
     pub fn by_dev_eui(&self, dev_eui: &str) -> Option<Arc<DeviceEntry>> {
-        self.inner
-            .by_dev_eui
-            .read()
-            .expect("registry lock")
-            .get(dev_eui)
-            .cloned()
+        let eui = u64::from_str_radix(dev_eui, 16).ok()?;
+        self.index().by_dev_eui.get(&eui).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.inner.devices.read().expect("registry lock").len()
+        self.index().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -436,15 +300,16 @@ impl Registry {
         mut pred: impl FnMut(&DeviceEntry) -> bool,
     ) -> Vec<Arc<DeviceEntry>> {
         use std::ops::Bound;
-        let devices = self.inner.devices.read().expect("registry lock");
+        let index = self.index();
         let start = if after_id.is_empty() {
             Bound::Unbounded
         } else {
             Bound::Excluded(after_id)
         };
-        devices
+        index
+            .ordered
             .range::<str, _>((start, Bound::Unbounded))
-            .map(|(_, e)| e)
+            .map(|e| &e.0)
             .filter(|e| pred(e))
             .take(limit)
             .cloned()
@@ -453,9 +318,8 @@ impl Registry {
 
     /// Calls `f` for every device, in id order, under the read lock (so keep `f` short: it
     /// holds back registrations, not authentication or ingest).
-    pub fn for_each(&self, f: impl FnMut(&DeviceEntry)) {
-        let devices = self.inner.devices.read().expect("registry lock");
-        devices.values().map(|e| &**e).for_each(f);
+    pub fn for_each(&self, mut f: impl FnMut(&DeviceEntry)) {
+        self.index().ordered.iter().for_each(|e| f(&e.0));
     }
 
     /// Registers one device; returns it with its secret (shown once, stored hashed).
@@ -511,69 +375,57 @@ impl Registry {
                         protocol: 0,
                         cert_sha256: new.cert_sha256.map(Box::new),
                     };
-                    Ok((record, secret))
+                    let row = serde_json::to_vec(&record).expect("record serialises");
+                    let entry = DeviceEntry::new(record).map_err(RegistryError::Invalid)?;
+                    Ok((entry, row, secret))
                 })
-                .collect::<Vec<Result<(Record, String), RegistryError>>>()
+                .collect::<Vec<_>>()
         })
         .await
         .map_err(|e| RegistryError::Invalid(format!("hashing task failed: {e}")))?;
 
         let mut results = Vec::with_capacity(prepared.len());
-        let mut accepted = Vec::new();
+        let mut rows = Vec::new();
         {
-            let devices = self.inner.devices.read().expect("registry lock");
-            let euis = self.inner.by_dev_eui.read().expect("registry lock");
-            let mut seen = std::collections::HashSet::new();
-            let mut seen_euis = std::collections::HashSet::new();
+            let index = self.index();
+            let mut seen = HashSet::new();
+            let mut seen_euis = HashSet::new();
             for item in prepared {
                 results.push(match item {
-                    Ok((record, _))
-                        if devices.contains_key(&record.id) || !seen.insert(record.id.clone()) =>
+                    Ok((entry, _, _))
+                        if index.get(entry.id()).is_some()
+                            || !seen.insert(entry.id().to_owned()) =>
                     {
-                        Err(RegistryError::Exists(record.id))
+                        Err(RegistryError::Exists(entry.id().to_owned()))
                     }
-                    Ok((record, _))
-                        if !record.dev_eui.is_empty()
-                            && (euis.contains_key(&record.dev_eui)
-                                || !seen_euis.insert(record.dev_eui.clone())) =>
+                    Ok((entry, _, _))
+                        if entry.dev_eui_u64().is_some_and(|eui| {
+                            index.by_dev_eui.contains_key(&eui) || !seen_euis.insert(eui)
+                        }) =>
                     {
                         Err(RegistryError::Invalid(format!(
                             "dev_eui {} is already registered to another device",
-                            record.dev_eui
+                            entry.dev_eui()
                         )))
                     }
-                    Ok((record, secret)) => {
-                        accepted.push(record.clone());
-                        Ok((record, secret))
+                    Ok((entry, row, secret)) => {
+                        rows.push((entry.id().to_owned(), Some(row)));
+                        Ok((entry, secret))
                     }
                     Err(e) => Err(e),
                 });
             }
         }
-        let rows = accepted
-            .iter()
-            .map(|r| {
-                (
-                    r.id.clone(),
-                    Some(serde_json::to_vec(r).expect("record serialises")),
-                )
-            })
-            .collect::<Vec<_>>();
         if !rows.is_empty() {
             self.inner.store.put_records(Table::Devices, rows).await?;
         }
-        let mut devices = self.inner.devices.write().expect("registry lock");
-        let mut euis = self.inner.by_dev_eui.write().expect("registry lock");
+        let mut index = self.inner.index.write().expect("registry lock");
         Ok(results
             .into_iter()
             .map(|r| {
-                r.map(|(record, secret)| {
-                    let entry = Arc::new(DeviceEntry::new(record));
-                    if !entry.dev_eui().is_empty() {
-                        euis.insert(entry.dev_eui().to_string(), entry.clone());
-                    }
+                r.map(|(entry, secret)| {
                     let proto = entry.to_proto();
-                    devices.insert(proto.id.clone(), entry);
+                    index.insert(Arc::new(entry));
                     (proto, secret)
                 })
             })
@@ -585,11 +437,10 @@ impl Registry {
         let entry = self
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
-        entry.enabled.store(enabled, Ordering::Release);
-        let record = entry.snapshot();
+        entry.set_enabled(enabled);
         let row = (
             id.to_string(),
-            Some(serde_json::to_vec(&record).expect("record serialises")),
+            Some(serde_json::to_vec(&entry.record()).expect("record serialises")),
         );
         self.inner
             .store
@@ -615,38 +466,20 @@ impl Registry {
         let old = self
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
-        let mut record = old.snapshot();
-        record.cert_sha256 = pin.map(Box::new);
+        let entry = old.with_cert_pin(pin).map_err(RegistryError::Invalid)?;
         let row = (
             id.to_string(),
-            Some(serde_json::to_vec(&record).expect("record serialises")),
+            Some(serde_json::to_vec(&entry.record()).expect("record serialises")),
         );
         self.inner
             .store
             .put_records(Table::Devices, vec![row])
             .await?;
-        let entry = Arc::new(DeviceEntry {
-            record,
-            enabled: AtomicBool::new(old.enabled()),
-            last_seen_ms: AtomicI64::new(old.last_seen_ms()),
-            last_seen_dirty: AtomicBool::new(old.last_seen_dirty.load(Ordering::Relaxed)),
-            protocol: AtomicI32::new(old.protocol.load(Ordering::Relaxed)),
-            sessions: AtomicU32::new(old.sessions.load(Ordering::Relaxed)),
-            verified: Mutex::new(*old.verified.lock().expect("verified lock")),
-        });
         let proto = entry.to_proto();
-        if !entry.dev_eui().is_empty() {
-            self.inner
-                .by_dev_eui
-                .write()
-                .expect("registry lock")
-                .insert(entry.dev_eui().to_string(), entry.clone());
-        }
-        self.inner
-            .devices
-            .write()
-            .expect("registry lock")
-            .insert(id.to_string(), entry);
+        let mut index = self.inner.index.write().expect("registry lock");
+        index.remove(id);
+        index.insert(Arc::new(entry));
+        drop(index);
         tracing::info!(
             device = id,
             pinned = pin.is_some(),
@@ -700,46 +533,49 @@ impl Registry {
         let Some(secret) = secret.and_then(|s| std::str::from_utf8(s).ok()) else {
             return Err(AuthError::BadCredentials);
         };
-        let stored = &entry.record.secret_hash;
-        if !secret::is_slow(stored) {
-            return if secret::verify(stored, secret) {
+        let fingerprint = match entry.credential() {
+            Credential::Fast(hash) if secret::verify_compact(hash, secret) => return Ok(entry),
+            Credential::Fast(_) => return Err(AuthError::BadCredentials),
+            Credential::Slow { stored, verified } => {
+                let fingerprint = secret::fingerprint(stored, secret);
+                if verified
+                    .lock()
+                    .expect("verified lock")
+                    .is_some_and(|f| secret::constant_time_eq(&f, &fingerprint))
+                {
+                    return Ok(entry);
+                }
+                fingerprint
+            }
+        };
+        let (checked, secret_owned) = (entry.clone(), secret.to_string());
+        let ok = tokio::task::spawn_blocking(move || match checked.credential() {
+            Credential::Slow { stored, .. } => secret::verify(stored, &secret_owned),
+            Credential::Fast(_) => false,
+        })
+        .await
+        .unwrap_or(false);
+        match (ok, entry.credential()) {
+            (true, Credential::Slow { verified, .. }) => {
+                *verified.lock().expect("verified lock") = Some(fingerprint);
                 Ok(entry)
-            } else {
-                Err(AuthError::BadCredentials)
-            };
-        }
-        let fingerprint = secret::fingerprint(stored, secret);
-        if entry
-            .verified
-            .lock()
-            .expect("verified lock")
-            .is_some_and(|f| secret::constant_time_eq(&f, &fingerprint))
-        {
-            return Ok(entry);
-        }
-        let (stored_owned, secret_owned) = (stored.clone(), secret.to_string());
-        let ok = tokio::task::spawn_blocking(move || secret::verify(&stored_owned, &secret_owned))
-            .await
-            .unwrap_or(false);
-        if ok {
-            *entry.verified.lock().expect("verified lock") = Some(fingerprint);
-            Ok(entry)
-        } else {
-            Err(AuthError::BadCredentials)
+            }
+            _ => Err(AuthError::BadCredentials),
         }
     }
 
     /// Writes last-seen times that changed since the previous call; returns how many.
     pub async fn persist_last_seen(&self) -> Result<usize, RegistryError> {
         let rows: Vec<(String, Option<Vec<u8>>)> = {
-            let devices = self.inner.devices.read().expect("registry lock");
-            devices
-                .values()
-                .filter(|e| e.last_seen_dirty.swap(false, Ordering::Relaxed))
+            let index = self.index();
+            index
+                .by_id
+                .iter()
+                .filter(|e| e.0.take_last_seen_dirty())
                 .map(|e| {
                     (
-                        e.id().to_string(),
-                        Some(serde_json::to_vec(&e.snapshot()).expect("record serialises")),
+                        e.0.id().to_string(),
+                        Some(serde_json::to_vec(&e.0.record()).expect("record serialises")),
                     )
                 })
                 .collect()
@@ -767,42 +603,36 @@ impl Registry {
                 return;
             }
         };
-        let mut devices = self.inner.devices.write().expect("registry lock");
-        let mut euis = self.inner.by_dev_eui.write().expect("registry lock");
-        let existing = devices.get(id).cloned();
+        let mut index = self.inner.index.write().expect("registry lock");
+        let existing = index.get(id).cloned();
         let was_enabled = existing.as_ref().is_some_and(|e| e.enabled());
         let now_enabled = record.as_ref().is_some_and(|r| r.enabled);
         match (existing, record) {
-            (Some(entry), Some(record)) if same_identity(&entry.record, &record) => {
+            (Some(entry), Some(record)) if same_identity(&entry.record(), &record) => {
                 // Only live state changed (enabled); last-seen never goes back.
-                entry.enabled.store(record.enabled, Ordering::Release);
-                entry
-                    .last_seen_ms
-                    .fetch_max(record.last_seen_time_ms, Ordering::Relaxed);
+                entry.set_enabled(record.enabled);
+                entry.touch(record.last_seen_time_ms);
             }
             (existing, record) => {
-                if let Some(old) = &existing {
-                    euis.remove(old.dev_eui());
+                if existing.is_some() {
+                    index.remove(id);
                 }
-                match record {
-                    Some(record) => {
-                        let entry = Arc::new(DeviceEntry::new(record));
-                        if let Some(old) = existing {
-                            entry
-                                .last_seen_ms
-                                .fetch_max(old.last_seen_ms(), Ordering::Relaxed);
+                if let Some(record) = record {
+                    let entry = match DeviceEntry::new(record) {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            tracing::error!(device = id, error = %e, "replicated device record is invalid; ignored");
+                            return;
                         }
-                        if !entry.dev_eui().is_empty() {
-                            euis.insert(entry.dev_eui().to_string(), entry.clone());
-                        }
-                        devices.insert(id.to_string(), entry);
+                    };
+                    if let Some(old) = existing {
+                        entry.touch(old.last_seen_ms());
                     }
-                    None => {
-                        devices.remove(id);
-                    }
+                    index.insert(Arc::new(entry));
                 }
             }
         }
+        drop(index);
         if was_enabled && !now_enabled {
             let _ = self
                 .inner
@@ -812,12 +642,15 @@ impl Registry {
         }
     }
 
-    /// Cluster mode: re-applies every stored device record (after missing changes).
+    /// Cluster mode: re-applies every stored device record (after missing changes), one record
+    /// at a time.
     pub fn resync(&self) -> Result<(), StoreError> {
-        for (id, bytes) in self.inner.store.load_records(Table::Devices)? {
-            self.apply_record(&id, Some(&bytes));
-        }
-        Ok(())
+        self.inner
+            .store
+            .for_each_record(Table::Devices, "", |id, bytes| {
+                self.apply_record(id, Some(&bytes));
+                Ok(())
+            })
     }
 
     /// Cluster mode: marks devices seen as the node materialises their readings from the
@@ -845,11 +678,16 @@ impl Registry {
     }
 }
 
-/// Two records of the same device that differ at most in live state (enabled, last seen).
+/// Two records of the same device that differ at most in live state (enabled, last seen, the
+/// protocol of the last reading). `a` comes from the registry, so `b`'s position is compared as
+/// the registry keeps it (10⁻⁷ degree).
 fn same_identity(a: &Record, b: &Record) -> bool {
     let mut b = b.clone();
     b.enabled = a.enabled;
     b.last_seen_time_ms = a.last_seen_time_ms;
+    b.protocol = a.protocol;
+    b.lat = b.lat.map(entry::round_e7);
+    b.lon = b.lon.map(entry::round_e7);
     *a == b
 }
 
@@ -943,7 +781,12 @@ fn validate(d: &mut NewDevice) -> Result<(), RegistryError> {
     match (d.lat, d.lon) {
         (None, None) => {}
         (Some(lat), Some(lon))
-            if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
+            if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) =>
+        {
+            // Kept to 10⁻⁷ degree (about 1 cm), so the device reads back as it is stored.
+            d.lat = Some(entry::round_e7(lat));
+            d.lon = Some(entry::round_e7(lon));
+        }
         _ => {
             return invalid(
                 "lat and lon must be given together, within -90..90 and -180..180".into(),
@@ -998,6 +841,7 @@ mod tests {
             commit_window: std::time::Duration::ZERO,
             max_batch: 1024,
             retention: std::time::Duration::from_secs(86_400),
+            ..Default::default()
         };
         let store = Store::open(dir, opts).unwrap();
         Registry::load(store).unwrap()
@@ -1107,6 +951,96 @@ mod tests {
         let mut short = new("nb-4");
         short.psk = Some("short".into());
         assert!(reg.add(short, 0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn lists_page_in_id_order_and_credentials_survive_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut chosen = new("b-2");
+        chosen.secret = Some("a chosen secret".into());
+        chosen.lat = Some(21.0285114999);
+        chosen.lon = Some(105.8048);
+        let results = reg
+            .import(vec![new("c-3"), chosen, new("a-1")], 7)
+            .await
+            .unwrap();
+        let generated = results[0].as_ref().unwrap().1.clone();
+        assert_eq!(results[1].as_ref().unwrap().0.lat, Some(21.0285115));
+        let ids = |devices: Vec<Device>| devices.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        assert_eq!(ids(reg.list("", "", "", 2)), ["a-1", "b-2"]);
+        assert_eq!(ids(reg.list("", "", "b-2", 2)), ["c-3"]);
+        drop(reg);
+
+        let reg = registry(dir.path()).await;
+        assert_eq!(ids(reg.list("", "", "", 10)), ["a-1", "b-2", "c-3"]);
+        let mut order = Vec::new();
+        reg.for_each(|d| order.push(d.id().to_string()));
+        assert_eq!(order, ["a-1", "b-2", "c-3"]);
+        assert!(reg
+            .authenticate("c-3", Some(generated.as_bytes()))
+            .await
+            .is_ok());
+        assert!(reg
+            .authenticate("b-2", Some(b"a chosen secret"))
+            .await
+            .is_ok());
+        assert_eq!(
+            reg.authenticate("b-2", Some(generated.as_bytes()))
+                .await
+                .unwrap_err(),
+            AuthError::BadCredentials
+        );
+        let b = reg.get("b-2").unwrap().to_proto();
+        assert_eq!(
+            (b.lat, b.lon, b.created_time_ms),
+            (Some(21.0285115), Some(105.8048), 7)
+        );
+    }
+
+    #[tokio::test]
+    async fn replicated_records_replace_and_remove_devices_in_every_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path()).await;
+        let mut lw = new("lw-1");
+        lw.dev_eui = "70b3d57ed0000001".into();
+        let (dev, secret) = reg.add(lw, 1).await.unwrap();
+        reg.get("lw-1").unwrap().touch(5_000);
+        let mut events = reg.events();
+
+        // Another node moved the device to another DevEUI and disabled it.
+        let mut record = reg.get("lw-1").unwrap().record();
+        record.dev_eui = "70b3d57ed0000002".into();
+        record.enabled = false;
+        record.last_seen_time_ms = 10;
+        reg.apply_record(&dev.id, Some(&serde_json::to_vec(&record).unwrap()));
+        assert!(reg.by_dev_eui("70b3d57ed0000001").is_none());
+        let moved = reg.by_dev_eui("70b3d57ed0000002").unwrap();
+        assert_eq!(moved.last_seen_ms(), 5_000, "last seen never goes back");
+        assert!(!moved.enabled());
+        assert!(
+            matches!(events.recv().await.unwrap(), RegistryEvent::Disabled(id) if id == "lw-1")
+        );
+        assert_eq!(
+            reg.authenticate("lw-1", Some(secret.as_bytes()))
+                .await
+                .unwrap_err(),
+            AuthError::DisabledDevice
+        );
+        // Live state only: the same entry, enabled again.
+        record.enabled = true;
+        reg.apply_record(&dev.id, Some(&serde_json::to_vec(&record).unwrap()));
+        assert!(Arc::ptr_eq(&moved, &reg.get("lw-1").unwrap()));
+        assert!(reg
+            .authenticate("lw-1", Some(secret.as_bytes()))
+            .await
+            .is_ok());
+
+        reg.apply_record(&dev.id, None);
+        assert!(reg.get("lw-1").is_none() && reg.by_dev_eui("70b3d57ed0000002").is_none());
+        assert!(reg.list("", "", "", 10).is_empty() && reg.is_empty());
+        reg.apply_record("x", Some(b"not json"));
+        assert!(reg.is_empty());
     }
 
     #[test]

@@ -19,9 +19,13 @@ use crate::store::{Store, Table};
 /// An operator fixed in the config file; `token_sha256` is the hex SHA-256 of the token
 /// (`citygw operator hash-token` computes it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
+    /// The operator's name (a-z 0-9 - _), shown in the console and its logs.
     pub name: String,
+    /// Hex SHA-256 of their sign-in token (`citygw operator hash-token <token>`); the token itself
+    /// is never in the file.
     pub token_sha256: String,
 }
 

@@ -61,6 +61,34 @@ pub fn verify(stored: &str, secret: &str) -> bool {
     }
 }
 
+/// Salt (16 bytes) and digest (32 bytes) of a generated secret's hash.
+pub type Compact = [u8; 48];
+
+/// The binary form of a `sha256$` hash as [`hash`] writes it, so the registry keeps 48 bytes
+/// instead of a 104-character string; `None` for any other form (Argon2, or a spelling
+/// [`expand`] would not give back exactly), which stays text.
+pub fn compact(stored: &str) -> Option<Compact> {
+    let (salt, digest) = stored.strip_prefix(SHA_PREFIX)?.split_once('$')?;
+    let mut out = [0u8; 48];
+    hex::decode_to_slice(salt, &mut out[..16]).ok()?;
+    hex::decode_to_slice(digest, &mut out[16..]).ok()?;
+    (expand(&out) == stored).then_some(out)
+}
+
+/// The stored text of a [`compact`] hash.
+pub fn expand(c: &Compact) -> String {
+    format!(
+        "{SHA_PREFIX}{}${}",
+        hex::encode(&c[..16]),
+        hex::encode(&c[16..])
+    )
+}
+
+/// Constant-time check of `secret` against a [`compact`] hash; no allocation.
+pub fn verify_compact(c: &Compact, secret: &str) -> bool {
+    constant_time_eq(&sha256_salted(&c[..16], secret), &c[16..])
+}
+
 /// A cheap fingerprint of a secret already verified against `stored`, so reconnect storms do not
 /// pay Argon2 again. Bound to the stored hash, so it dies with a credential change.
 pub fn fingerprint(stored: &str, secret: &str) -> [u8; 32] {
@@ -101,6 +129,20 @@ mod tests {
         assert!(is_slow(&h));
         assert!(verify(&h, "hunter2"));
         assert!(!verify(&h, "hunter3"));
+    }
+
+    #[test]
+    fn generated_hashes_compact_and_expand_exactly() {
+        let s = generate();
+        let h = hash(&s, true);
+        let c = compact(&h).unwrap();
+        assert_eq!(expand(&c), h);
+        assert!(verify_compact(&c, &s));
+        assert!(!verify_compact(&c, "wrong"));
+        // Anything else stays text: Argon2, upper-case hex, wrong lengths.
+        assert!(compact(&hash("hunter2", false)).is_none());
+        assert!(compact(&h.to_uppercase().replace("SHA256", "sha256")).is_none());
+        assert!(compact("sha256$00$00").is_none());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 /// `[auth]`: back-off of failed authentication.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ThrottleConfig {
     /// Failures of one address against one device (or token) before it backs off; 0 disables

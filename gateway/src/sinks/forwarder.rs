@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Sink, WriteOutcome};
 use crate::pipeline::{now_ms, Pipeline, Rejection};
 use crate::proto::{Protocol, Reading};
+use crate::reason;
 use crate::store::{Store, StoreError, Table};
 
 /// Tuning of one forwarder.
@@ -217,8 +218,10 @@ impl Forwarder {
                     .increment(1);
                 if batch.len() == 1 {
                     let r = &batch[0];
-                    let rejection =
-                        Rejection::new("sink_rejected", format!("{name} ({status}): {message}"));
+                    let rejection = Rejection::new(
+                        reason::SINK_REJECTED,
+                        format!("{name} ({status}): {message}"),
+                    );
                     self.pipeline
                         .dead_letter_reading(
                             r,

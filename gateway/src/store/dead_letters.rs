@@ -45,8 +45,9 @@ impl Store {
         let Some(start) = after_id.checked_add(1) else {
             return Ok(Vec::new());
         };
+        let engine = self.engine()?;
         collect(
-            self.inner.ks.dead_letters.range(keys::id_key(start)..),
+            engine.ks.dead_letters.range(keys::id_key(start)..),
             device_id,
             limit,
         )
@@ -61,8 +62,9 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let end = if before_id == 0 { u64::MAX } else { before_id };
+        let engine = self.engine()?;
         collect(
-            self.inner.ks.dead_letters.range(..keys::id_key(end)).rev(),
+            engine.ks.dead_letters.range(..keys::id_key(end)).rev(),
             device_id,
             limit,
         )

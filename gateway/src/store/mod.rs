@@ -10,6 +10,7 @@
 
 mod dead_letters;
 mod feed;
+mod health;
 pub mod jetstream;
 mod keys;
 mod readings;
@@ -21,9 +22,9 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -54,6 +55,10 @@ pub struct StoreOptions {
     /// How long readings and dead letters are kept, by receive time (see
     /// [`Store::enforce_retention`]).
     pub retention: Duration,
+    /// Low-space watermark: below this many free bytes on the data directory's filesystem new
+    /// readings are refused, keeping room for dead letters, registry records, sink cursors and
+    /// the storage engine's own recovery; below half of it dead letters are refused too.
+    pub min_free_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -62,6 +67,7 @@ impl Default for StoreOptions {
             commit_window: Duration::ZERO,
             max_batch: 4096,
             retention: Duration::from_secs(30 * 24 * 3600),
+            min_free_bytes: 256 << 20,
         }
     }
 }
@@ -72,17 +78,27 @@ pub enum StoreError {
     /// The store was closed (or is shutting down); nothing from this call was written.
     #[error("store is closed")]
     Closed,
-    /// The storage engine failed (I/O, full disk, poisoned journal). After a failed fsync the
-    /// engine refuses further writes; the gateway should restart and recover from the journal.
+    /// The storage engine failed (I/O, full disk, poisoned journal). After a failed commit the
+    /// writer reopens the engine by itself (recovering from the journal) once the cause is gone.
     #[error("storage engine: {0}")]
     Engine(String),
     /// Stored bytes did not decode; points at a bug or disk corruption.
     #[error("corrupt record: {0}")]
     Corrupt(String),
-    /// Cluster mode: JetStream did not acknowledge the write (no quorum, no leader, timeout).
-    /// Nothing is acknowledged to the device; a retry may succeed once quorum is back.
-    #[error("cluster unavailable: {0}")]
+    /// Refused: free space is below the watermark, the embedded engine failed and is being
+    /// reopened, or (cluster mode) JetStream did not acknowledge the write (no quorum, no leader,
+    /// timeout). Nothing is acknowledged to the device; a retry may succeed once the cause is gone.
+    #[error("store unavailable: {0}")]
     Unavailable(String),
+}
+
+impl StoreError {
+    /// A refusal without trying ([`StoreError::Unavailable`]): the store logs why once, when it
+    /// starts refusing, so callers do not log it once per message (a full disk refuses thousands a
+    /// second, and their log lines would fill it further).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 impl From<fjall::Error> for StoreError {
@@ -91,8 +107,43 @@ impl From<fjall::Error> for StoreError {
     }
 }
 
-/// The keyspaces, cloned into the writer thread (handles are cheap `Arc`s).
-#[derive(Clone)]
+/// One open storage engine. After a failed commit fjall refuses every later write on that
+/// instance ("poisoned"); the writer then drops every handle and opens a new `Engine` from disk.
+pub(crate) struct Engine {
+    pub(crate) db: Database,
+    pub(crate) ks: Keyspaces,
+}
+
+impl Engine {
+    fn open(dir: &Path) -> anyhow::Result<Engine> {
+        let db = Database::builder(dir)
+            .open()
+            .with_context(|| format!("opening store at {}", dir.display()))?;
+        let ks = Keyspaces::open(&db).context("opening store keyspaces")?;
+        Ok(Engine { db, ks })
+    }
+
+    /// `(next reading id, next dead letter id)` as the stored data says.
+    fn next_ids(&self) -> anyhow::Result<(u64, u64)> {
+        let ks = &self.ks;
+        let next_reading_id = next_id(
+            last_reading_id(&ks.log)?,
+            &ks.meta,
+            keys::META_NEXT_READING_ID,
+        )?;
+        let next_dead_letter_id = next_id(
+            last_id(&ks.dead_letters)?,
+            &ks.meta,
+            keys::META_NEXT_DEAD_LETTER_ID,
+        )?;
+        Ok((next_reading_id, next_dead_letter_id))
+    }
+}
+
+/// The engine in use; `None` only while the writer reopens it.
+pub(crate) type EngineSlot = Arc<RwLock<Option<Arc<Engine>>>>;
+
+/// The keyspaces (handles are cheap `Arc`s).
 pub(crate) struct Keyspaces {
     pub(crate) log: Keyspace,
     pub(crate) by_device: Keyspace,
@@ -146,8 +197,8 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Database,
-    ks: Keyspaces,
+    engine: EngineSlot,
+    health: Arc<health::Health>,
     opts: StoreOptions,
     /// `None` only while dropping, so the writer sees the channel close.
     tx: Option<std::sync::mpsc::Sender<Queued>>,
@@ -168,26 +219,24 @@ struct Inner {
 impl Store {
     /// Opens (or creates) the store under `dir`, replays the journal, and starts the writer.
     pub fn open(dir: &Path, opts: StoreOptions) -> anyhow::Result<Store> {
-        let db = Database::builder(dir)
-            .open()
-            .with_context(|| format!("opening store at {}", dir.display()))?;
-        let ks = Keyspaces::open(&db).context("opening store keyspaces")?;
-
-        let last_reading = last_reading_id(&ks.log)?;
-        let next_reading_id = next_id(last_reading, &ks.meta, keys::META_NEXT_READING_ID)?;
-        let next_dead_letter_id = next_id(
-            last_id(&ks.dead_letters)?,
-            &ks.meta,
-            keys::META_NEXT_DEAD_LETTER_ID,
-        )?;
-        let last_reading_id = Arc::new(AtomicU64::new(last_reading.unwrap_or(0)));
+        let engine = Engine::open(dir)?;
+        let (next_reading_id, next_dead_letter_id) = engine.next_ids()?;
+        let last_reading = last_reading_id(&engine.ks.log)?.unwrap_or(0);
+        let last_reading_id = Arc::new(AtomicU64::new(last_reading));
+        let engine: EngineSlot = Arc::new(RwLock::new(Some(Arc::new(engine))));
+        let health = Arc::new(health::Health::default());
+        metrics::gauge!("citygw_store_writable").set(1.0);
         let permits = Arc::new(Semaphore::new(QUEUE_CAPACITY));
         let (tx, rx) = std::sync::mpsc::channel();
         let feed = feed::Feed::new();
 
         let writer = Writer {
-            db: db.clone(),
-            ks: ks.clone(),
+            dir: PathBuf::from(dir),
+            engine: engine.clone(),
+            health: health.clone(),
+            space: health::Space::new(dir, opts.min_free_bytes),
+            failed: None,
+            next_reopen: std::time::Instant::now(),
             rx,
             commit_window: opts.commit_window,
             max_batch: opts.max_batch.max(1),
@@ -210,8 +259,8 @@ impl Store {
         );
         Ok(Store {
             inner: Arc::new(Inner {
-                db,
-                ks,
+                engine,
+                health,
                 opts,
                 tx: Some(tx),
                 permits,
@@ -238,7 +287,7 @@ impl Store {
 
     /// A `u64` kept in the store's meta keyspace (0 when absent).
     pub(crate) fn meta_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
-        Ok(match self.inner.ks.meta.get(key)? {
+        Ok(match self.engine()?.ks.meta.get(key)? {
             Some(v) => {
                 keys::parse_id(&v).ok_or_else(|| StoreError::Corrupt("meta value".into()))?
             }
@@ -256,9 +305,27 @@ impl Store {
     /// sealed memtables, which background flushes empty) and its block cache. fjall marks
     /// these two accessors experimental; they are plain reads of its own counters.
     pub fn export_memory_metrics(&self) {
-        let db = &self.inner.db;
-        metrics::gauge!("citygw_store_write_buffer_bytes").set(db.write_buffer_size() as f64);
-        metrics::gauge!("citygw_store_block_cache_bytes").set(db.cache_size() as f64);
+        if let Ok(engine) = self.engine() {
+            let db = &engine.db;
+            metrics::gauge!("citygw_store_write_buffer_bytes").set(db.write_buffer_size() as f64);
+            metrics::gauge!("citygw_store_block_cache_bytes").set(db.cache_size() as f64);
+        }
+    }
+
+    /// Why the store refuses new data right now (a full disk, a failed engine being reopened),
+    /// or `None` when it takes writes: what `/readyz` reports.
+    pub fn unwritable(&self) -> Option<String> {
+        self.inner.health.blocked()
+    }
+
+    /// The engine to read from; unavailable only for the moment the writer reopens it.
+    pub(crate) fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        self.inner
+            .engine
+            .read()
+            .expect("engine lock")
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the storage engine is being reopened".into()))
     }
 
     /// Readings as they are committed (after their fsync), in id order: the source of live

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::runs::{encode, Run};
 use super::writer::Request;
-use super::{keys, Store, StoreError};
+use super::{keys, Engine, Store, StoreError};
 use crate::proto::Reading;
 
 impl Store {
@@ -92,20 +92,20 @@ impl Store {
         if limit == 0 || from_ms > to_ms {
             return Ok(out);
         }
-        let inner = &self.inner;
+        let engine = self.engine()?;
         // One snapshot for index and log: retention deletes both in one batch.
-        let snap = inner.db.snapshot();
+        let snap = engine.db.snapshot();
         let key_len = keys::index_key_len(device_id.len());
         let range =
             keys::index_key(device_id, from_ms, 0)..=keys::index_key(device_id, to_ms, u64::MAX);
         // Index entries are (device time, run id): one per distinct time of a run, so each
         // entry contributes the run's readings at exactly that time, already in id order.
-        for guard in snap.range(&inner.ks.by_device, range) {
+        for guard in snap.range(&engine.ks.by_device, range) {
             let key = guard.key()?;
             if key.len() != key_len {
                 continue; // another device whose id extends this one past a NUL byte
             }
-            for r in self.indexed_readings(&snap, &key)? {
+            for r in engine.indexed_readings(&snap, &key)? {
                 if (r.device_time_ms, r.id) < (from_ms, from_id) {
                     continue;
                 }
@@ -129,17 +129,17 @@ impl Store {
         if limit == 0 {
             return Ok(out);
         }
-        let inner = &self.inner;
-        let snap = inner.db.snapshot();
+        let engine = self.engine()?;
+        let snap = engine.db.snapshot();
         let key_len = keys::index_key_len(device_id.len());
         let range = keys::index_key(device_id, i64::MIN, 0)
             ..=keys::index_key(device_id, i64::MAX, u64::MAX);
-        'index: for guard in snap.range(&inner.ks.by_device, range).rev() {
+        'index: for guard in snap.range(&engine.ks.by_device, range).rev() {
             let key = guard.key()?;
             if key.len() != key_len {
                 continue;
             }
-            for r in self.indexed_readings(&snap, &key)?.into_iter().rev() {
+            for r in engine.indexed_readings(&snap, &key)?.into_iter().rev() {
                 out.push(r);
                 if out.len() >= limit {
                     break 'index;
@@ -148,26 +148,6 @@ impl Store {
         }
         out.reverse();
         Ok(out)
-    }
-
-    /// The readings an index entry `(device, device time, run id)` points at: the run's
-    /// readings at exactly that time, in id order (empty when retention took the run).
-    fn indexed_readings(
-        &self,
-        snap: &fjall::Snapshot,
-        key: &[u8],
-    ) -> Result<Vec<Reading>, StoreError> {
-        let run_id = keys::parse_id(key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
-        let time =
-            keys::parse_index_time(key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
-        let log_key = keys::id_key(run_id);
-        let Some(value) = snap.get(&self.inner.ks.log, log_key)? else {
-            return Ok(Vec::new());
-        };
-        Ok(Run::decode(&log_key, &value)?
-            .readings()
-            .filter(|r| r.device_time_ms == time)
-            .collect())
     }
 
     /// The first reading id received at or after `since_ms` (or the next id to be assigned when
@@ -191,7 +171,8 @@ impl Store {
     /// ids are not contiguous). Reads one record per run, not per reading.
     pub fn count_readings_after(&self, after_id: u64) -> Result<u64, StoreError> {
         let mut n = 0;
-        let log = &self.inner.ks.log;
+        let engine = self.engine()?;
+        let log = &engine.ks.log;
         for guard in log.range(keys::id_key(after_id.saturating_add(1))..) {
             let (key, value) = guard.into_inner()?;
             n += Run::decode(&key, &value)?.len();
@@ -203,6 +184,36 @@ impl Store {
     /// forwarders and streams. Only committed (fsync'd) readings are visible, and they become
     /// visible in id order, so paging by the last seen id never skips one.
     pub fn readings_after(&self, after_id: u64, limit: usize) -> Result<Vec<Reading>, StoreError> {
+        self.engine()?.readings_after(after_id, limit)
+    }
+}
+
+impl Engine {
+    /// The readings an index entry `(device, device time, run id)` points at: the run's
+    /// readings at exactly that time, in id order (empty when retention took the run).
+    fn indexed_readings(
+        &self,
+        snap: &fjall::Snapshot,
+        key: &[u8],
+    ) -> Result<Vec<Reading>, StoreError> {
+        let run_id = keys::parse_id(key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
+        let time =
+            keys::parse_index_time(key).ok_or_else(|| StoreError::Corrupt("index key".into()))?;
+        let log_key = keys::id_key(run_id);
+        let Some(value) = snap.get(&self.ks.log, log_key)? else {
+            return Ok(Vec::new());
+        };
+        Ok(Run::decode(&log_key, &value)?
+            .readings()
+            .filter(|r| r.device_time_ms == time)
+            .collect())
+    }
+
+    pub(super) fn readings_after(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError> {
         let mut out = Vec::new();
         let Some(start) = after_id.checked_add(1) else {
             return Ok(out);
@@ -210,7 +221,7 @@ impl Store {
         if limit == 0 {
             return Ok(out);
         }
-        let log = &self.inner.ks.log;
+        let log = &self.ks.log;
         // The run holding `start` may begin before it.
         let first_key = match log.range(..=keys::id_key(start)).next_back() {
             Some(guard) => guard.key()?.to_vec(),

@@ -77,7 +77,8 @@ impl Store {
     }
 
     /// Record changes applied from the cluster (cluster mode only; nothing is sent otherwise).
-    /// A receiver that lags must reload the table with [`Store::load_records`].
+    /// A receiver that lags must reload the table ([`Store::load_records`], or
+    /// [`Store::for_each_record`] for the device table).
     pub fn record_changes(&self) -> tokio::sync::broadcast::Receiver<RecordChange> {
         self.inner.changes.subscribe()
     }
@@ -106,7 +107,7 @@ impl Store {
     /// One record, by key.
     pub fn get_record(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
-            .inner
+            .engine()?
             .ks
             .table(table)
             .get(key.as_bytes())?
@@ -144,7 +145,8 @@ impl Store {
             (Some(a), false) => (Bound::Excluded(a.max(start)), end),
             (Some(a), true) => (Bound::Included(start), Bound::Excluded(a)),
         };
-        let iter = self.inner.ks.table(table).range::<Vec<u8>, _>(range);
+        let engine = self.engine()?;
+        let iter = engine.ks.table(table).range::<Vec<u8>, _>(range);
         let iter: Box<dyn Iterator<Item = fjall::Guard>> = if newest_first {
             Box::new(iter.rev())
         } else {
@@ -216,9 +218,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Every record of a table, ordered by key; the registry loads them once at start.
+    /// Every record of a small table (agencies, operators, cursors), ordered by key, collected.
     pub fn load_records(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner
+        self.engine()?
             .ks
             .table(table)
             .iter()

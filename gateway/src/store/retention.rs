@@ -4,7 +4,7 @@ use fjall::{Keyspace, PersistMode};
 use prost::Message as _;
 
 use super::runs::Run;
-use super::{keys, Store, StoreError};
+use super::{keys, Engine, Store, StoreError};
 use crate::proto::DeadLetter;
 
 /// Deletes per write batch: small enough that the group-commit writer, which shares the journal
@@ -45,12 +45,12 @@ impl Store {
         now_ms: i64,
         forwarded_up_to: u64,
     ) -> Result<RetentionReport, StoreError> {
-        let inner = &self.inner;
-        let retention_ms = i64::try_from(inner.opts.retention.as_millis()).unwrap_or(i64::MAX);
+        let retention_ms = i64::try_from(self.inner.opts.retention.as_millis()).unwrap_or(i64::MAX);
+        let engine = self.engine()?;
         let cutoff = now_ms.saturating_sub(retention_ms);
 
         let mut held = 0u64;
-        let readings = self.expire(&inner.ks.log, cutoff, |key, value| {
+        let readings = Self::expire(&engine, &engine.ks.log, cutoff, |key, value| {
             let run = Run::decode(key, value)?;
             if run.last_id() > forwarded_up_to {
                 if run.received_time_ms() < cutoff {
@@ -73,7 +73,7 @@ impl Store {
                 index,
             })
         })?;
-        let dead_letters = self.expire(&inner.ks.dead_letters, cutoff, |_, value| {
+        let dead_letters = Self::expire(&engine, &engine.ks.dead_letters, cutoff, |_, value| {
             let dl = DeadLetter::decode(value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             Ok(Expiring {
                 received_time_ms: dl.received_time_ms,
@@ -102,19 +102,18 @@ impl Store {
     /// Deletes the expired records of an id-keyed keyspace from its start; `inspect` tells a
     /// record's receive time, how many readings (or dead letters) it holds, and its index keys.
     fn expire(
-        &self,
+        engine: &Engine,
         ks: &Keyspace,
         cutoff: i64,
         mut inspect: impl FnMut(&[u8], &[u8]) -> Result<Expiring, StoreError>,
     ) -> Result<u64, StoreError> {
-        let inner = &self.inner;
         let mut start = 0u64;
         let mut deleted = 0u64;
         let mut fresh = 0usize;
         loop {
             // Deletes need no fsync of their own: a lost delete is redone by the next pass, and
             // the writer's next commit fsyncs the journal anyway.
-            let mut wb = inner.db.batch().durability(Some(PersistMode::Buffer));
+            let mut wb = engine.db.batch().durability(Some(PersistMode::Buffer));
             let mut scanned = 0usize;
             let mut last = None;
             for guard in ks.range(keys::id_key(start)..) {
@@ -127,7 +126,7 @@ impl Store {
                 if record.received_time_ms < cutoff {
                     wb.remove(ks, key);
                     for index_key in record.index {
-                        wb.remove(&inner.ks.by_device, index_key);
+                        wb.remove(&engine.ks.by_device, index_key);
                     }
                     deleted += record.records;
                 } else {

@@ -11,6 +11,7 @@ fn opts() -> StoreOptions {
         commit_window: Duration::from_millis(1),
         max_batch: 512,
         retention: Duration::from_secs(3600),
+        ..Default::default()
     }
 }
 
@@ -540,5 +541,44 @@ async fn retention_keeps_what_a_forwarder_has_not_delivered() {
     let report = store.enforce_retention(10_000_000_000, 6).unwrap();
     assert_eq!(report.readings, 6);
     assert_eq!(ids(&store.readings_after(0, 10).unwrap()), vec![7]);
+    store.close().await;
+}
+
+/// Below the low-space watermark new readings and (below half of it) dead letters are refused
+/// without being written, registry records still go in, and the store says why.
+#[tokio::test]
+async fn below_the_watermark_only_records_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            min_free_bytes: u64::MAX,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let refused = store.append(vec![reading("d1", 1, 1)]).await.unwrap_err();
+    assert!(refused.is_refusal(), "{refused}");
+    assert!(store
+        .dead_letter(dead("d1", 1))
+        .await
+        .unwrap_err()
+        .is_refusal());
+    store
+        .put_records(Table::Devices, vec![("d1".into(), Some(b"{}".to_vec()))])
+        .await
+        .unwrap();
+    let why = store.unwritable().expect("unwritable");
+    assert!(why.contains("min_free_mb"), "{why}");
+    assert_eq!(store.readings_after(0, 10).unwrap(), Vec::<Reading>::new());
+    assert_eq!(store.last_reading_id(), 0);
+    store.close().await;
+    drop(store);
+
+    // With room, the next id is the first: nothing was handed out for the refused reading.
+    let store = open(dir.path());
+    assert!(store.unwritable().is_none());
+    assert_eq!(store.append(vec![reading("d1", 1, 1)]).await.unwrap(), 1..2);
+    assert_eq!(store.load_records(Table::Devices).unwrap().len(), 1);
     store.close().await;
 }

@@ -10,6 +10,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// Where a device certificate carries the device id (`tls.device_identity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityField {
     /// The subject's common name (CN), the usual place.

@@ -330,6 +330,17 @@ class Gateway:
 
     # -- lifecycle
     def start(self, timeout: float = 60.0) -> "Gateway":
+        """Starts on fresh ports; on a shared host another process can bind a port between
+        free_port() and the gateway's bind, so a start that fails only for that is tried again."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except AssertionError as e:
+                if attempt == 2 or "Address already in use" not in str(e):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "Gateway":
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.mqtt_port = free_port(self.host)
         self.mqtt_tls_port = free_port(self.host)

@@ -6,8 +6,10 @@ files, and every call carries `authorization: Bearer <token>`.
   generated modules (`api.telemetry_pb2`, `api.telemetry_pb2_grpc`, `api.reading_pb2`, ...).
 - `TelemetryClient`: one channel to one gateway with one token; `subscribe()`, `history()`,
   `list_devices()`, `get_device()`.
-- `Subscription`: a live Subscribe call whose readings a background thread collects (or not yet:
-  a *stalled* subscriber reads nothing until `start_reading()`), with condition waits.
+- `Subscription`: a live Subscribe (or SubscribeBatches) call whose readings a background thread
+  collects (or not yet: a *stalled* subscriber reads nothing until `start_reading()`), with
+  condition waits. A batched subscription keeps the readings flattened, in the order received,
+  and the size of each batch in `batches`.
 - `rpc_error(fn)`: the grpc.RpcError a call ends with (fails if it succeeds).
 """
 
@@ -79,8 +81,10 @@ class Subscription:
     into `readings` at once; a stalled subscriber (reading=False) holds the call open without
     asking for a single message until `start_reading()`."""
 
-    def __init__(self, call: Any, reading: bool = True):
+    def __init__(self, call: Any, reading: bool = True, batched: bool = False):
         self.call = call
+        self.batched = batched
+        self.batches: list[int] = []
         self.readings: list[Any] = []
         self.error: grpc.RpcError | None = None
         self.ended = False
@@ -105,9 +109,13 @@ class Subscription:
 
     def _read(self) -> None:
         try:
-            for r in self.call:
+            for message in self.call:
                 with self._cv:
-                    self.readings.append(r)
+                    if self.batched:
+                        self.batches.append(len(message.readings))
+                        self.readings.extend(message.readings)
+                    else:
+                        self.readings.append(message)
                     self._cv.notify_all()
         except grpc.RpcError as e:
             with self._cv:
@@ -211,14 +219,17 @@ class TelemetryClient:
 
     # -- calls
     def subscribe(self, filter: Any = None, *, after_id: int | None = None,
-                  since_ms: int | None = None, reading: bool = True, wait: bool = True) -> Subscription:
-        """Start a Subscribe call; with `wait`, return once the gateway has accepted it."""
+                  since_ms: int | None = None, reading: bool = True, wait: bool = True,
+                  batched: bool = False) -> Subscription:
+        """Start a Subscribe call (SubscribeBatches with `batched`); with `wait`, return once the
+        gateway has accepted it."""
         req = self.pb.SubscribeRequest(filter=self._filter(filter))
         if after_id is not None:
             req.resume.after_id = after_id
         if since_ms is not None:
             req.resume.since_ms = since_ms
-        sub = Subscription(self.stub.Subscribe(req, metadata=self.metadata), reading=reading)
+        method = self.stub.SubscribeBatches if batched else self.stub.Subscribe
+        sub = Subscription(method(req, metadata=self.metadata), reading=reading, batched=batched)
         self._subs.append(sub)
         if wait:
             sub.wait_started()

@@ -1237,13 +1237,17 @@ impl SessionState {
         };
         let from = From::from_custom(self.id.clone());
         let hook = self.hook.clone();
-        in_publishes.push_back(Box::pin(async move {
+        // citygw patch: the hooks run outside tokio's cooperative budget, so that a hook future is
+        // never made to yield at a ready lock or queue: each one, first polled in arrival order,
+        // reaches the application's store queue in arrival order, and the messages of one
+        // connection are stored (and numbered) in the order they were published.
+        in_publishes.push_back(Box::pin(tokio::task::unconstrained(async move {
             //hook, message_publish
             let publish = hook.message_publish(from.clone(), &publish).await.unwrap_or(publish);
             //hook, message_publish_check_acl
             let acl = hook.message_publish_check_acl(&publish).await;
             Hooked::Publish { from, publish, acl, packet_id }
-        }));
+        })));
         Ok(())
     }
 

@@ -1,5 +1,6 @@
-//! Server-sent event streams: the overview's figures every sample, and a device's readings as
-//! they are committed (from the store's feed: only fsync'd readings, in id order).
+//! Server-sent event streams: the overview's figures every sample, a device's readings as they
+//! are committed (from the store's feed: only fsync'd readings, in id order), and commands as
+//! their changes become durable.
 //!
 //! A stream ends when its session does (sign-out, expiry, a removed operator): it is checked at
 //! every event and every [`RECHECK`]. A device stream that falls behind the feed is told to
@@ -18,6 +19,7 @@ use tokio::sync::mpsc;
 
 use super::views::reading_json;
 use super::{error, Authed, Console, StreamSlot};
+use crate::cli::control::command_json;
 
 const RECHECK: Duration = Duration::from_secs(15);
 
@@ -98,6 +100,31 @@ pub async fn device(State(c): State<Console>, a: Authed, Path(id): Path<String>)
         slot,
         Event::default().event("ready").data("{}"),
         readings,
+    )
+}
+
+/// `event: command` with a command's JSON at every change of its state (once durable); `resync`
+/// when this stream fell behind (the page lists again).
+pub async fn commands(State(c): State<Console>, a: Authed) -> Response {
+    let Some(slot) = StreamSlot::take(&c) else {
+        return busy();
+    };
+    let changes = futures::stream::unfold(c.inner.commands.watch(), |mut rx| async move {
+        let event = match rx.recv().await {
+            Ok(cmd) => Event::default()
+                .event("command")
+                .data(command_json(&cmd).to_string()),
+            Err(RecvError::Lagged(_)) => Event::default().event("resync").data("{}"),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Some(event), rx))
+    });
+    pump(
+        c,
+        a,
+        slot,
+        Event::default().event("ready").data("{}"),
+        changes,
     )
 }
 

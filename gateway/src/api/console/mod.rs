@@ -1,8 +1,8 @@
 //! The operator console: a web page served by the gateway itself at `/console/`.
 //!
 //! A city operator opens it instead of reading metrics by hand: the overview (devices, ingest,
-//! refusals, sinks, store), the KPI with its commune map, devices with their live readings, and
-//! dead letters. It is built to run where the city's network has no internet: every asset is
+//! refusals, sinks, store), the KPI with its commune map, devices with their live readings, dead
+//! letters, and commands to devices (sent by the admin, followed live). It is built to run where the city's network has no internet: every asset is
 //! embedded in the binary (`web/`, through rust-embed), the JavaScript libraries are vendored
 //! with their licences, and the page makes no request outside citygw (its Content-Security-Policy
 //! forbids it). Live figures arrive by server-sent events, never by reloading.
@@ -12,6 +12,7 @@
 //! out) need the admin role, the session's CSRF token in `X-CSRF-Token`, and a same-origin
 //! `Origin` when the browser sends one.
 
+mod commands;
 mod live;
 mod overview;
 mod prom;
@@ -32,6 +33,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsoleConfig;
+use crate::control::commands::Commands;
 use crate::kpi::Kpi;
 use crate::registry::operators::Operators;
 use crate::registry::secret::constant_time_eq;
@@ -64,6 +66,7 @@ pub struct Setup {
     pub kpi: Kpi,
     pub sinks: Sinks,
     pub metrics: PrometheusHandle,
+    pub commands: Commands,
     /// The HTTP listener serves TLS: session cookies get `Secure`.
     pub tls: bool,
 }
@@ -80,6 +83,7 @@ struct Inner {
     registry: Registry,
     store: Store,
     kpi: Kpi,
+    commands: Commands,
     overview: overview::Overview,
     live_streams: AtomicUsize,
     map: std::sync::OnceLock<Arc<str>>,
@@ -105,6 +109,7 @@ impl Console {
                 registry: p.registry,
                 store: p.store,
                 kpi: p.kpi,
+                commands: p.commands,
                 overview,
                 live_streams: AtomicUsize::new(0),
                 map: std::sync::OnceLock::new(),
@@ -131,7 +136,10 @@ impl Console {
             .route("/kpi.csv", get(views::kpi_csv))
             .route("/kpi/map", get(views::kpi_map))
             .route("/live/overview", get(live::overview))
+            .route("/commands", get(commands::list).post(commands::send))
+            .route("/commands/{id}", get(commands::one))
             .route("/live/devices/{id}", get(live::device))
+            .route("/live/commands", get(live::commands))
             .fallback(|| async { error(StatusCode::NOT_FOUND, "no such console API") })
             .layer(DefaultBodyLimit::max(MAX_BODY));
         Router::new()

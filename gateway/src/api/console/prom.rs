@@ -156,7 +156,7 @@ other_metric 1
 
     #[test]
     fn samples_labels_and_escapes() {
-        let s = parse(TEXT, &["citygw_messages_rejected", "citygw_readings"]);
+        let s = parse(TEXT, &["citygw_messages_rejected", "citygw_readings"]); // not a metric
         assert_eq!(s.len(), 3);
         assert_eq!(s[0].label("reason"), "malformed_json");
         assert_eq!(s[0].value, 3.0);

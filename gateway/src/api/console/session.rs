@@ -20,7 +20,7 @@ use crate::config::ConsoleConfig;
 use crate::registry::operators::{Operator, Operators};
 use crate::registry::secret::constant_time_eq;
 
-pub const COOKIE: &str = "citygw_session";
+pub const COOKIE: &str = "citygw_session"; // not a metric
 /// Failed sign-ins from one address within [`FAILURE_WINDOW`] before it must wait.
 const MAX_FAILURES: u32 = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);

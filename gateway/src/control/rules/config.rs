@@ -39,6 +39,7 @@ use crate::control::commands::{DEFAULT_TTL_MS, MAX_TTL_MS};
 use crate::proto::Severity;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// 1-64 of a-z 0-9 - _ (a metric label and part of the store keys).
@@ -49,10 +50,13 @@ pub struct RuleConfig {
     /// Scope: only devices of this tenant, kind, commune code, or this one device (empty: any).
     #[serde(default)]
     pub tenant: String,
+    /// Scope: only devices of this kind (empty: any).
     #[serde(default)]
     pub kind: String,
+    /// Scope: only devices in this commune code (empty: any).
     #[serde(default)]
     pub commune: String,
+    /// Scope: only this device (empty: any).
     #[serde(default)]
     pub device: String,
     /// The reading quantity watched (threshold and rate rules); an alias from the quantity table
@@ -61,6 +65,7 @@ pub struct RuleConfig {
     pub quantity: String,
     /// Threshold: raise while the value is above (or below) this.
     pub above: Option<f64>,
+    /// Threshold: raise while the value is below this.
     pub below: Option<f64>,
     /// Hysteresis: an active alert clears only below (for `above`) or above (for `below`) this.
     pub clear: Option<f64>,
@@ -71,13 +76,16 @@ pub struct RuleConfig {
     pub silent_for: Option<String>,
     /// Rate of change: raise when the value rose (fell) by this much within `within`.
     pub rises: Option<f64>,
+    /// Rate of change: raise when the value fell by this much within `within`.
     pub falls: Option<f64>,
+    /// Rate of change: the time window of `rises` / `falls` (e.g. "10m").
     pub within: Option<String>,
     /// A command sent when the rule raises an alert.
     pub action: Option<ActionConfig>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ActionConfig {
     /// The command's name (e.g. "light").

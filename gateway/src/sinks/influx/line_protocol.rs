@@ -53,9 +53,11 @@
 //! - tag keys, tag values, field keys: comma, equals sign, space and backslash;
 //! - string field values: double quote and backslash.
 //!
-//! Line protocol cannot carry a line break anywhere (a newline ends the point), so `\n` and `\r`
-//! in measurements, keys, tag values and text values are replaced with a space (then escaped like
-//! one). Unicode (Vietnamese commune or street names: "Phường Ba Đình") passes through as UTF-8.
+//! Line protocol cannot carry a line break anywhere (a newline ends the point), parsers split on
+//! tabs as on spaces, and InfluxDB 3 refuses NUL in names, so every control character (`\n`,
+//! `\r`, `\t`, NUL ...) in measurements, keys, tag values and text values is replaced with a space
+//! (then escaped like one). Unicode (Vietnamese commune or street names: "Phường Ba Đình") passes
+//! through as UTF-8.
 //!
 //! A note on backslashes: VictoriaMetrics and the line protocol reference read `\\` as one
 //! backslash; InfluxDB 1.x and 2.x OSS unescape only `\,`, `\=` and `\ ` and so keep both. No
@@ -80,6 +82,7 @@ use crate::proto::{reading, Protocol, Reading};
 
 /// What names the measurement of a reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MeasurementFrom {
     /// `temperature value=21.5`: one measurement per quantity (the default).
@@ -236,15 +239,15 @@ const MEASUREMENT_SPECIALS: &[char] = &[',', ' ', '\\'];
 const KEY_SPECIALS: &[char] = &[',', '=', ' ', '\\'];
 const STRING_SPECIALS: &[char] = &['"', '\\'];
 
-/// Appends `s` with `specials` escaped and line breaks replaced with a space (escaped too, where
-/// a space is special).
+/// Appends `s` with `specials` escaped and control characters (line breaks, tabs, NUL) replaced
+/// with a space (escaped too, where a space is special).
 fn escape_into(out: &mut String, s: &str, specials: &[char]) {
-    if !s.contains(|c: char| specials.contains(&c) || c == '\n' || c == '\r') {
+    if !s.contains(|c: char| specials.contains(&c) || c.is_control()) {
         out.push_str(s);
         return;
     }
     for c in s.chars() {
-        let c = if c == '\n' || c == '\r' { ' ' } else { c };
+        let c = if c.is_control() { ' ' } else { c };
         if specials.contains(&c) {
             out.push('\\');
         }

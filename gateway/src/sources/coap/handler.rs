@@ -15,6 +15,7 @@ use super::lwm2m::Lwm2m;
 use super::request;
 use crate::pipeline::{Delivery, Inbound, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
+use crate::reason;
 use crate::registry::{AuthError, DeviceEntry, Registry};
 
 /// Who is speaking.
@@ -282,7 +283,9 @@ impl Handler {
             Ok(_) => Response::new(ResponseType::Changed),
             Err(IngestError::Rejected(r)) => rejected(&r),
             Err(IngestError::Store(e)) => {
-                tracing::error!(device = device.id(), error = %e, "coap reading not stored");
+                if !e.is_refusal() {
+                    tracing::error!(device = device.id(), error = %e, "coap reading not stored");
+                }
                 let mut r = Response::refuse(
                     ResponseType::ServiceUnavailable,
                     "store_unavailable",
@@ -314,7 +317,7 @@ impl Handler {
             },
             Identity::Session(session) if *session != path.device_id => {
                 let rejection = Rejection::new(
-                    "spoofed_path",
+                    reason::SPOOFED_PATH,
                     format!("device {session} posted for {}", path.device_id),
                 );
                 // Nothing of a spoofed message is kept, only the fact that it was tried.
@@ -330,7 +333,7 @@ impl Handler {
                     .await;
                 return Err(Response::refuse(
                     ResponseType::Forbidden,
-                    "spoofed_path",
+                    rejection.reason.as_str(),
                     rejection.to_string(),
                 ));
             }
@@ -353,7 +356,7 @@ impl Handler {
         size: usize,
     ) -> Response {
         let rejection = Rejection::new(
-            "payload_too_large",
+            reason::PAYLOAD_TOO_LARGE,
             format!("{size} bytes, limit {}", self.max_payload_bytes),
         );
         self.pipeline
@@ -368,7 +371,7 @@ impl Handler {
             .await;
         let mut r = Response::refuse(
             ResponseType::RequestEntityTooLarge,
-            "payload_too_large",
+            rejection.reason.as_str(),
             rejection.to_string(),
         );
         r.size1 = Some(self.max_payload_bytes);
@@ -379,11 +382,11 @@ impl Handler {
 /// The code for a payload the pipeline refused (it has dead-lettered it already).
 fn rejected(r: &Rejection) -> Response {
     let code = match r.reason {
-        "unknown_format" => ResponseType::UnsupportedContentFormat,
-        "payload_too_large" => ResponseType::RequestEntityTooLarge,
+        reason::UNKNOWN_FORMAT => ResponseType::UnsupportedContentFormat,
+        reason::PAYLOAD_TOO_LARGE => ResponseType::RequestEntityTooLarge,
         _ => ResponseType::BadRequest,
     };
-    Response::refuse(code, r.reason, r.to_string())
+    Response::refuse(code, r.reason.as_str(), r.to_string())
 }
 
 /// A CoAP request's identity across retransmissions, also to another node: the device, the

@@ -12,7 +12,7 @@
 mod blockwise;
 pub mod dtls;
 mod exchange;
-mod handler;
+pub(crate) mod handler;
 pub mod lwm2m;
 mod request;
 

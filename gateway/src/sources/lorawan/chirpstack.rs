@@ -10,10 +10,9 @@ use prost::Message as _;
 use serde::Deserialize;
 
 use super::config::Marshaler;
-use super::event::{
-    base64, bridge_reason, rfc3339_ms, DeviceRef, Event, Kind, Malformed, Parsed, Radio, Uplink,
-};
+use super::event::{base64, rfc3339_ms, DeviceRef, Event, Kind, Malformed, Parsed, Radio, Uplink};
 use crate::pipeline::Rejection;
+use crate::reason;
 use crate::registry::normalise_dev_eui;
 
 /// ChirpStack's schema, generated from proto/chirpstack at build time.
@@ -70,13 +69,13 @@ pub fn parse(topic: &str, payload: &[u8], marshaler: Marshaler) -> Result<Parsed
     };
     let dev_eui = normalise_dev_eui(&event_eui).ok_or_else(|| {
         fail(Rejection::new(
-            bridge_reason::MALFORMED_EVENT,
+            reason::MALFORMED_EVENT,
             format!("deviceInfo.devEui {event_eui:?} is not 16 hex digits"),
         ))
     })?;
     if !device.dev_eui.is_empty() && device.dev_eui != dev_eui {
         return Err(fail(Rejection::new(
-            bridge_reason::MALFORMED_EVENT,
+            reason::MALFORMED_EVENT,
             format!("topic names DevEUI {topic_eui}, the event {dev_eui}"),
         )));
     }
@@ -94,7 +93,7 @@ pub fn parse(topic: &str, payload: &[u8], marshaler: Marshaler) -> Result<Parsed
 type Fields = Option<(String, Option<i64>, Kind)>;
 
 fn malformed_protobuf(e: prost::DecodeError) -> Rejection {
-    Rejection::new(bridge_reason::MALFORMED_PROTOBUF, e.to_string())
+    Rejection::new(reason::MALFORMED_PROTOBUF, e.to_string())
 }
 
 fn ts_ms(t: &Option<prost_types::Timestamp>) -> Option<i64> {
@@ -284,11 +283,11 @@ struct JsonEvent {
 
 fn from_json(event: &str, payload: &[u8]) -> Result<Fields, Rejection> {
     let e: JsonEvent = serde_json::from_slice(payload)
-        .map_err(|e| Rejection::new(bridge_reason::MALFORMED_EVENT, e.to_string()))?;
+        .map_err(|e| Rejection::new(reason::MALFORMED_EVENT, e.to_string()))?;
     let time_ms = match &e.time {
         Some(t) => Some(rfc3339_ms(t).ok_or_else(|| {
             Rejection::new(
-                bridge_reason::MALFORMED_EVENT,
+                reason::MALFORMED_EVENT,
                 format!("time {t:?} is not RFC 3339"),
             )
         })?),
@@ -298,7 +297,7 @@ fn from_json(event: &str, payload: &[u8]) -> Result<Fields, Rejection> {
     let u32_field = |name: &str, v: Option<u64>| {
         u32::try_from(v.unwrap_or(0)).map_err(|_| {
             Rejection::new(
-                bridge_reason::MALFORMED_EVENT,
+                reason::MALFORMED_EVENT,
                 format!("{name} does not fit uint32"),
             )
         })
@@ -345,7 +344,7 @@ fn from_json(event: &str, payload: &[u8]) -> Result<Fields, Rejection> {
         "status" => Kind::Status {
             battery: (!e.battery_level_unavailable).then_some(e.battery_level.unwrap_or(0.0)),
             margin: i32::try_from(e.margin.unwrap_or(0)).map_err(|_| {
-                Rejection::new(bridge_reason::MALFORMED_EVENT, "margin does not fit int32")
+                Rejection::new(reason::MALFORMED_EVENT, "margin does not fit int32")
             })?,
             external_power: e.external_power_source,
         },
@@ -475,20 +474,17 @@ mod tests {
                 .rejection
                 .reason
         };
-        assert_eq!(reason(b"{\"fCnt\": true}"), bridge_reason::MALFORMED_EVENT);
-        assert_eq!(reason(b"{not json"), bridge_reason::MALFORMED_EVENT);
+        assert_eq!(reason(b"{\"fCnt\": true}"), reason::MALFORMED_EVENT);
+        assert_eq!(reason(b"{not json"), reason::MALFORMED_EVENT);
         assert_eq!(
             reason(br#"{"deviceInfo":{"devEui":"0101010101010101"},"data":"!!"}"#),
-            bridge_reason::BAD_BASE64
+            reason::BAD_BASE64
         );
         assert_eq!(
             reason(br#"{"deviceInfo":{"devEui":"0202020202020202"}}"#),
-            bridge_reason::MALFORMED_EVENT
+            reason::MALFORMED_EVENT
         );
-        assert_eq!(
-            reason(&[0x1a, 0x40, 0x01]),
-            bridge_reason::MALFORMED_PROTOBUF
-        );
+        assert_eq!(reason(&[0x1a, 0x40, 0x01]), reason::MALFORMED_PROTOBUF);
         assert!(matches!(
             parse("application/a/device/x/event/txack", b"", Marshaler::Auto),
             Ok(Parsed::Ignored("txack"))

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ServerType {
     /// ChirpStack v4 MQTT integration.
@@ -17,6 +18,7 @@ pub enum ServerType {
 
 /// How ChirpStack events are marshaled; TTS always sends JSON.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Marshaler {
     /// Per message: JSON when it starts with `{`, else binary protobuf.
@@ -29,27 +31,35 @@ pub enum Marshaler {
 /// One network server broker to bridge. Secrets come inline (development), from an environment
 /// variable or a file, and are never logged.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LorawanConfig {
     /// Names the bridge in logs, metrics labels and dead letters.
     pub name: String,
+    /// The network server: `chirpstack_v4` or `ttn_v3` (The Things Stack / The Things Network).
     #[serde(rename = "type")]
     pub server_type: ServerType,
+    /// Host name or address of the network server's MQTT broker.
     pub host: String,
     /// 0: 1883, or 8883 with TLS.
     #[serde(default)]
     pub port: u16,
+    /// MQTT over TLS (rustls; system roots unless `ca_file`).
     #[serde(default)]
     pub tls: bool,
     /// PEM CA bundle to trust instead of the system roots (a private CA).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// MQTT username at the broker (TTS: `<application id>@<tenant>`).
     #[serde(default)]
     pub username: String,
+    /// The broker password inline (development only; prefer `password_env` or `password_file`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub password: String,
+    /// The environment variable holding the password (TTS: an application API key).
     #[serde(default)]
     pub password_env: Option<String>,
+    /// A file holding the password (e.g. a mounted secret).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// Fixed client id of the persistent session; "" means `citygw-<name>`. Two gateways
@@ -64,6 +74,7 @@ pub struct LorawanConfig {
     /// device of another tenant is dead-lettered as `tenant_mismatch`.
     #[serde(default)]
     pub tenant: String,
+    /// ChirpStack's integration marshaler: `auto` (per message), `json` or `protobuf`.
     #[serde(default)]
     pub marshaler: Marshaler,
     /// How long an uplink's (DevEUI, frame counter, time) is remembered in memory to drop a
@@ -73,10 +84,13 @@ pub struct LorawanConfig {
     /// Uplinks being stored at once (each waits for its group commit before its ack).
     #[serde(default = "default_max_inflight")]
     pub max_inflight: usize,
+    /// MQTT keep-alive towards the broker, seconds.
     #[serde(default = "default_keep_alive_secs")]
     pub keep_alive_secs: u64,
+    /// First reconnect delay after the broker connection is lost; doubled up to `backoff_max_ms`.
     #[serde(default = "default_backoff_min_ms")]
     pub backoff_min_ms: u64,
+    /// Longest reconnect delay.
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
 }
@@ -144,24 +158,6 @@ impl LorawanConfig {
             ServerType::ChirpstackV4 => super::chirpstack::DEFAULT_TOPIC.to_string(),
             ServerType::TtnV3 => super::tts::DEFAULT_TOPIC.to_string(),
         }]
-    }
-
-    /// Cluster mode: this node's own client id (the broker would otherwise kick one node for
-    /// the next), and the default topics as one MQTT shared subscription of all nodes, so each
-    /// uplink goes to one node. Explicit settings are kept as they are.
-    pub fn for_cluster_node(&self, node: &str) -> LorawanConfig {
-        let mut c = self.clone();
-        if c.client_id.is_empty() {
-            c.client_id = format!("citygw-{}-{node}", self.name);
-        }
-        if c.topics.is_empty() {
-            c.topics = self
-                .topics()
-                .into_iter()
-                .map(|t| format!("$share/citygw-{}/{t}", self.name))
-                .collect();
-        }
-        c
     }
 
     pub fn password(&self) -> anyhow::Result<String> {

@@ -1,36 +1,12 @@
 //! What a network server's event becomes, whatever its format: the bridge's own model, filled by
 //! [`super::chirpstack`] and [`super::tts`], turned into readings here.
 
-use crate::codec::{self, reason, DecodeError, Decoded, Format};
+use crate::codec::{self, DecodeError, Decoded, Format};
 use crate::pipeline::Rejection;
 use crate::proto::reading::Value;
 use crate::proto::Location;
+use crate::reason;
 use crate::registry::{DeviceEntry, CODEC_RAW};
-
-/// Dead-letter reasons of the bridge itself (decoders add theirs, see [`codec::reason`]).
-pub mod bridge_reason {
-    /// The event is not JSON, or JSON in the wrong shape (missing or mistyped fields).
-    pub const MALFORMED_EVENT: &str = "malformed_event";
-    /// The event is not a valid protobuf message (truncated, wrong wire types).
-    pub const MALFORMED_PROTOBUF: &str = "malformed_protobuf";
-    /// A payload field is not valid base64.
-    pub const BAD_BASE64: &str = "bad_base64";
-    /// The DevEUI (or TTS device id) is not registered.
-    pub const UNKNOWN_DEVICE: &str = "unknown_device";
-    /// The device is registered but disabled.
-    pub const DISABLED_DEVICE: &str = "disabled_device";
-    /// The device belongs to another tenant than the network server's.
-    pub const TENANT_MISMATCH: &str = "tenant_mismatch";
-
-    pub const ALL: &[&str] = &[
-        MALFORMED_EVENT,
-        MALFORMED_PROTOBUF,
-        BAD_BASE64,
-        UNKNOWN_DEVICE,
-        DISABLED_DEVICE,
-        TENANT_MISMATCH,
-    ];
-}
 
 /// Who an event is about, as the network server names it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -163,6 +139,10 @@ pub fn readings(
         _ => Vec::new(),
     };
     let mut push = |quantity: &str, value: Value, unit: &str| {
+        // A network server's NaN (a protobuf float says nothing else) is no measurement: left out.
+        if matches!(value, Value::Number(n) if !n.is_finite()) {
+            return;
+        }
         out.push(Decoded {
             quantity: quantity.to_string(),
             value,
@@ -346,7 +326,7 @@ pub fn base64(field: &str, s: &str) -> Result<Vec<u8>, Rejection> {
     STANDARD
         .decode(s)
         .or_else(|_| URL_SAFE.decode(s))
-        .map_err(|e| Rejection::new(bridge_reason::BAD_BASE64, format!("{field}: {e}")))
+        .map_err(|e| Rejection::new(reason::BAD_BASE64, format!("{field}: {e}")))
 }
 
 #[cfg(test)]
@@ -388,10 +368,7 @@ mod tests {
         assert_eq!(base64("d", "AQID").unwrap(), [1, 2, 3]);
         assert_eq!(base64("d", "-_8").unwrap(), [0xfb, 0xff]);
         assert_eq!(base64("d", "+/8=").unwrap(), [0xfb, 0xff]);
-        assert_eq!(
-            base64("d", "@@@").unwrap_err().reason,
-            bridge_reason::BAD_BASE64
-        );
+        assert_eq!(base64("d", "@@@").unwrap_err().reason, reason::BAD_BASE64);
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //! are decoded and stored side by side (they share group commits), and their PUBACKs leave in
 //! the order the broker delivered them (MQTT 3.1.1 and 5 section 4.6), released by one acker
 //! task as each uplink and every one before it is done ([`Acks`]).
+//!
+//! In cluster mode one node at a time bridges each network server, the holder of its lease, with
+//! the same client id on every node: when the holder dies, the next holder resumes the broker
+//! session and gets what was queued or unacknowledged (stored once by the stream's content id).
 
 pub mod chirpstack;
 pub mod config;
@@ -30,7 +34,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -38,9 +42,10 @@ use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
 use crate::registry::{DeviceEntry, Registry};
 
+use crate::reason;
 use config::{LorawanConfig, ServerType};
 use dedup::{Dedup, Key, Stored};
-use event::{bridge_reason, Event, Malformed, Parsed};
+use event::{Event, Malformed, Parsed};
 
 /// How long in-flight uplinks get to become durable and be acknowledged at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,6 +62,10 @@ pub struct LorawanSource {
     pub config: LorawanConfig,
     pub registry: Registry,
     pub pipeline: Pipeline,
+    /// Cluster mode: bridge only while this node holds the server's lease. Every node uses the
+    /// same client id, so the successor of a dead node resumes its broker session and receives
+    /// what the broker still held for it (queued, or delivered but never acknowledged).
+    pub lease: Option<watch::Receiver<bool>>,
 }
 
 impl super::Source for LorawanSource {
@@ -82,7 +91,7 @@ impl super::Source for LorawanSource {
             opts.set_transport(tls::transport(cfg)?);
         }
         // Room for every in-flight ack plus the subscriptions, so acking never waits on the loop.
-        let (client, eventloop) = AsyncClient::new(opts, cfg.max_inflight + 64);
+        let capacity = cfg.max_inflight + 64;
         let bridge = Arc::new(Bridge {
             name: cfg.name.clone(),
             server_type: cfg.server_type,
@@ -92,16 +101,56 @@ impl super::Source for LorawanSource {
             pipeline: self.pipeline.clone(),
             dedup: Dedup::new(Duration::from_secs(cfg.dedup_window_secs)),
         });
-        describe_metrics();
         tracing::info!(server = %cfg.name, host = %cfg.host, port = cfg.port(), tls = cfg.tls,
             client_id = %cfg.client_id(), "lorawan bridge starting");
-        Ok(Box::pin(run(
-            bridge,
-            client,
-            eventloop,
-            self.config,
-            shutdown,
-        )))
+        let (config, lease) = (self.config, self.lease);
+        Ok(Box::pin(async move {
+            let Some(lease) = lease else {
+                let (client, eventloop) = AsyncClient::new(opts, capacity);
+                return run(bridge, client, eventloop, config, shutdown).await;
+            };
+            run_while_leased(bridge, opts, capacity, config, lease, shutdown).await
+        }))
+    }
+}
+
+/// Cluster mode: waits for the lease, bridges while it is held, hands over when it is lost.
+async fn run_while_leased(
+    bridge: Arc<Bridge>,
+    opts: MqttOptions,
+    capacity: usize,
+    config: LorawanConfig,
+    mut lease: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let server = config.name.clone();
+    loop {
+        while !*lease.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changed = lease.changed() => if changed.is_err() { return Ok(()) },
+            }
+        }
+        tracing::info!(server = %server, "lorawan bridge active on this node (lease held)");
+        let stop = shutdown.child_token();
+        let lost = {
+            let (stop, mut lease) = (stop.clone(), lease.clone());
+            tokio::spawn(async move {
+                while *lease.borrow_and_update() {
+                    if lease.changed().await.is_err() {
+                        break;
+                    }
+                }
+                stop.cancel();
+            })
+        };
+        let (client, eventloop) = AsyncClient::new(opts.clone(), capacity);
+        let result = run(bridge.clone(), client, eventloop, config.clone(), stop).await;
+        lost.abort();
+        if result.is_err() || shutdown.is_cancelled() {
+            return result;
+        }
+        tracing::warn!(server = %server, "lorawan bridge handed over (lease lost)");
     }
 }
 
@@ -296,7 +345,7 @@ impl Bridge {
             Err(Malformed {
                 device: Default::default(),
                 rejection: Rejection::new(
-                    "payload_too_large",
+                    reason::PAYLOAD_TOO_LARGE,
                     format!("{} bytes, limit {MAX_EVENT_BYTES}", publish.payload.len()),
                 ),
             })
@@ -325,8 +374,10 @@ impl Bridge {
                 true
             }
             Err(e) => {
-                tracing::error!(server = %self.name, topic = %crate::observability::clip(&publish.topic), error = %e,
-                    "lorawan event not stored; left unacknowledged for redelivery");
+                if !matches!(&e, IngestError::Store(e) if e.is_refusal()) {
+                    tracing::error!(server = %self.name, topic = %crate::observability::clip(&publish.topic), error = %e,
+                        "lorawan event not stored; left unacknowledged for redelivery");
+                }
                 false
             }
         }
@@ -336,7 +387,7 @@ impl Bridge {
         let device = match self.device(event) {
             Ok(d) => d,
             Err((device_id, rejection)) => {
-                if rejection.reason == bridge_reason::UNKNOWN_DEVICE {
+                if rejection.reason == reason::UNKNOWN_DEVICE {
                     metrics::counter!("citygw_lorawan_unknown_devices_total", "server" => self.name.clone())
                         .increment(1);
                 }
@@ -407,7 +458,7 @@ impl Bridge {
         };
         let device = found.ok_or_else(|| {
             let rejection = Rejection::new(
-                bridge_reason::UNKNOWN_DEVICE,
+                reason::UNKNOWN_DEVICE,
                 format!(
                     "no device registered with {} {}",
                     if r.dev_eui.is_empty() {
@@ -423,13 +474,13 @@ impl Bridge {
         let refuse = |rejection| Err((device.id().to_string(), rejection));
         if !device.enabled() {
             return refuse(Rejection::new(
-                bridge_reason::DISABLED_DEVICE,
+                reason::DISABLED_DEVICE,
                 format!("device {} is disabled", device.id()),
             ));
         }
         if !self.tenant.is_empty() && device.tenant() != self.tenant {
             return refuse(Rejection::new(
-                bridge_reason::TENANT_MISMATCH,
+                reason::TENANT_MISMATCH,
                 format!(
                     "device {} belongs to tenant {}, this network server to {}",
                     device.id(),
@@ -449,7 +500,7 @@ impl Bridge {
         rejection: &Rejection,
     ) {
         metrics::counter!("citygw_lorawan_dead_letters_total", "server" => self.name.clone(),
-            "reason" => rejection.reason)
+            "reason" => rejection.reason.as_str())
         .increment(1);
         let address = format!("{}: {}", self.name, publish.topic);
         self.pipeline
@@ -463,34 +514,6 @@ impl Bridge {
             )
             .await;
     }
-}
-
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge};
-    describe_gauge!(
-        "citygw_lorawan_connected",
-        "1 while the bridge is connected to the network server's broker, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_connects_total",
-        "Successful connections to network server brokers, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_connection_errors_total",
-        "Lost or failed connections to network server brokers, by server"
-    );
-    describe_counter!(
-        "citygw_lorawan_messages_total",
-        "Network server events, by server, event type and outcome (stored, duplicate, dead_letter, ignored)"
-    );
-    describe_counter!(
-        "citygw_lorawan_dead_letters_total",
-        "Network server events dead-lettered, by server and reason"
-    );
-    describe_counter!(
-        "citygw_lorawan_unknown_devices_total",
-        "Events naming a DevEUI no device is registered with, by server"
-    );
 }
 
 mod tls {

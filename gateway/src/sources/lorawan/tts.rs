@@ -9,10 +9,9 @@
 use serde::Deserialize;
 
 use super::chirpstack::lenient;
-use super::event::{
-    base64, bridge_reason, rfc3339_ms, DeviceRef, Event, Kind, Malformed, Parsed, Radio, Uplink,
-};
+use super::event::{base64, rfc3339_ms, DeviceRef, Event, Kind, Malformed, Parsed, Radio, Uplink};
 use crate::pipeline::Rejection;
+use crate::reason;
 use crate::registry::normalise_dev_eui;
 
 /// Default subscription: every device event of every application the credentials can see.
@@ -109,7 +108,7 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
     let msg: Message = serde_json::from_slice(payload).map_err(|e| {
         fail(
             &device,
-            Rejection::new(bridge_reason::MALFORMED_EVENT, e.to_string()),
+            Rejection::new(reason::MALFORMED_EVENT, e.to_string()),
         )
     })?;
     let ids = msg.end_device_ids.unwrap_or_default();
@@ -118,7 +117,7 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
             fail(
                 &device,
                 Rejection::new(
-                    bridge_reason::MALFORMED_EVENT,
+                    reason::MALFORMED_EVENT,
                     format!("end_device_ids.dev_eui {eui:?} is not 16 hex digits"),
                 ),
             )
@@ -128,7 +127,7 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
         return Err(fail(
             &device,
             Rejection::new(
-                bridge_reason::MALFORMED_EVENT,
+                reason::MALFORMED_EVENT,
                 format!(
                     "topic names device {topic_device:?}, the event {:?}",
                     ids.device_id
@@ -143,7 +142,7 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
                 fail(
                     &device,
                     Rejection::new(
-                        bridge_reason::MALFORMED_EVENT,
+                        reason::MALFORMED_EVENT,
                         format!("received_at {s:?} is not RFC 3339"),
                     ),
                 )
@@ -158,7 +157,7 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
         let up = msg.uplink_message.ok_or_else(|| {
             fail(
                 &device,
-                Rejection::new(bridge_reason::MALFORMED_EVENT, "no uplink_message"),
+                Rejection::new(reason::MALFORMED_EVENT, "no uplink_message"),
             )
         })?;
         let mut radio = Radio {
@@ -192,7 +191,7 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
                 fail(
                     &device,
                     Rejection::new(
-                        bridge_reason::MALFORMED_EVENT,
+                        reason::MALFORMED_EVENT,
                         format!("{name} does not fit uint32"),
                     ),
                 )
@@ -289,15 +288,15 @@ mod tests {
         let bad = DOC_UPLINK.replace("\"gkHe\"", "\"***\"");
         assert_eq!(
             parse(topic, bad.as_bytes()).unwrap_err().rejection.reason,
-            bridge_reason::BAD_BASE64
+            reason::BAD_BASE64
         );
         let bad = DOC_UPLINK.replace("\"f_cnt\": 2", "\"f_cnt\": {}");
         assert_eq!(
             parse(topic, bad.as_bytes()).unwrap_err().rejection.reason,
-            bridge_reason::MALFORMED_EVENT
+            reason::MALFORMED_EVENT
         );
         let spoof = parse("v3/app1@ttn/devices/other/up", DOC_UPLINK.as_bytes()).unwrap_err();
-        assert_eq!(spoof.rejection.reason, bridge_reason::MALFORMED_EVENT);
+        assert_eq!(spoof.rejection.reason, reason::MALFORMED_EVENT);
         assert!(matches!(
             parse("v3/app1@ttn/devices/dev1/down/sent", b"{}"),
             Ok(Parsed::Ignored("down"))

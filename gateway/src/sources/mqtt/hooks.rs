@@ -36,6 +36,7 @@ use crate::control::commands::Commands;
 use crate::observability::{clip, LogLimiter};
 use crate::pipeline::{Delivery, Inbound, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
+use crate::reason;
 use crate::registry::{AuthError, Registry};
 
 const PROTOCOL: &str = "mqtt";
@@ -153,7 +154,7 @@ fn route<'a>(
     match topic::parse(topic) {
         Topic::Invalid => Err(TopicRefusal {
             rejection: Rejection::new(
-                "invalid_topic",
+                reason::INVALID_TOPIC,
                 "a topic name must be non-empty without wildcards (+ #) or U+0000",
             ),
             code: PublishAckReason::TopicNameInvalid,
@@ -172,7 +173,7 @@ fn route<'a>(
             // Nothing of a spoofed message is kept, only the fact that it was tried.
             Err(TopicRefusal {
                 rejection: Rejection::new(
-                    "spoofed_topic",
+                    reason::SPOOFED_TOPIC,
                     format!("device {} published for {}", clip(device_id), clip(claimed)),
                 ),
                 code: PublishAckReason::NotAuthorized,
@@ -194,7 +195,7 @@ fn route<'a>(
 fn bad_topic() -> TopicRefusal {
     TopicRefusal {
         rejection: Rejection::new(
-            "bad_topic",
+            reason::BAD_TOPIC,
             "devices publish to devices/{id}/telemetry[/{format}] and devices/{id}/commands/{command}/result",
         ),
         code: PublishAckReason::TopicNameInvalid,
@@ -361,7 +362,7 @@ impl Hooks {
             .as_ref()
             .is_some_and(|pp| pp.topic_alias.is_some())
         {
-            let rejection = Rejection::new("topic_alias", "topic aliases are not accepted");
+            let rejection = Rejection::new(reason::TOPIC_ALIAS, "topic aliases are not accepted");
             self.pipeline
                 .refuse(
                     device_id,
@@ -428,7 +429,9 @@ impl Hooks {
                 false,
             ),
             Err(IngestError::Store(e)) => {
-                tracing::error!(device = device_id, error = %e, "reading not stored");
+                if !e.is_refusal() {
+                    tracing::error!(device = device_id, error = %e, "reading not stored");
+                }
                 // Never acknowledge what is not on disk: 3.1.1 clients learn it by the disconnect
                 // and resend; MQTT 5 clients get an error PUBACK.
                 refuse(

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     /// One node, its own fjall store (the default: `citygw run` needs nothing else).
@@ -17,8 +18,11 @@ pub enum Backend {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// `embedded`: one node with its own store (the default); `jetstream`: cluster mode on NATS
+    /// JetStream.
     pub backend: Backend,
     /// NATS servers to connect to (any of them; the client learns the rest of the cluster).
     pub nats_urls: Vec<String>,
@@ -26,16 +30,19 @@ pub struct ClusterConfig {
     pub node_name: String,
     /// Copies JetStream keeps of the stream and the buckets (1, 3 or 5; 3 survives one server).
     pub replicas: usize,
-    /// NATS user and password (or a token, or a creds file).
+    /// NATS user (with `password`; or a token, or a creds file).
     pub user: String,
+    /// NATS password (`citygw config print` hides it).
     pub password: String,
+    /// NATS token (`citygw config print` hides it).
     pub token: String,
     /// A NATS `.creds` file (JWT + nkey seed) for decentralised auth.
     pub creds_file: Option<PathBuf>,
     /// CA that signed the NATS servers' certificates; set it to require TLS.
     pub tls_ca_file: Option<PathBuf>,
-    /// The readings stream; subjects `{subject_prefix}.{device}`.
+    /// The readings stream.
     pub stream: String,
+    /// Subjects of the readings stream: `{subject_prefix}.{device id, escaped}`.
     pub subject_prefix: String,
     /// Devices, agencies, sink cursors and KPI snapshots (no expiry).
     pub records_bucket: String,
@@ -50,6 +57,11 @@ pub struct ClusterConfig {
     /// How long the stream keeps readings; 0: `store.retention_days`. A node that was down
     /// longer than this cannot catch up from the stream.
     pub stream_max_age_days: u64,
+    /// Caps the readings stream's size (bytes per replica); 0: no cap but the servers' own
+    /// (`max_file_store`, the disk). At the cap JetStream refuses new readings (discard new)
+    /// rather than deleting old ones a lagging node has not read yet, and keeps the rest of the
+    /// servers' JetStream storage for the records bucket (devices, sink cursors) and the leases.
+    pub stream_max_bytes: u64,
     /// A node or sink lease not renewed for this long expires; another node takes the sink.
     pub lease_secs: u64,
 }
@@ -68,11 +80,12 @@ impl Default for ClusterConfig {
             tls_ca_file: None,
             stream: "CITYGW_READINGS".into(),
             subject_prefix: "citygw.readings".into(),
-            records_bucket: "citygw_records".into(),
-            leases_bucket: "citygw_leases".into(),
+            records_bucket: "citygw_records".into(), // not a metric
+            leases_bucket: "citygw_leases".into(),   // not a metric
             ack_timeout_ms: 5_000,
             duplicate_window_secs: 600,
             stream_max_age_days: 0,
+            stream_max_bytes: 0,
             lease_secs: 10,
         }
     }

@@ -18,7 +18,8 @@
 //! - **Leases** in a second bucket whose entries expire: node heartbeats for `citygw cluster
 //!   status`, and one forwarder per sink across the cluster ([`lease`]).
 //! - **Health** ([`status`]): without a stream leader (no quorum) `/readyz` is 503; writes time
-//!   out, so devices get no success ack; when quorum returns everything resumes by itself.
+//!   out, so devices get no success ack; when quorum returns everything resumes by itself. A
+//!   stream at its size cap (`cluster.stream_max_bytes`) refuses writes and is not ready either.
 
 pub mod config;
 pub mod ids;
@@ -116,7 +117,16 @@ impl Cluster {
             storage: stream::StorageType::File,
             num_replicas: cfg.replicas,
             retention: stream::RetentionPolicy::Limits,
-            discard: stream::DiscardPolicy::Old,
+            // A capped stream refuses at its cap: discarding old messages would delete
+            // acknowledged readings that a lagging node has not materialised yet.
+            discard: match cfg.stream_max_bytes {
+                0 => stream::DiscardPolicy::Old,
+                _ => stream::DiscardPolicy::New,
+            },
+            max_bytes: match cfg.stream_max_bytes {
+                0 => -1,
+                cap => i64::try_from(cap).unwrap_or(i64::MAX),
+            },
             max_age,
             duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
             deny_delete: true,
@@ -234,6 +244,8 @@ async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> anyho
             if info.config.num_replicas != config.num_replicas
                 || info.config.max_age != config.max_age
                 || info.config.duplicate_window != config.duplicate_window
+                || info.config.max_bytes != config.max_bytes
+                || info.config.discard != config.discard
             {
                 js.update_stream(config).await?;
                 tracing::info!("stream settings updated");

@@ -3,12 +3,14 @@
 //!
 //! [`Cluster::monitor`] asks JetStream for the stream's state every second. Without a leader, or
 //! with fewer current replicas than a quorum, the node is unhealthy: `/readyz` answers 503 with
-//! the reason (writes fail on their own, by timeout, so no device gets a success ack). It also
+//! the reason (writes fail on their own, by timeout, so no device gets a success ack); so is a
+//! stream at its size cap (`cluster.stream_max_bytes`), which refuses writes. It also
 //! writes this node's heartbeat into the leases bucket, which `citygw cluster status` lists.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::stream;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,37 @@ use crate::store::{keys, Store};
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Room a capped stream must have left to count as ready: 1 % of the cap, at most 1 MiB (a few
+/// hundred device messages; JetStream itself refuses only the message that would not fit).
+fn headroom(cap: u64) -> u64 {
+    (cap / 100).min(1 << 20)
+}
+
+/// Why a stream takes no more readings: it refuses at its caps (discard new) and has less than
+/// [`headroom`] bytes left, or no message left. `None` when it has room or has no caps.
+fn full(config: &stream::Config, state: &stream::State) -> Option<String> {
+    if config.discard != stream::DiscardPolicy::New {
+        return None;
+    }
+    if let Ok(cap) = u64::try_from(config.max_bytes) {
+        if state.bytes + headroom(cap) >= cap {
+            return Some(format!(
+                "stream {} is full: {} of its {} bytes (cluster.stream_max_bytes); new readings are refused",
+                config.name, state.bytes, cap
+            ));
+        }
+    }
+    if let Ok(cap) = u64::try_from(config.max_messages) {
+        if state.messages >= cap {
+            return Some(format!(
+                "stream {} is full: {} of its {} messages; new readings are refused",
+                config.name, state.messages, cap
+            ));
+        }
+    }
+    None
+}
 
 /// A node's heartbeat, as kept in the leases bucket.
 #[derive(Debug, Serialize, Deserialize)]
@@ -113,6 +146,9 @@ impl Cluster {
                     self.cfg.stream, info.config.num_replicas
                 ));
             }
+        }
+        if let Some(why) = full(&info.config, &info.state) {
+            return Err(why);
         }
         Ok(info.state.last_sequence)
     }

@@ -79,9 +79,10 @@ impl TelemetryService {
         &self,
         agency: Arc<Agency>,
         r: SubscribeRequest,
+        framing: subscribe::Framing,
     ) -> Result<subscribe::EncodedStream, Status> {
         let selection = Selection::new(&agency, r.filter, &self.registry)?;
-        tracing::info!(agency = %agency.name, resume = ?r.resume, "subscription started");
+        tracing::info!(agency = %agency.name, resume = ?r.resume, ?framing, "subscription started");
         subscribe::Subscription {
             store: self.store.clone(),
             pages: self.pages.clone(),
@@ -89,6 +90,7 @@ impl TelemetryService {
             agency,
             selection,
             buffer: self.subscription_buffer,
+            framing,
         }
         .start(r.resume)
         .await
@@ -98,6 +100,8 @@ impl TelemetryService {
 #[tonic::async_trait]
 impl Telemetry for TelemetryService {
     type SubscribeStream = subscribe::ReadingStream;
+    type SubscribeBatchesStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<ReadingBatch, Status>> + Send>>;
     type QueryHistoryStream = subscribe::ReadingStream;
 
     /// Never reached: [`TelemetryRoutes`] serves Subscribe before the generated server sees it
@@ -107,6 +111,16 @@ impl Telemetry for TelemetryService {
         _req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         Err(Status::internal("Subscribe is served by TelemetryRoutes"))
+    }
+
+    /// Never reached either: served by [`TelemetryRoutes`] like Subscribe.
+    async fn subscribe_batches(
+        &self,
+        _req: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeBatchesStream>, Status> {
+        Err(Status::internal(
+            "SubscribeBatches is served by TelemetryRoutes",
+        ))
     }
 
     async fn query_history(

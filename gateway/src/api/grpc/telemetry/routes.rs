@@ -1,10 +1,12 @@
-//! Subscribe on its own route, so a reading is encoded once for all its subscribers.
+//! Subscribe and SubscribeBatches on their own route, so a reading is encoded once for all its
+//! subscribers.
 //!
 //! The generated server encodes each `Reading` per stream; with a hundred subscribers that meant a
 //! hundred clones and encodings of every reading (measured with bench/agency_fanout: most of the
 //! fan-out's CPU). Here the stream carries bytes already encoded by
 //! [`FeedReading::encoded`](crate::store::FeedReading::encoded), and a codec that writes them as
-//! they are. On the wire nothing changes: clients still receive `citygw.v1.Reading` messages.
+//! they are. On the wire nothing changes: clients still receive `citygw.v1.Reading` messages
+//! (and `citygw.v1.ReadingBatch` messages, which are the same encodings behind a field key).
 //! Every other method goes to the generated server.
 
 use std::convert::Infallible;
@@ -18,13 +20,14 @@ use tonic::codegen::{http, BoxFuture, Service, StdError};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tonic::Status;
 
-use super::subscribe::EncodedStream;
+use super::subscribe::{EncodedStream, Framing};
 use super::{AgencyAuth, TelemetryService};
 use crate::proto::SubscribeRequest;
 
 const SUBSCRIBE_PATH: &str = "/citygw.v1.Telemetry/Subscribe";
+const SUBSCRIBE_BATCHES_PATH: &str = "/citygw.v1.Telemetry/SubscribeBatches";
 
-/// A `citygw.v1.Reading`, already protobuf-encoded.
+/// A `citygw.v1.Reading` or `citygw.v1.ReadingBatch`, already protobuf-encoded.
 pub struct Encoded(pub Bytes);
 
 struct SubscribeCodec;
@@ -59,6 +62,7 @@ impl Encoder for EncodedEncoder {
 struct SubscribeSvc {
     service: Arc<TelemetryService>,
     auth: AgencyAuth,
+    framing: Framing,
 }
 
 impl ServerStreamingService<SubscribeRequest> for SubscribeSvc {
@@ -67,18 +71,19 @@ impl ServerStreamingService<SubscribeRequest> for SubscribeSvc {
     type Future = BoxFuture<tonic::Response<EncodedStream>, Status>;
 
     fn call(&mut self, request: tonic::Request<SubscribeRequest>) -> Self::Future {
-        let (service, auth) = (self.service.clone(), self.auth.clone());
+        let (service, auth, framing) = (self.service.clone(), self.auth.clone(), self.framing);
         Box::pin(async move {
             let agency = auth.agency(&request)?;
             let stream = service
-                .subscribe_encoded(agency, request.into_inner())
+                .subscribe_encoded(agency, request.into_inner(), framing)
                 .await?;
             Ok(tonic::Response::new(stream))
         })
     }
 }
 
-/// The Telemetry service as served: Subscribe here, the rest by the generated server `S`.
+/// The Telemetry service as served: Subscribe and SubscribeBatches here, the rest by the
+/// generated server `S`.
 #[derive(Clone)]
 pub struct TelemetryRoutes<S> {
     pub generated: S,
@@ -104,13 +109,18 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != SUBSCRIBE_PATH {
-            let generated = self.generated.call(req);
-            return Box::pin(async move { Ok(generated.await?.map(Body::new)) });
-        }
+        let framing = match req.uri().path() {
+            SUBSCRIBE_PATH => Framing::Each,
+            SUBSCRIBE_BATCHES_PATH => Framing::Batches,
+            _ => {
+                let generated = self.generated.call(req);
+                return Box::pin(async move { Ok(generated.await?.map(Body::new)) });
+            }
+        };
         let svc = SubscribeSvc {
             service: self.service.clone(),
             auth: self.auth.clone(),
+            framing,
         };
         Box::pin(async move { Ok(Grpc::new(SubscribeCodec).server_streaming(svc, req).await) })
     }

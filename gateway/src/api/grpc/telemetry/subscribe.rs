@@ -4,12 +4,21 @@
 //! a cursor (the last reading id looked at) drops whatever the feed repeats. A subscription that
 //! falls behind the feed itself catches up from the store again, silently. A *client* too slow
 //! for its buffer is told: the stream ends with RESOURCE_EXHAUSTED and the id to resume after.
+//!
+//! `Subscribe` sends each reading as its own message, `SubscribeBatches` sends `ReadingBatch`
+//! messages ([`Framing`]); everything else is one code path. The buffer counts readings in both
+//! (a semaphore of `grpc.subscription_buffer` permits, one per queued reading). A batch
+//! subscriber gets one batch per commit while it keeps up; while it does not, the readings that
+//! arrive meanwhile join the batch being built, so a slower client gets fewer, larger batches
+//! before it gets cut off.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
@@ -18,17 +27,33 @@ use super::routes::Encoded;
 use super::scope::Selection;
 use crate::proto::{resume_point::Point, Reading, ResumePoint};
 use crate::registry::agencies::{Agencies, Agency};
-use crate::store::{Store, StoreError};
+use crate::store::{FeedReading, Store, StoreError};
 
 /// Trailer carrying the resume point when a subscription ends early.
 pub const RESUME_TRAILER: &str = "citygw-resume-after-id";
 /// How long a full buffer may stay full before the client counts as too slow: a client that
 /// hiccups (a GC pause, a burst) keeps its stream; one that stopped reading is told.
 const OVERFLOW_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+/// Most readings in one `ReadingBatch`: one page of the store, a few group commits.
+pub const MAX_BATCH_READINGS: usize = 1024;
+/// A batch is closed once it passes this size, well below the 4 MiB that gRPC clients accept
+/// by default.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Protobuf key of `ReadingBatch.readings` (field 1, length-delimited).
+const READINGS_KEY: u8 = (1 << 3) | 2;
 
 pub type ReadingStream = Pin<Box<dyn Stream<Item = Result<Reading, Status>> + Send>>;
-/// The Subscribe stream: readings already encoded (see [`super::routes`]).
+/// The Subscribe and SubscribeBatches streams: messages already encoded (see [`super::routes`]).
 pub type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
+
+/// How readings are put into messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Subscribe`: one `Reading` per message.
+    Each,
+    /// `SubscribeBatches`: `ReadingBatch` messages.
+    Batches,
+}
 
 pub struct Subscription {
     pub store: Store,
@@ -37,6 +62,7 @@ pub struct Subscription {
     pub agency: Arc<Agency>,
     pub selection: Selection,
     pub buffer: usize,
+    pub framing: Framing,
 }
 
 /// How the subscription task ended, when the client must be told.
@@ -45,6 +71,10 @@ enum End {
     Quiet,
     Tell(Status),
 }
+
+/// A message on its way to the client, holding its readings' room in the buffer until the
+/// gRPC encoder takes it.
+type Queued = (Bytes, OwnedSemaphorePermit);
 
 impl Subscription {
     /// Starts the subscription task and returns the stream the client reads.
@@ -68,21 +98,22 @@ impl Subscription {
                 blocking(move || store.first_reading_received_since(ms)).await? - 1
             }
         };
-        let (tx, rx) = mpsc::channel(self.buffer);
+        let (tx, rx) = mpsc::unbounded_channel::<Queued>();
         let (end_tx, end_rx) = oneshot::channel::<Status>();
+        let out = Outbox::new(&self, tx);
+        let messages = out.start_stream(rx);
         let agency = self.agency.name.clone();
         metrics::gauge!("citygw_subscribers", "agency" => agency.clone()).increment(1.0);
         tokio::spawn(async move {
-            let end = self.run(feed, cursor, since, tx).await;
+            let end = self.run(feed, cursor, since, out).await;
             metrics::gauge!("citygw_subscribers", "agency" => agency).decrement(1.0);
             if let End::Tell(status) = end {
                 let _ = end_tx.send(status);
             }
         });
-        // Buffered readings first, then the reason the stream ended (if any).
-        let readings = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
+        // Buffered messages first, then the reason the stream ended (if any).
         let ending = futures::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
-        Ok(Box::pin(readings.chain(ending)))
+        Ok(Box::pin(messages.chain(ending)))
     }
 
     /// `since`: only readings received at or after it (a resume by time may name the future).
@@ -91,19 +122,23 @@ impl Subscription {
         mut feed: broadcast::Receiver<crate::store::Committed>,
         mut cursor: u64,
         since: Option<i64>,
-        tx: mpsc::Sender<Encoded>,
+        mut out: Outbox,
     ) -> End {
         let wanted = |r: &Reading| {
             self.selection.matches(r) && since.is_none_or(|s| r.received_time_ms >= s)
         };
-        let streamed = metrics::counter!("citygw_readings_streamed_total", "agency" => self.agency.name.clone());
-        if let Err(end) = self.catch_up(&mut cursor, &wanted, &tx, &streamed).await {
+        if let Err(end) = self.catch_up(&mut cursor, &wanted, &mut out).await {
             return end;
         }
         loop {
             let batch = tokio::select! {
                 b = feed.recv() => b,
-                _ = tx.closed() => return End::Quiet,
+                // The client took everything sent: send what gathered meanwhile.
+                _ = out.drained.notified(), if out.pending.count > 0 => {
+                    out.send_if_idle();
+                    continue;
+                }
+                _ = out.tx.closed() => return End::Quiet,
             };
             match batch {
                 Ok(batch) => {
@@ -112,63 +147,50 @@ impl Subscription {
                     }
                     let seen = cursor;
                     for shared in batch.iter().filter(|f| f.reading.id > seen) {
-                        let r = &shared.reading;
-                        if wanted(r) {
-                            let id = r.id;
-                            match tx.try_send(Encoded(shared.encoded())) {
-                                Ok(()) => streamed.increment(1),
-                                Err(mpsc::error::TrySendError::Full(encoded)) => {
-                                    match tokio::time::timeout(OVERFLOW_GRACE, tx.send(encoded))
-                                        .await
-                                    {
-                                        Ok(Ok(())) => streamed.increment(1),
-                                        Ok(Err(_)) => return End::Quiet,
-                                        Err(_) => return self.overflow(id - 1),
-                                    }
-                                }
-                                Err(mpsc::error::TrySendError::Closed(_)) => return End::Quiet,
+                        if wanted(&shared.reading) {
+                            if let Err(end) = out.push(shared, Some(OVERFLOW_GRACE)).await {
+                                return end;
                             }
                         }
-                        cursor = r.id;
+                        cursor = shared.reading.id;
                     }
+                    out.send_if_idle();
                 }
                 // This task (not the client) fell behind the feed: the store has it all.
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    if let Err(end) = self.catch_up(&mut cursor, &wanted, &tx, &streamed).await {
+                    if let Err(end) = self.catch_up(&mut cursor, &wanted, &mut out).await {
                         return end;
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => {
-                    return End::Tell(
-                        Status::unavailable("gateway shutting down").with_resume(cursor),
-                    );
+                    return out.end(Status::unavailable("gateway shutting down"), cursor);
                 }
             }
         }
     }
 
     /// Sends stored readings after `cursor` until the store has no more. The client sets the
-    /// pace here (the send waits), since these readings wait safely on disk.
+    /// pace here (sending waits for room without a deadline), since these readings wait safely
+    /// on disk.
     async fn catch_up(
         &self,
         cursor: &mut u64,
         wanted: &impl Fn(&Reading) -> bool,
-        tx: &mpsc::Sender<Encoded>,
-        streamed: &metrics::Counter,
+        out: &mut Outbox,
     ) -> Result<(), End> {
         loop {
             self.still_authorised()?;
             let page = self.pages.after(*cursor).await.map_err(End::Tell)?;
             for shared in page.readings.iter().filter(|f| f.reading.id > *cursor) {
                 if wanted(&shared.reading) {
-                    tx.send(Encoded(shared.encoded()))
-                        .await
-                        .map_err(|_| End::Quiet)?;
-                    streamed.increment(1);
+                    let waited = out.push(shared, None).await?;
                     // A page can take the client a while; a revoked token stops it mid-page.
-                    self.still_authorised()?;
+                    if waited {
+                        self.still_authorised()?;
+                    }
                 }
             }
+            out.send_if_idle();
             if page.end <= *cursor {
                 return Ok(());
             }
@@ -183,17 +205,178 @@ impl Subscription {
             Err(End::Tell(Status::unauthenticated("agency token revoked")))
         }
     }
+}
 
-    fn overflow(&self, resume_after: u64) -> End {
-        metrics::counter!("citygw_subscriber_overflows_total", "agency" => self.agency.name.clone()).increment(1);
-        tracing::warn!(agency = %self.agency.name, resume_after, buffer = self.buffer, "slow subscriber ended");
-        End::Tell(
-            Status::resource_exhausted(format!(
-                "subscriber too slow: its buffer of {} readings is full; subscribe again with resume.after_id = {resume_after} to continue without loss",
-                self.buffer
-            ))
-            .with_resume(resume_after),
-        )
+/// The readings of a subscription on their way out: the message being built and the buffer.
+struct Outbox {
+    tx: mpsc::UnboundedSender<Queued>,
+    /// One permit per reading queued for the client, the message being built included.
+    room: Arc<Semaphore>,
+    /// Messages sent that the client's stream has not taken yet, and the signal that it took
+    /// the last one (see [`Outbox::start_stream`]).
+    unread: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+    buffer: usize,
+    pending: Pending,
+    /// Readings per message: 1 for `Subscribe`, up to [`MAX_BATCH_READINGS`] for batches.
+    per_message: usize,
+    agency: String,
+    streamed: metrics::Counter,
+}
+
+/// The message being built, and the buffer room its readings hold.
+struct Pending {
+    framing: Framing,
+    /// `Each`: the reading's encoding; `Batches`: `ReadingBatch` fields.
+    bytes: BytesMut,
+    single: Option<Bytes>,
+    count: usize,
+    room: Option<OwnedSemaphorePermit>,
+}
+
+impl Pending {
+    fn push(&mut self, shared: &FeedReading, room: OwnedSemaphorePermit) {
+        let encoded = shared.encoded();
+        match self.framing {
+            Framing::Each => self.single = Some(encoded),
+            Framing::Batches => {
+                self.bytes.put_u8(READINGS_KEY);
+                prost::encoding::encode_varint(encoded.len() as u64, &mut self.bytes);
+                self.bytes.extend_from_slice(&encoded);
+            }
+        }
+        match &mut self.room {
+            Some(held) => held.merge(room),
+            None => self.room = Some(room),
+        }
+        self.count += 1;
+    }
+}
+
+impl Outbox {
+    fn new(sub: &Subscription, tx: mpsc::UnboundedSender<Queued>) -> Outbox {
+        let per_message = match sub.framing {
+            Framing::Each => 1,
+            Framing::Batches => MAX_BATCH_READINGS.min(sub.buffer),
+        };
+        Outbox {
+            tx,
+            room: Arc::new(Semaphore::new(sub.buffer)),
+            unread: Arc::default(),
+            drained: Arc::default(),
+            buffer: sub.buffer,
+            pending: Pending {
+                framing: sub.framing,
+                bytes: BytesMut::new(),
+                single: None,
+                count: 0,
+                room: None,
+            },
+            per_message,
+            agency: sub.agency.name.clone(),
+            streamed: metrics::counter!("citygw_readings_streamed_total", "agency" => sub.agency.name.clone()),
+        }
+    }
+
+    /// The client's side of the channel: each message gives back its readings' room, and the
+    /// last unread one wakes the task to send what it gathered meanwhile.
+    fn start_stream(
+        &self,
+        rx: mpsc::UnboundedReceiver<Queued>,
+    ) -> impl Stream<Item = Result<Encoded, Status>> + Send + 'static {
+        let (unread, drained) = (self.unread.clone(), self.drained.clone());
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |(bytes, _room)| {
+            if unread.fetch_sub(1, Ordering::AcqRel) == 1 {
+                drained.notify_one();
+            }
+            Ok(Encoded(bytes))
+        })
+    }
+
+    /// Adds a wanted reading, waiting for room in the buffer: at most `grace` (then the client
+    /// is too slow and the stream ends), or as long as it takes. A full message is sent at once.
+    /// Returns whether it had to wait.
+    async fn push(
+        &mut self,
+        shared: &FeedReading,
+        grace: Option<std::time::Duration>,
+    ) -> Result<bool, End> {
+        if self.tx.is_closed() {
+            return Err(End::Quiet);
+        }
+        let (room, waited) = match self.room.clone().try_acquire_owned() {
+            Ok(room) => (room, false),
+            Err(_) => {
+                let acquire = self.room.clone().acquire_owned();
+                let wait = async move {
+                    match grace {
+                        None => Ok(acquire.await),
+                        Some(grace) => tokio::time::timeout(grace, acquire).await,
+                    }
+                };
+                let room = tokio::select! {
+                    r = wait => match r {
+                        Ok(room) => room,
+                        Err(_) => return Err(self.overflow(shared.reading.id - 1)),
+                    },
+                    // The client left (its queued messages, and their room, went with it).
+                    _ = self.tx.closed() => return Err(End::Quiet),
+                };
+                (room.map_err(|_| End::Quiet)?, true)
+            }
+        };
+        self.pending.push(shared, room);
+        if self.pending.count >= self.per_message || self.pending.bytes.len() >= MAX_BATCH_BYTES {
+            self.send();
+        }
+        Ok(waited)
+    }
+
+    /// Sends the message being built unless the client has not taken the previous ones yet: then
+    /// it keeps growing (the drained signal or a full message sends it).
+    fn send_if_idle(&mut self) {
+        if self.pending.count > 0 && self.unread.load(Ordering::Acquire) == 0 {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        let n = self.pending.count;
+        if n == 0 {
+            return;
+        }
+        let bytes = match self.pending.framing {
+            Framing::Each => self.pending.single.take().unwrap_or_default(),
+            Framing::Batches => self.pending.bytes.split().freeze(),
+        };
+        let room = self
+            .pending
+            .room
+            .take()
+            .expect("room held by pending readings");
+        self.pending.count = 0;
+        self.unread.fetch_add(1, Ordering::AcqRel);
+        // A closed channel means the client left; the task notices at its next select.
+        let _ = self.tx.send((bytes, room));
+        self.streamed.increment(n as u64);
+    }
+
+    /// Ends the stream with `status`, after what was gathered (it has its room): the client
+    /// resumes after `resume_after`, everything wanted up to there having been sent.
+    fn end(&mut self, status: Status, resume_after: u64) -> End {
+        self.send();
+        End::Tell(status.with_resume(resume_after))
+    }
+
+    fn overflow(&mut self, resume_after: u64) -> End {
+        metrics::counter!("citygw_subscriber_overflows_total", "agency" => self.agency.clone())
+            .increment(1);
+        tracing::warn!(agency = %self.agency, resume_after, buffer = self.buffer, "slow subscriber ended");
+        let status = Status::resource_exhausted(format!(
+            "subscriber too slow: its buffer of {} readings is full; subscribe again with resume.after_id = {resume_after} to continue without loss",
+            self.buffer
+        ));
+        self.end(status, resume_after)
     }
 }
 
@@ -223,4 +406,41 @@ pub async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| Status::internal(format!("store task failed: {e}")))?
         .map_err(|e| Status::unavailable(format!("store: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    #[test]
+    fn a_batch_is_the_readings_encodings_behind_the_field_key() {
+        let readings: Vec<Reading> = (1..=3)
+            .map(|i| Reading {
+                id: i,
+                device_id: format!("d-{i}"),
+                quantity: "x".repeat(200 * i as usize),
+                ..Default::default()
+            })
+            .collect();
+        let room = Arc::new(Semaphore::new(3));
+        let mut pending = Pending {
+            framing: Framing::Batches,
+            bytes: BytesMut::new(),
+            single: None,
+            count: 0,
+            room: None,
+        };
+        for r in &readings {
+            pending.push(
+                &FeedReading::new(r.clone()),
+                room.clone().try_acquire_owned().unwrap(),
+            );
+        }
+        assert_eq!(room.available_permits(), 0);
+        let batch = crate::proto::ReadingBatch::decode(pending.bytes.split().freeze()).unwrap();
+        assert_eq!(batch.readings, readings);
+        drop(pending);
+        assert_eq!(room.available_permits(), 3);
+    }
 }

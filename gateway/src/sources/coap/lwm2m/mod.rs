@@ -33,6 +33,7 @@ use super::request;
 use crate::observability::clip;
 use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
+use crate::reason;
 use crate::registry::{AuthError, DeviceEntry, Registry};
 use objects::Path;
 
@@ -321,7 +322,7 @@ impl Lwm2m {
         let decoded = match values::decode(content_format, payload, requested, now_ms()) {
             Ok(d) => d,
             Err(detail) => {
-                let rejection = Rejection::new("malformed_lwm2m", detail);
+                let rejection = Rejection::new(reason::MALFORMED_LWM2M, detail);
                 self.pipeline
                     .refuse(
                         device.id(),
@@ -354,11 +355,13 @@ impl Lwm2m {
             Ok(n) => Ok(n),
             Err(IngestError::Rejected(r)) => Err(Response::refuse(
                 ResponseType::BadRequest,
-                r.reason,
+                r.reason.as_str(),
                 r.to_string(),
             )),
             Err(IngestError::Store(e)) => {
-                tracing::error!(device = device.id(), error = %e, "lwm2m reading not stored");
+                if !e.is_refusal() {
+                    tracing::error!(device = device.id(), error = %e, "lwm2m reading not stored");
+                }
                 let mut r = Response::refuse(
                     ResponseType::ServiceUnavailable,
                     "store_unavailable",

@@ -10,6 +10,7 @@ import * as kpi from "./pages/kpi.js";
 import * as devices from "./pages/devices.js";
 import * as device from "./pages/device.js";
 import * as deadletters from "./pages/deadletters.js";
+import * as commands from "./pages/commands.js";
 
 const routes = [
   [/^#\/overview$/, overview, "overview"],
@@ -17,6 +18,7 @@ const routes = [
   [/^#\/devices$/, devices, "devices"],
   [/^#\/devices\/(.+)$/, device, "devices"],
   [/^#\/deadletters$/, deadletters, "deadletters"],
+  [/^#\/commands(?:\/(.+))?$/, commands, "commands"],
 ];
 
 // --- shell ---------------------------------------------------------------------------------
