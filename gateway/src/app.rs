@@ -72,6 +72,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         commands.clone(),
     )?;
     let rules = tokio::spawn(alerts.clone().run(shutdown.clone()));
+    tokio::spawn(
+        alerts
+            .clone()
+            .retain(cfg.store.retention(), shutdown.clone()),
+    );
     if cluster.is_some() {
         tokio::spawn(crate::registry::follow_changes(
             store.clone(),
@@ -87,8 +92,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             registry.clone(),
             pipeline.clone(),
             cfg.coap.lwm2m_nosec,
+            std::time::Duration::from_secs(cfg.coap.lwm2m_queue_awake_secs),
         ))
     });
+    if let Some(l) = &lwm2m {
+        l.set_commands(commands.clone());
+        commands.attach(std::sync::Arc::new(
+            crate::control::commands::transport::lwm2m::Lwm2mTransport::new(l.clone()),
+        ));
+    }
     let ready = http::Readiness::default();
     let reloader = crate::tls::Reloader::default();
     let server_tls = |name: &'static str, files: Option<crate::tls::TlsFiles>, alpn: &[&[u8]]| {

@@ -196,6 +196,9 @@ pub struct CoapConfig {
     /// LwM2M "NoSec": on plain CoAP, trust the endpoint name of a registration that carries no
     /// secret. Only for private networks (docs/src/coap.md).
     pub lwm2m_nosec: bool,
+    /// Seconds a queue-mode LwM2M client (binding UQ, or Q) listens after each Register, Update
+    /// or Send; commands wait for the next one after that (LwM2M 1.1: MAX_TRANSMIT_WAIT, 93).
+    pub lwm2m_queue_awake_secs: u64,
     /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
     pub dtls_enabled: bool,
     /// Address and UDP port of CoAPS (when `dtls_enabled`).
@@ -432,7 +435,8 @@ pub struct StoreConfig {
     /// Upper bound of readings in one commit.
     pub max_batch: usize,
     /// Readings and dead letters older than this many days are deleted (hourly, in chunks),
-    /// except readings a sink has not delivered yet.
+    /// except readings a sink has not delivered yet; so are final commands created and alerts
+    /// cleared longer ago (active alerts and open commands stay).
     pub retention_days: u64,
     /// Low-space watermark (MiB free on the data directory's filesystem): below it new readings
     /// are refused (devices retry), keeping room for dead letters, registry records, sink cursors
@@ -510,6 +514,7 @@ impl Default for CoapConfig {
             max_in_flight: 10_000,
             lwm2m_enabled: true,
             lwm2m_nosec: false,
+            lwm2m_queue_awake_secs: 93,
             dtls_enabled: true,
             dtls_listen: "[::]:5684".parse().expect("static address"),
             dtls_max_sessions: 100_000,

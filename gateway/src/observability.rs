@@ -264,6 +264,15 @@ pub(crate) fn describe() {
         "citygw_lwm2m_observe_errors_total",
         "LwM2M observations that failed, by reason (timeout, bad_value, refused)"
     );
+    describe_counter!(
+        "citygw_lwm2m_responses_ignored_total",
+        "LwM2M responses that answer no request of the server, by reason (unknown_token; \
+         wrong_peer: a command request's token from another address; wrong_message_id)"
+    );
+    describe_gauge!(
+        "citygw_lwm2m_requests_outstanding",
+        "LwM2M command requests (Write, Execute) sent and not yet answered"
+    );
     describe_gauge!(
         "citygw_lorawan_connected",
         "1 while connected to the network server's broker, by server"
@@ -386,6 +395,16 @@ pub(crate) fn describe() {
     describe_counter!(
         "citygw_command_reports_late_total",
         "Device reports for commands already in a final state (ignored), by transport"
+    );
+    describe_counter!(
+        "citygw_command_requests_total",
+        "Requests sent to devices for commands, by transport and event (sent, retransmitted, \
+         no_answer: every transmission went unanswered)"
+    );
+    describe_counter!(
+        "citygw_command_answers_total",
+        "Devices' answers to command requests, by transport and code (2.04, 4.04, ... RST; \
+         other for a code CoAP does not define)"
     );
     describe_counter!(
         "citygw_command_log_errors_total",

@@ -11,67 +11,15 @@ lwm2m-node-lib cannot add the device secret to its registration, so that gateway
 from __future__ import annotations
 
 import asyncio
-import json
-import queue
-import shutil
-import subprocess
-import threading
-from pathlib import Path
 
 import pytest
 
 from support import Gateway, by_quantity, senml_cbor, wait_until
 from support.coap import CF_SENML_CBOR, CON, POST, Msg, RawCoap
+from support.lwm2m import NodeClient
 
-LWM2M_DIR = Path(__file__).resolve().parent / "lwm2m"
 PLAIN = {"CITYGW_COAP__PLAIN_ENABLED": "true"}
 NOSEC = {**PLAIN, "CITYGW_COAP__LWM2M_NOSEC": "true"}
-
-
-class NodeClient:
-    """tests/e2e/lwm2m/client.js (lwm2m-node-lib) as a subprocess; events from its stdout."""
-
-    def __init__(self, gw: Gateway, endpoint: str, lifetime: int, temperature: float,
-                 battery: int):
-        node = shutil.which("node")
-        assert node, "node not installed (tests/run installs it)"
-        assert (LWM2M_DIR / "node_modules" / "lwm2m-node-lib").is_dir(), \
-            "run `npm ci` in tests/e2e/lwm2m (tests/run does)"
-        self.proc = subprocess.Popen(
-            [node, "client.js", gw.host, str(gw.coap_port), endpoint, str(lifetime),
-             str(temperature), str(battery)],
-            cwd=LWM2M_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
-        self.events: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.events.put(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-
-    def expect(self, event: str, timeout: float = 20.0) -> dict:
-        while True:
-            try:
-                e = self.events.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"lwm2m client: no {event!r} within {timeout}s") from None
-            assert e.get("event") != "error", e
-            if e.get("event") == event:
-                return e
-
-    def command(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

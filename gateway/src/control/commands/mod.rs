@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::now_ms;
 use crate::proto::{
-    command_payload, Command, CommandEvent, CommandPayload, CommandState, SendCommandRequest,
+    command_payload, Command, CommandEvent, CommandPayload, CommandState, Protocol,
+    SendCommandRequest,
 };
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
@@ -50,7 +51,7 @@ pub const MAX_PARAMS_BYTES: usize = 16 * 1024;
 pub const MAX_RESULT_BYTES: usize = 4096;
 /// Changes a watcher may fall behind before its stream ends.
 const WATCH_CAPACITY: usize = 4096;
-/// Final commands kept this long (by creation time), then deleted by retention.
+/// How often final commands older than the retention (by creation time) are deleted.
 const RETENTION_CHECK: Duration = Duration::from_secs(3600);
 
 /// Why a command was not accepted.
@@ -364,10 +365,30 @@ impl Commands {
             .get(&Kind::Lwm2m)
             .is_some_and(|t| t.reaches(device.id()));
         if lwm2m {
-            if !transports.contains_key(&Kind::Lwm2m) {
+            let Some(t) = transports.get(&Kind::Lwm2m) else {
                 return Err(SendError::Unroutable(
-                    "lwm2m write/execute: no LwM2M transport in this gateway".into(),
+                    "lwm2m write/execute: no LwM2M server in this gateway (coap.lwm2m_enabled)"
+                        .into(),
                 ));
+            };
+            // Only to a device that is (or may become) an LwM2M client: one that reports over
+            // another protocol and has no registration would only see its command expire.
+            let elsewhere = match device.protocol() {
+                _ if registered_lwm2m => None,
+                _ if !device.dev_eui().is_empty() => Some("a LoRaWAN device"),
+                Protocol::Mqtt => Some("an MQTT device"),
+                Protocol::Coap => Some("a CoAP telemetry device"),
+                Protocol::Lorawan => Some("a LoRaWAN device"),
+                Protocol::Lwm2m | Protocol::Unspecified => None,
+            };
+            if let Some(what) = elsewhere {
+                return Err(SendError::Unroutable(format!(
+                    "device {} is {what}, not a registered LwM2M client: no LwM2M write/execute",
+                    device.id()
+                )));
+            }
+            if let Some(why) = t.refusal(device.id()) {
+                return Err(SendError::Unroutable(why));
             }
             return Ok(Kind::Lwm2m);
         }
@@ -815,7 +836,11 @@ async fn retain(commands: Commands, retention: Duration, shutdown: CancellationT
         let cutoff = now_ms() - retention.as_millis() as i64;
         match commands.inner.log.expire(cutoff).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "old commands deleted (retention)"),
+            Ok(n) => {
+                metrics::counter!("citygw_retention_deleted_total", "kind" => "command")
+                    .increment(n as u64);
+                tracing::info!(deleted = n, "old commands deleted (retention)");
+            }
             Err(e) => tracing::warn!(error = %e, "command retention failed"),
         }
     }

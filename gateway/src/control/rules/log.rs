@@ -10,6 +10,9 @@
 //! - `c/{rule}/{target}`: when the rule's action last sent a command to that target (cool-down).
 //! - `p`: the id of the last reading evaluated; the evaluator resumes after it.
 //!
+//! Retention ([`AlertLog::expire`]) deletes alerts cleared before the cutoff; active ones stay
+//! whatever their age.
+//!
 //! In cluster mode this is this node's own table (`put_local_records`), like the command log.
 
 use prost::Message as _;
@@ -22,6 +25,9 @@ const OPEN: &str = "o/";
 pub const PENDING: &str = "t/";
 pub const COOLDOWN: &str = "c/";
 const POSITION: &str = "p";
+
+/// How many alerts one retention page reads.
+const PAGE: usize = 1000;
 
 /// One durable commit's worth of changes.
 #[derive(Default, Clone)]
@@ -172,6 +178,44 @@ impl AlertLog {
                 Ok(keep(&a).then_some(a))
             },
         )
+    }
+
+    /// Deletes alerts cleared before `cutoff_ms` (retention), a page at a time; returns how
+    /// many went. Active alerts stay whatever their age. Key order is raise order and an alert
+    /// clears after it was raised, so the scan stops at the first alert raised after the cutoff.
+    pub async fn expire(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let mut deleted = 0;
+        let mut after = String::new();
+        loop {
+            let page = self
+                .store
+                .records_with_prefix(Table::Alerts, ALERT, &after, false, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(deleted);
+            };
+            after = last.clone();
+            let mut gone = Vec::new();
+            let mut reached_cutoff = page.len() < PAGE;
+            for (key, bytes) in &page {
+                let a = decode(&key[ALERT.len()..], bytes)?;
+                if a.raised_time_ms >= cutoff_ms {
+                    reached_cutoff = true;
+                    break;
+                }
+                if !super::is_active(&a) && a.cleared_time_ms < cutoff_ms {
+                    gone.push((key.clone(), None));
+                }
+            }
+            deleted += gone.len();
+            if !gone.is_empty() {
+                self.store
+                    .put_local_records(Table::Alerts, gone, None)
+                    .await?;
+            }
+            if reached_cutoff {
+                return Ok(deleted);
+            }
+        }
     }
 }
 

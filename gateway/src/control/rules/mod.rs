@@ -49,6 +49,8 @@ const CATCH_UP_PAGE: usize = 1000;
 /// How often durations are checked, and the position saved when nothing else was written.
 const TICK: Duration = Duration::from_secs(1);
 const SAVE_POSITION_EVERY: Duration = Duration::from_secs(5);
+/// How often alerts cleared longer than the retention ago are deleted.
+const RETENTION_CHECK: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
@@ -303,6 +305,34 @@ impl Alerts {
                 }
             }
         }
+    }
+
+    /// Every hour until `shutdown`, deletes alerts cleared longer than `retention` ago (the
+    /// store's `retention_days`, like the command log); active alerts stay. Runs with or
+    /// without rules: alerts of a rule taken out of the config age out too.
+    pub async fn retain(self, retention: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(RETENTION_CHECK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let cutoff = now_ms().saturating_sub(retention.as_millis() as i64);
+            match self.expire(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "old cleared alerts deleted (retention)"),
+                Err(e) => tracing::warn!(error = %e, "alert retention failed"),
+            }
+        }
+    }
+
+    /// Deletes alerts cleared before `cutoff_ms`; how many went. Under the state lock, so an
+    /// operator's acknowledgement cannot write back an alert being deleted.
+    pub async fn expire(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let _st = self.inner.state.lock().await;
+        let n = self.inner.log.expire(cutoff_ms).await?;
+        metrics::counter!("citygw_retention_deleted_total", "kind" => "alert").increment(n as u64);
+        Ok(n)
     }
 
     /// Evaluates what the store committed after the position, a page at a time.

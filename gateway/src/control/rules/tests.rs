@@ -219,3 +219,73 @@ fn config_errors_name_the_rule_and_the_key() {
     );
     assert_eq!(ok[0].describe(), "q > 1, clear below 1");
 }
+
+/// Retention on a real store, with the clock given as the cutoff: an alert cleared before it
+/// goes, an active one stays whatever its age, one cleared recently stays until its turn.
+#[tokio::test]
+async fn retention_deletes_old_cleared_alerts_and_keeps_active_ones() {
+    use super::log::{AlertLog, Batch};
+    use crate::proto::{Alert, AlertState};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path(), Default::default()).unwrap();
+    let log = AlertLog::new(store);
+    let day = 86_400_000i64;
+    let now = 1000 * day;
+    // Ids in raise order, as UUIDv7 ids are.
+    let alerts = [
+        (
+            "01-cleared-long-ago",
+            now - 40 * day,
+            now - 39 * day,
+            AlertState::ClearedAck,
+        ),
+        ("02-active-long", now - 40 * day, 0, AlertState::ActiveUnack),
+        (
+            "03-cleared-yesterday",
+            now - 35 * day,
+            now - day,
+            AlertState::ClearedUnack,
+        ),
+        (
+            "04-recent",
+            now - 2 * day,
+            now - day,
+            AlertState::ClearedAck,
+        ),
+    ];
+    let mut batch = Batch::default();
+    for (id, raised, cleared, state) in alerts {
+        let a = Alert {
+            id: id.into(),
+            rule: "flood".into(),
+            device_id: "wl-1".into(),
+            state: state as i32,
+            raised_time_ms: raised,
+            cleared_time_ms: cleared,
+            ..Default::default()
+        };
+        batch.alert(&a, super::is_active(&a));
+    }
+    log.save(batch).await.unwrap();
+
+    // 30 days of retention, today.
+    assert_eq!(log.expire(now - 30 * day).await.unwrap(), 1);
+    assert!(log.get("01-cleared-long-ago").unwrap().is_none());
+    for id in ["02-active-long", "03-cleared-yesterday", "04-recent"] {
+        assert!(log.get(id).unwrap().is_some(), "{id} kept");
+    }
+    // A second pass the same day deletes nothing more.
+    assert_eq!(log.expire(now - 30 * day).await.unwrap(), 0);
+    // Thirty days later the other cleared ones have aged out; the active one still stays.
+    assert_eq!(log.expire(now).await.unwrap(), 2);
+    let active: Vec<String> = log
+        .load_active()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(active, ["02-active-long"]);
+    assert!(log.get("02-active-long").unwrap().is_some());
+    assert!(log.get("04-recent").unwrap().is_none());
+}

@@ -260,7 +260,7 @@ impl Server {
                 let (lwm2m, exchanges) =
                     (self.lwm2m.clone().expect("checked"), self.exchanges.clone());
                 tokio::spawn(async move {
-                    let reply = match lwm2m.on_response(&req).await {
+                    let reply = match lwm2m.on_response(peer, &req).await {
                         lwm2m::Answer::Send(reply) => reply,
                         // Not stored: no ACK, and the retransmission is processed afresh.
                         lwm2m::Answer::Retry => {
@@ -277,7 +277,14 @@ impl Server {
                 });
                 return;
             }
-            // Empty ACK/RST and stray responses: nothing of ours is waiting for them.
+            // An empty ACK or a Reset: perhaps for a request of the LwM2M server (a command).
+            MessageClass::Empty if typ != MessageType::NonConfirmable => {
+                if let Some(l) = &self.lwm2m {
+                    l.on_empty(peer, typ, req.header.message_id);
+                }
+                return;
+            }
+            // Stray responses: nothing of ours is waiting for them.
             MessageClass::Empty | MessageClass::Response(_) if typ != MessageType::Confirmable => {
                 return
             }

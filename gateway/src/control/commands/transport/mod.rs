@@ -2,8 +2,8 @@
 //!
 //! - [`mqtt`]: published into the embedded broker on `devices/{id}/commands/{command}`; the
 //!   device answers on `.../result`.
-//! - [`lwm2m`]: an LwM2M Write (PUT) or Execute (POST) to the client's registered address (the
-//!   request is checked here; until that transport is attached, such commands are refused).
+//! - [`lwm2m`]: an LwM2M Write (PUT) or Execute (POST) to the client's registered address,
+//!   sent by the LwM2M server of the CoAP source; queue-mode clients only while awake.
 //!
 //! A transport never decides a command's fate alone: it reports to [`Commands::progress`], which
 //! keeps the state machine and the log.
@@ -59,6 +59,12 @@ pub trait Transport: Send + Sync {
     /// Whether the device is a client of this transport right now (LwM2M: a live registration).
     fn reaches(&self, _device_id: &str) -> bool {
         false
+    }
+
+    /// Why a command for this device cannot be sent at all now (refused at SendCommand rather
+    /// than queued to expire); `None` when it can be queued.
+    fn refusal(&self, _device_id: &str) -> Option<String> {
+        None
     }
 
     /// Tries to hand `command` to its device.

@@ -13,8 +13,16 @@
 //! "NoSec" mode, private networks only), the endpoint name alone is trusted.
 //! Observations are sent over plain CoAP only (the CoAPS session keeps no outbound path yet);
 //! CoAPS clients report with Send.
+//!
+//! Commands ([`requests`]): Write and Execute go to the client's registered address, one
+//! request at a time. A queue-mode client (1.1 `Q` parameter, 1.0 `UQ` binding) is reachable
+//! only for `coap.lwm2m_queue_awake_secs` after each Register, Update or Send (LwM2M 1.1
+//! section 6.5 asks it to listen for CoAP MAX_TRANSMIT_WAIT, 93 s, the default); a client
+//! that left a request unanswered is sent nothing more before its next Register, Update or
+//! Send. Each of those wakes the device's waiting commands.
 
 pub mod objects;
+pub mod requests;
 pub mod values;
 
 use std::collections::HashMap;
@@ -30,6 +38,7 @@ use tokio::sync::Notify;
 
 use super::handler::{Identity, Response};
 use super::request;
+use crate::control::commands::Commands;
 use crate::observability::clip;
 use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
@@ -57,7 +66,15 @@ pub struct Registration {
     pub updated_ms: i64,
     /// The last observation or read failure, "" when none.
     pub last_error: String,
+    /// The binding as registered ("U", "UQ"; 1.1 adds `Q` as its own parameter).
+    pub binding: String,
+    /// Queue mode: requests only while the client is awake.
+    pub queue: bool,
     expires: Instant,
+    /// Queue mode: the client listens until then (its last message + the awake time).
+    awake_until: Instant,
+    /// A request to it went unanswered; nothing more is sent before its next message.
+    silent: bool,
 }
 
 struct Observation {
@@ -75,10 +92,16 @@ pub struct Lwm2m {
     observations: Mutex<HashMap<Vec<u8>, Observation>>,
     plain: OnceLock<Arc<UdpSocket>>,
     next_message_id: AtomicU16,
+    /// The server's outstanding command requests ([`requests`]).
+    outstanding: Mutex<requests::Outstanding>,
+    commands: OnceLock<Commands>,
+    timing: requests::Timing,
+    /// How long a queue-mode client listens after its last message.
+    awake: Duration,
 }
 
 impl Lwm2m {
-    pub fn new(registry: Registry, pipeline: Pipeline, nosec: bool) -> Self {
+    pub fn new(registry: Registry, pipeline: Pipeline, nosec: bool, awake: Duration) -> Self {
         Self {
             registry,
             pipeline,
@@ -87,7 +110,89 @@ impl Lwm2m {
             observations: Mutex::default(),
             plain: OnceLock::new(),
             next_message_id: AtomicU16::new(rand::random()),
+            outstanding: Mutex::default(),
+            commands: OnceLock::new(),
+            timing: requests::Timing::default(),
+            awake,
         }
+    }
+
+    /// The command state machine, woken by every Register, Update and Send.
+    pub fn set_commands(&self, commands: Commands) {
+        let _ = self.commands.set(commands);
+    }
+
+    fn wake(&self, device_id: &str, reconnected: bool) {
+        if let Some(c) = self.commands.get() {
+            c.wake(device_id, reconnected);
+        }
+    }
+
+    /// Whether requests can be sent at all: there is a plain CoAP socket to send them from.
+    pub fn sends(&self) -> bool {
+        self.plain.get().is_some()
+    }
+
+    /// Whether the device has a live registration.
+    pub fn registered(&self, device_id: &str) -> bool {
+        self.registrations
+            .lock()
+            .expect("registrations lock")
+            .values()
+            .any(|r| r.device_id == device_id)
+    }
+
+    /// Why a request to the device could not be sent now, or the link to send it over.
+    pub fn link(&self, device_id: &str) -> Result<requests::Link, requests::NotSent> {
+        use requests::NotSent;
+        let regs = self.registrations.lock().expect("registrations lock");
+        let r = regs
+            .values()
+            .find(|r| r.device_id == device_id)
+            .ok_or(NotSent::NotRegistered)?;
+        if r.secure {
+            return Err(NotSent::Secure);
+        }
+        let socket = self.plain.get().cloned().ok_or(NotSent::NoSocket)?;
+        if r.silent {
+            return Err(NotSent::Silent);
+        }
+        if r.queue && r.awake_until <= Instant::now() {
+            return Err(NotSent::Asleep);
+        }
+        Ok(requests::Link::Plain {
+            socket,
+            peer: r.peer,
+        })
+    }
+
+    /// Sends one request to a registered client and waits for its end ([`requests::send`]).
+    /// A request left unanswered marks the client silent until its next message.
+    pub async fn request(
+        &self,
+        device_id: &str,
+        link: requests::Link,
+        req: &requests::Request,
+        on_ack: impl FnOnce() + Send,
+    ) -> requests::Outcome {
+        let message_id = self.next_message_id.fetch_add(1, Ordering::Relaxed);
+        let outcome =
+            requests::send(self, device_id, link, message_id, req, self.timing, on_ack).await;
+        if matches!(outcome, requests::Outcome::NoAnswer { .. }) {
+            let mut regs = self.registrations.lock().expect("registrations lock");
+            if let Some(r) = regs.values_mut().find(|r| r.device_id == device_id) {
+                r.silent = true;
+            }
+        }
+        outcome
+    }
+
+    /// An empty ACK or a Reset from a client: perhaps for one of the command requests.
+    pub fn on_empty(&self, peer: SocketAddr, typ: MessageType, message_id: u16) {
+        self.outstanding
+            .lock()
+            .expect("outstanding lock")
+            .on_empty(peer, typ, message_id);
     }
 
     /// The plain CoAP socket, for requests the server sends to clients.
@@ -167,6 +272,8 @@ impl Lwm2m {
             Err(r) => return r,
         };
         let objects = link_objects(&req.payload);
+        let binding = query("b").unwrap_or_else(|| "U".into());
+        let queue = queue_mode(req, &binding);
         let now = now_ms();
         let id = random_id();
         let registration = Registration {
@@ -180,7 +287,11 @@ impl Lwm2m {
             registered_ms: now,
             updated_ms: now,
             last_error: String::new(),
+            binding,
+            queue,
             expires: Instant::now() + Duration::from_secs(lifetime),
+            awake_until: Instant::now() + self.awake,
+            silent: false,
         };
         let replaced = {
             let mut regs = self.registrations.lock().expect("registrations lock");
@@ -202,7 +313,8 @@ impl Lwm2m {
             device.session_opened();
         }
         self.count("register");
-        tracing::info!(device = device.id(), %peer, lifetime, objects = objects.len(), "lwm2m registered");
+        tracing::info!(device = device.id(), %peer, lifetime, queue, objects = objects.len(), "lwm2m registered");
+        self.wake(device.id(), true);
         self.observe_all(
             &id,
             peer,
@@ -240,9 +352,15 @@ impl Lwm2m {
             if let Some(l) = lifetime {
                 r.lifetime_secs = l;
             }
+            if let Some(b) = request::query(req, "b").and_then(|b| std::str::from_utf8(b).ok()) {
+                r.binding = b.to_string();
+            }
+            r.queue = queue_mode(req, &r.binding);
             r.peer = peer;
             r.updated_ms = now_ms();
             r.expires = Instant::now() + Duration::from_secs(r.lifetime_secs);
+            r.awake_until = Instant::now() + self.awake;
+            r.silent = false;
             let added: Vec<(u16, u16)> = new_objects
                 .map(|objs| {
                     let added = objs
@@ -258,6 +376,7 @@ impl Lwm2m {
         };
         self.count("update");
         self.observe_all(id, peer, &objects, secure);
+        self.wake(&device_id, false);
         Response::new(ResponseType::Changed)
     }
 
@@ -298,6 +417,20 @@ impl Lwm2m {
                 "Send (/dp) needs a registration from this address first",
             );
         };
+        // A Send shows the client awake, like an Update.
+        let awake = {
+            let mut regs = self.registrations.lock().expect("registrations lock");
+            regs.values_mut()
+                .find(|r| r.device_id == device.id())
+                .map(|r| {
+                    r.awake_until = Instant::now() + self.awake;
+                    r.silent = false;
+                })
+                .is_some()
+        };
+        if awake {
+            self.wake(device.id(), false);
+        }
         let cf = request::content_format(req).ok().flatten();
         let delivery = if req.header.get_type() == MessageType::Confirmable {
             Delivery::Durable
@@ -611,7 +744,7 @@ impl Lwm2m {
     /// send back: an empty ACK for a confirmable notification once it is stored, a Reset for a
     /// notification nobody asked for (RFC 7641 section 3.6: that cancels it), nothing for a
     /// confirmable notification the store could not take now (the client retransmits it).
-    pub async fn on_response(&self, resp: &Packet) -> Answer {
+    pub async fn on_response(&self, peer: SocketAddr, resp: &Packet) -> Answer {
         let con = resp.header.get_type() == MessageType::Confirmable;
         let reply = |typ: MessageType| {
             let mut p = Packet::new();
@@ -620,6 +753,21 @@ impl Lwm2m {
             p.header.message_id = resp.header.message_id;
             p.to_bytes().expect("an empty message encodes")
         };
+        let mismatch = match self
+            .outstanding
+            .lock()
+            .expect("outstanding lock")
+            .on_response(peer, resp)
+        {
+            Ok(()) => return Answer::Send(con.then(|| reply(MessageType::Acknowledgement))),
+            Err(m) => m,
+        };
+        if mismatch != requests::Mismatch::UnknownToken {
+            // Another client (or a spoofer) answering a request that was not sent to it.
+            ignored(mismatch.reason());
+            tracing::debug!(%peer, reason = mismatch.reason(), "lwm2m response ignored");
+            return Answer::Send(con.then(|| reply(MessageType::Reset)));
+        }
         let found = {
             let obs = self.observations.lock().expect("observations lock");
             obs.get(resp.get_token()).map(|o| {
@@ -632,6 +780,7 @@ impl Lwm2m {
             })
         };
         let Some((registration, device_id, path, answered)) = found else {
+            ignored(mismatch.reason());
             return Answer::Send(con.then(|| reply(MessageType::Reset)));
         };
         answered.notify_one();
@@ -688,6 +837,33 @@ pub enum Answer {
     Send(Option<Vec<u8>>),
     /// Nothing now: the confirmable notification was not stored, its retransmission will be.
     Retry,
+}
+
+impl requests::Registrations for Lwm2m {
+    fn outstanding(&self) -> &Mutex<requests::Outstanding> {
+        &self.outstanding
+    }
+
+    fn still_at(&self, device_id: &str, peer: SocketAddr) -> bool {
+        self.registrations
+            .lock()
+            .expect("registrations lock")
+            .values()
+            .any(|r| r.device_id == device_id && r.peer == peer)
+    }
+}
+
+/// A response that answers nothing of ours, counted by why.
+fn ignored(reason: &'static str) {
+    metrics::counter!("citygw_lwm2m_responses_ignored_total", "reason" => reason).increment(1);
+}
+
+/// Queue mode: LwM2M 1.1's `Q` query parameter, or a 1.0 binding with Q (`UQ`, `SQ`, `UQS`).
+fn queue_mode(req: &Packet, binding: &str) -> bool {
+    let q_parameter = req
+        .get_option(CoapOption::UriQuery)
+        .is_some_and(|qs| qs.iter().any(|q| q.as_slice() == b"Q"));
+    q_parameter || binding.contains('Q')
 }
 
 fn unknown_registration(id: &str) -> Response {
@@ -766,8 +942,14 @@ mod tests {
             ..Default::default()
         };
         registry.add(device, 1000).await.unwrap();
-        let lwm2m = Lwm2m::new(registry, Pipeline::new(store.clone(), 1 << 16), false);
+        let lwm2m = Lwm2m::new(
+            registry,
+            Pipeline::new(store.clone(), 1 << 16),
+            false,
+            Duration::from_secs(93),
+        );
         let token = vec![7u8, 7];
+        let peer: SocketAddr = "127.0.0.1:5683".parse().unwrap();
         let path = Path {
             object: 3303,
             instance: 0,
@@ -795,7 +977,7 @@ mod tests {
         };
 
         let Answer::Send(Some(ack)) = lwm2m
-            .on_response(&notification(MessageType::Confirmable, 1))
+            .on_response(peer, &notification(MessageType::Confirmable, 1))
             .await
         else {
             panic!("a stored confirmable notification is acknowledged");
@@ -808,13 +990,13 @@ mod tests {
         store.close().await;
         assert!(matches!(
             lwm2m
-                .on_response(&notification(MessageType::Confirmable, 2))
+                .on_response(peer, &notification(MessageType::Confirmable, 2))
                 .await,
             Answer::Retry
         ));
         assert!(matches!(
             lwm2m
-                .on_response(&notification(MessageType::NonConfirmable, 3))
+                .on_response(peer, &notification(MessageType::NonConfirmable, 3))
                 .await,
             Answer::Send(None)
         ));

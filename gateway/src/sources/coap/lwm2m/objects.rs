@@ -58,6 +58,12 @@ pub fn observed_resource(object: u16) -> Option<&'static Known> {
     KNOWN.iter().find(|k| k.object == object)
 }
 
+/// Whether a resource is a Boolean in the IPSO reusable resources (the same id means the same
+/// resource in every object): 5500 Digital Input State, 5550 Digital Output State, 5850 On/Off.
+pub fn is_boolean(resource: u16) -> bool {
+    matches!(resource, 5500 | 5550 | 5850)
+}
+
 /// A resource path `/o/i/r`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Path {
