@@ -1,11 +1,12 @@
 //! device-sim: the city device simulator and citygw's benchmark client.
 //!
 //! City scenarios (`provision`, `run`, `verify`: scenario/, drivers/), bad-input modes
-//! (`bad`), and the benchmarks: MQTT ingest (`bench mqtt`, `bench idle`) and agency fan-out
-//! (`bench fanout`).
+//! (`bad`), and the benchmarks: MQTT ingest (`bench mqtt`, `bench idle`), agency fan-out
+//! (`bench fanout`) and the command round trip (`bench command`).
 
 mod bad;
 mod bench;
+mod command_bench;
 mod credentials;
 mod drivers;
 mod fanout;
@@ -61,6 +62,9 @@ enum BenchCommand {
     /// Open many agency gRPC Subscribe streams; report readings/s per subscriber and
     /// publish-to-subscriber latency (with `bench mqtt --stamp` publishing).
     Fanout(fanout::FanoutArgs),
+    /// Send commands through the Control API to the street lights of a running scenario
+    /// (`commands = true`); report send-to-SUCCEEDED latency percentiles and commands/s.
+    Command(command_bench::CommandBenchArgs),
 }
 
 /// Where the broker is and who the connections log in as; shared by the MQTT benchmarks.
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Mqtt(args)) => bench::run(args).await,
             Command::Bench(BenchCommand::Idle(args)) => idle::run(args).await,
             Command::Bench(BenchCommand::Fanout(args)) => fanout::run(args).await,
+            Command::Bench(BenchCommand::Command(args)) => command_bench::run(args).await,
         }
     });
     // Connection tasks may still be parked on sockets; do not wait for them.

@@ -12,47 +12,74 @@ use citygw::cli::client::bearer;
 use citygw::proto::admin_client::AdminClient;
 use citygw::proto::{AddDeviceRequest, Device, ImportDevicesRequest};
 use clap::Args;
+use tonic::transport::Channel;
 
 use crate::drivers;
 use crate::run::load_scenario;
+use crate::scenario::Scenario;
 
+/// A scenario and the gateway's gRPC API with the admin token: what `provision` and
+/// `bench command` share.
 #[derive(Args, Debug)]
-pub struct ProvisionArgs {
+pub struct ScenarioAdmin {
     /// Scenario file (TOML).
     pub scenario: PathBuf,
-    /// citygw's gRPC endpoint (admin API).
+    /// citygw's gRPC endpoint.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub grpc: String,
     /// Admin bearer token (citygw's `admin.token`, or the generated data/admin.token).
     #[arg(long, env = "DEVICE_SIM_ADMIN_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// Where to write the credentials CSV.
-    #[arg(long)]
-    pub out: PathBuf,
     /// Sensor profiles file replacing the embedded one.
     #[arg(long)]
     pub profiles: Option<PathBuf>,
-    /// Devices per ImportDevices call.
-    #[arg(long, default_value_t = 1000)]
-    pub chunk: usize,
     /// PEM CA of an https:// gateway (default: the system's roots).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
 }
 
+impl ScenarioAdmin {
+    pub fn load(&self) -> anyhow::Result<Scenario> {
+        load_scenario(&self.scenario, self.profiles.as_deref())
+    }
+
+    /// A channel to the gRPC API and the interceptor that adds the token.
+    pub async fn connect(
+        &self,
+    ) -> anyhow::Result<(
+        Channel,
+        impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+    )> {
+        let tls = citygw::cli::client::TlsArgs {
+            ca_file: self.ca_file.clone(),
+            ..Default::default()
+        };
+        let channel = tls
+            .endpoint(&self.grpc)?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach citygw at {}", self.grpc))?;
+        Ok((channel, bearer(&self.token)?))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ProvisionArgs {
+    #[command(flatten)]
+    pub target: ScenarioAdmin,
+    /// Where to write the credentials CSV.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Devices per ImportDevices call.
+    #[arg(long, default_value_t = 1000)]
+    pub chunk: usize,
+}
+
 pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
-    let scenario = load_scenario(&args.scenario, args.profiles.as_deref())?;
+    let scenario = args.target.load()?;
     let plan = scenario.plan();
-    let tls = citygw::cli::client::TlsArgs {
-        ca_file: args.ca_file.clone(),
-        ..Default::default()
-    };
-    let channel = tls
-        .endpoint(&args.grpc)?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach citygw at {}", args.grpc))?;
-    let mut admin = AdminClient::with_interceptor(channel, bearer(&args.token)?);
+    let (channel, token) = args.target.connect().await?;
+    let mut admin = AdminClient::with_interceptor(channel, token);
 
     let mut out = csv_file(&args.out)?;
     writeln!(out, "id,secret,kind,commune_code,protocol,format,psk")?;

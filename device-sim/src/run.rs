@@ -135,6 +135,12 @@ pub struct RunStats {
     /// Messages written but neither acknowledged nor refused when their connection dropped or
     /// the drain ended.
     pub unconfirmed: AtomicU64,
+    /// Commands devices received (scenarios with `commands = true`), carried out or refused,
+    /// and answers the gateway acknowledged.
+    pub commands_received: AtomicU64,
+    pub commands_ok: AtomicU64,
+    pub commands_error: AtomicU64,
+    pub answers_acked: AtomicU64,
     reasons: Mutex<BTreeMap<String, u64>>,
     errors: Mutex<Vec<String>>,
     latency: Mutex<Histogram<u64>>,
@@ -153,6 +159,10 @@ impl Default for RunStats {
             rejected: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             unconfirmed: AtomicU64::new(0),
+            commands_received: AtomicU64::new(0),
+            commands_ok: AtomicU64::new(0),
+            commands_error: AtomicU64::new(0),
+            answers_acked: AtomicU64::new(0),
             reasons: Mutex::default(),
             errors: Mutex::default(),
             latency: Mutex::new(report::latency_histogram()),
@@ -197,8 +207,9 @@ pub struct DriverContext {
     pub acks: Option<mpsc::UnboundedSender<AckRecord>>,
     /// When the first device may connect.
     pub start: Instant,
-    /// When devices stop reporting.
-    pub end: Instant,
+    /// When devices stop reporting, in milliseconds after `start`; moved earlier when the run is
+    /// interrupted ([`DriverContext::end_now`]).
+    end_ms: AtomicU64,
     pub mqtt_hosts: Vec<String>,
     pub mqtt_port: u16,
     pub connect_permits: Arc<Semaphore>,
@@ -212,6 +223,18 @@ pub struct DriverContext {
 }
 
 impl DriverContext {
+    /// When devices stop reporting.
+    pub fn end(&self) -> Instant {
+        self.start + Duration::from_millis(self.end_ms.load(Ordering::Relaxed))
+    }
+
+    /// Ends the run now: every device stops at its next report, then waits out the drain for
+    /// its acknowledgements. Costs the devices nothing: they read the end when they wake.
+    pub fn end_now(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.end_ms.fetch_min(now, Ordering::Relaxed);
+    }
+
     /// When device `index` of `n` connects: evenly spread over the ramp-up.
     pub fn connect_at(&self, index: usize) -> Instant {
         let n = self.scenario.devices.max(1) as f64;
@@ -246,6 +269,12 @@ pub struct RunSummary {
     pub rejected: u64,
     pub unconfirmed: u64,
     pub disconnects: u64,
+    /// Commands received / carried out / refused / answers acknowledged (all 0 unless the
+    /// scenario has `commands = true`).
+    pub commands_received: u64,
+    pub commands_ok: u64,
+    pub commands_error: u64,
+    pub answers_acked: u64,
     pub outcomes: BTreeMap<String, u64>,
     pub acked_per_sec: f64,
     pub latency: LatencySummary,
@@ -284,14 +313,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let stats = Arc::new(RunStats::default());
     let start = Instant::now();
-    let end = start + scenario.ramp_up + scenario.duration;
+    let planned = scenario.ramp_up + scenario.duration;
     let devices = plan.len();
     let ctx = Arc::new(DriverContext {
         scenario: Arc::new(scenario.clone()),
         stats: stats.clone(),
         acks: ack_tx,
         start,
-        end,
+        end_ms: AtomicU64::new(planned.as_millis() as u64),
         mqtt_hosts: args.mqtt_host.clone(),
         mqtt_port: args.mqtt_port,
         connect_permits: Arc::new(Semaphore::new(args.connect_concurrency.max(1))),
@@ -342,7 +371,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::spawn(drivers::run_device(dev, cred, ctx.clone()))
         })
         .collect();
-    drop(ctx);
+    // SIGINT or SIGTERM ends the run early, with the summary of what happened until then.
+    let interrupt = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            interrupted().await;
+            eprintln!("interrupted: devices stop at their next report, then drain");
+            ctx.end_now();
+        })
+    };
     let ticker = (args.progress_every > 0.0).then(|| {
         tokio::spawn(progress(
             stats.clone(),
@@ -357,6 +394,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(t) = ticker {
         t.abort();
     }
+    interrupt.abort();
+    let _ = interrupt.await;
+    let reporting = ctx.end() - start;
+    drop(ctx);
     if let Some(w) = ack_writer {
         w.await.context("ack log writer")??;
     }
@@ -365,7 +406,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let summary = RunSummary {
         scenario: scenario.name.clone(),
         devices,
-        duration_secs: scenario.duration.as_secs_f64(),
+        duration_secs: reporting.saturating_sub(scenario.ramp_up).as_secs_f64(),
         connected: load(&stats.connected),
         connect_failed: load(&stats.connect_failed),
         peak_open: load(&stats.peak_open),
@@ -375,14 +416,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         rejected: load(&stats.rejected),
         unconfirmed: load(&stats.unconfirmed),
         disconnects: load(&stats.disconnects),
+        commands_received: load(&stats.commands_received),
+        commands_ok: load(&stats.commands_ok),
+        commands_error: load(&stats.commands_error),
+        answers_acked: load(&stats.answers_acked),
         outcomes: stats.reasons.lock().unwrap().clone(),
-        acked_per_sec: load(&stats.acked) as f64
-            / (scenario.ramp_up + scenario.duration).as_secs_f64(),
+        acked_per_sec: load(&stats.acked) as f64 / reporting.as_secs_f64().max(0.001),
         latency: LatencySummary::from_histogram(&stats.latency.lock().unwrap()),
         error_samples: stats.errors.lock().unwrap().clone(),
         client_rss_kib: report::own_rss_kib(),
     };
-    print_summary(&summary);
+    print_summary(&summary, scenario.commands);
     if let Some(path) = &args.json {
         report::write_json(path, &summary)?;
     }
@@ -391,6 +435,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "no device could connect (see the errors above)"
     );
     Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn write_ack_log(
@@ -418,8 +478,15 @@ async fn progress(stats: Arc<RunStats>, devices: usize, start: Instant, every: D
         let t = tick.tick().await;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let acked = load(&stats.acked);
+        let commands = match load(&stats.commands_received) {
+            0 => String::new(),
+            n => format!(
+                ", commands {n} (answers acked {})",
+                load(&stats.answers_acked)
+            ),
+        };
         eprintln!(
-            "[{:>5.0}s] connected {}/{devices} (open {}, failed {}), sent {}, acked {} ({:.0}/s), rejected {}, disconnects {}",
+            "[{:>5.0}s] connected {}/{devices} (open {}, failed {}), sent {}, acked {} ({:.0}/s), rejected {}, disconnects {}{commands}",
             (t - start).as_secs_f64(),
             load(&stats.connected),
             load(&stats.open),
@@ -434,9 +501,9 @@ async fn progress(stats: Arc<RunStats>, devices: usize, start: Instant, every: D
     }
 }
 
-fn print_summary(s: &RunSummary) {
+fn print_summary(s: &RunSummary, commands: bool) {
     let (percentiles, tail) = s.latency.cells();
-    let rows = vec![
+    let mut rows = vec![
         ("devices", s.devices.to_string()),
         (
             "connected",
@@ -458,6 +525,15 @@ fn print_summary(s: &RunSummary) {
         ("ack latency ms p50/p90/p99", percentiles),
         ("ack latency ms p99.9/max", tail),
     ];
+    if commands {
+        rows.push((
+            "commands",
+            format!(
+                "{} received, {} carried out, {} refused, {} answers acknowledged",
+                s.commands_received, s.commands_ok, s.commands_error, s.answers_acked
+            ),
+        ));
+    }
     report::print_table(&format!("device-sim run — {}", s.scenario), &rows);
     for e in &s.error_samples {
         println!("  error: {e}");

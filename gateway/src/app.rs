@@ -91,8 +91,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         std::sync::Arc::new(crate::sources::coap::lwm2m::Lwm2m::new(
             registry.clone(),
             pipeline.clone(),
-            cfg.coap.lwm2m_nosec,
-            std::time::Duration::from_secs(cfg.coap.lwm2m_queue_awake_secs),
+            &cfg.coap,
         ))
     });
     if let Some(l) = &lwm2m {
@@ -129,6 +128,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             sinks: sinks.clone(),
             metrics: metrics.clone(),
             commands: commands.clone(),
+            alerts: alerts.clone(),
             tls: http_tls.is_some(),
         })
     });

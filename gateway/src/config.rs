@@ -199,6 +199,10 @@ pub struct CoapConfig {
     /// Seconds a queue-mode LwM2M client (binding UQ, or Q) listens after each Register, Update
     /// or Send; commands wait for the next one after that (LwM2M 1.1: MAX_TRANSMIT_WAIT, 93).
     pub lwm2m_queue_awake_secs: u64,
+    /// First retransmission timeout of the LwM2M server's own confirmable requests (observe,
+    /// command Write/Execute), in ms: RFC 7252 ACK_TIMEOUT, doubled for each of 4 retransmissions
+    /// (93 s in all with 2000). Raise it on high-latency networks.
+    pub lwm2m_ack_timeout_ms: u64,
     /// CoAPS: DTLS 1.2 with a pre-shared key per device (identity = device id).
     pub dtls_enabled: bool,
     /// Address and UDP port of CoAPS (when `dtls_enabled`).
@@ -515,6 +519,7 @@ impl Default for CoapConfig {
             lwm2m_enabled: true,
             lwm2m_nosec: false,
             lwm2m_queue_awake_secs: 93,
+            lwm2m_ack_timeout_ms: 2000,
             dtls_enabled: true,
             dtls_listen: "[::]:5684".parse().expect("static address"),
             dtls_max_sessions: 100_000,
@@ -671,6 +676,10 @@ impl Config {
         anyhow::ensure!(
             c.live_interval_ms >= 100,
             "console.live_interval_ms must be at least 100"
+        );
+        anyhow::ensure!(
+            (100..=60_000).contains(&self.coap.lwm2m_ack_timeout_ms),
+            "coap.lwm2m_ack_timeout_ms must be 100-60000"
         );
         // An IANA name (Region/City, UTC, Etc/GMT-7): the browser resolves it.
         anyhow::ensure!(

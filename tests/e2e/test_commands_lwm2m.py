@@ -26,6 +26,8 @@ ENV = {
     "CITYGW_COAP__LWM2M_NOSEC": "true",
     # A queue-mode client listens this long after each Register/Update (default 93 s).
     "CITYGW_COAP__LWM2M_QUEUE_AWAKE_SECS": str(AWAKE_S),
+    # RFC 7252 ACK_TIMEOUT (default 2000): an unanswered request gives up after 9-14 s, not 93.
+    "CITYGW_COAP__LWM2M_ACK_TIMEOUT_MS": "300",
 }
 ACK, PUT, CHANGED = 2, 3, 0x44
 
@@ -152,6 +154,47 @@ def test_answers_match_token_and_address(gw: Gateway, control):
     e = rpc_error(lambda: admin.send(lora.id, "on", lwm2m=("write", "/3311/0/5850", "1")))
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "LwM2M" in e.details(), e
     assert admin.list(device_id=lora.id) == []
+
+
+def test_unanswered_request_waits_for_the_next_update(gw: Gateway, control):
+    admin = control(gw)
+    d = gw.add_device(kind="street_light")
+    with RawCoap(gw) as c:
+        reg = c.request(rd(d.id, 1))
+        assert reg.code_str == "2.01", reg
+        location = [v for n, v in reg.options if n == 8]
+        first = admin.send(d.id, "on", lwm2m=("write", "/3311/0/5850", "1"))
+        second = admin.send(d.id, "dim", lwm2m=("write", "/3311/0/5851", "10"))
+        # the client does not answer: the same message, five times (RFC 7252 retransmission)
+        puts = [c.recv(timeout=10) for _ in range(5)]
+        assert all(p is not None and p.code == PUT for p in puts), puts
+        assert {(p.mid, p.token) for p in puts} == {(puts[0].mid, puts[0].token)}
+        back = wait_until(lambda: (x := admin.get(first.id)) and len(x.history) == 3 and x,
+                          timeout=20, desc="first command back in QUEUED")
+        assert states(admin, back) == ["QUEUED", "SENT", "QUEUED"], back
+        detail = back.history[2].detail
+        assert "no answer to PUT /3311/0/5850 after 5 transmissions" in detail, detail
+        assert "attempt 1 of 3" in detail, detail
+        # nothing more goes to a client that did not answer, until it speaks again
+        assert c.recv(timeout=1.5) is None
+        assert admin.state(admin.get(second.id).state) == "QUEUED"
+
+        # its next Update: the first command goes again (a new message), then the second
+        c.send(Msg(CON, POST, 2, b"u", [(11, seg) for seg in location]).encode())
+        got = [c.recv(timeout=10) for _ in range(2)]
+        assert sorted(m.code_str for m in got if m is not None) == ["0.03", "2.04"], got
+        (put,) = [m for m in got if m.code == PUT]
+        assert put.mid != puts[0].mid and put.payload == b"1", put
+        c.send(Msg(ACK, CHANGED, put.mid, put.token).encode())
+        done = admin.wait_state(first.id, "SUCCEEDED")
+        assert states(admin, done) == ["QUEUED", "SENT", "QUEUED", "SENT", "SUCCEEDED"], done
+        put = c.recv(timeout=10)
+        assert put is not None and put.payload == b"10", put
+        c.send(Msg(ACK, CHANGED, put.mid, put.token).encode())
+        admin.wait_state(second.id, "SUCCEEDED")
+    assert gw.metric("citygw_command_requests_total", transport="lwm2m", event="no_answer") >= 1
+    assert gw.metric("citygw_command_requests_total", transport="lwm2m",
+                     event="retransmitted") >= 4
 
 
 def test_queued_command_survives_kill9(gw: Gateway, control):

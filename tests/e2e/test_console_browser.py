@@ -43,9 +43,21 @@ pytestmark = pytest.mark.skipif(
     reason="chromium and chromium-driver (Debian) are installed by tests/run")
 
 
+# The alerts page's rule, scoped to the one device that test publishes from.
+RULES = """
+[[rules]]
+name = "ba-dinh-flood"
+device = "con-flood-b"
+quantity = "water_level"
+above = 2.5
+clear = 2.3
+severity = "critical"
+"""
+
+
 @pytest.fixture(scope="module")
 def gw(module_gateways) -> Gateway:
-    return module_gateways(env={"CITYGW_CONSOLE__LIVE_INTERVAL_MS": "200"})
+    return module_gateways(env={"CITYGW_CONSOLE__LIVE_INTERVAL_MS": "200"}, config_toml=RULES)
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +317,58 @@ def test_commands_page_sends_a_command_and_follows_it_live(gw: Gateway, browser,
     shot(browser, artifacts, "7-commands")
 
 
+def test_alerts_page_shows_a_rule_crossing_live_and_the_admin_acknowledges(gw: Gateway, browser,
+                                                                          artifacts: Path):
+    """A reading published by MQTT crosses the rule's threshold: the alert appears on the open
+    Alerts page within 2 s without a reload, with its severity and commune; the admin
+    acknowledges it from the page (history: who, when); the Overview counts it, and the count
+    falls back live when a lower reading clears it."""
+    d = gw.add_device("con-flood-b", kind="water_level", commune="00004")
+    browser.get(f"{gw.http_base}/console/#/alerts")
+    wait_css(browser, '#rules tr[data-name="ba-dinh-flood"]', 15, desc="the rule listed")
+    wait_until(lambda: text(browser, '[data-metric="alerts.active.critical"]') == "0", 10,
+               desc="no active critical alert yet")
+    browser.execute_script("window.__noReload = 'alerts'")
+    row = '#alerts tr[data-rule="ba-dinh-flood"]'
+    with gw.connected_client(d) as dev:
+        published = time.monotonic()
+        assert dev.publish(d.topic, json.dumps({"water_level": 2.8})) == 0
+        wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, row), 2.0, interval=0.02,
+                   desc="the alert on the page within 2 s")
+        shown_after = time.monotonic() - published
+    print(f"publish -> alert shown on the alerts page: {shown_after * 1000:.0f} ms")
+    alert_id = fresh(lambda: css(browser, row).get_attribute("data-id"))
+    cells = fresh(lambda: [c.text for c in css(browser, row).find_elements(By.TAG_NAME, "td")])
+    assert cells[1] == "Khẩn cấp" and cells[3] == d.id and "Phường Ba Đình" in cells[4], cells
+    assert cells[5] == "water_level 2.8 > 2.5" and cells[6] == "Đang xảy ra · chưa xác nhận", cells
+    wait_until(lambda: text(browser, '[data-metric="alerts.active.critical"]') == "1", 5,
+               desc="one active critical alert counted")
+
+    fresh(lambda: css(browser, row + ' button[data-action="ack"]').click())
+    wait_until(lambda: css(browser, row).get_attribute("data-state") == "ACTIVE_ACK", 10,
+               desc="acknowledged on the page")
+    assert browser.find_elements(By.CSS_SELECTOR, row + ' button[data-action="ack"]') == []
+    fresh(lambda: css(browser, row + " td:nth-child(3)").click())
+    wait_until(lambda: [[c.text for c in r.find_elements(By.TAG_NAME, "td")][1:3] for r in
+                        browser.find_elements(By.CSS_SELECTOR, "#alert-history tbody tr")]
+               == [["Đang xảy ra · chưa xác nhận", "rule:ba-dinh-flood"],
+                   ["Đang xảy ra · đã xác nhận", "admin"]], 10,
+               desc="the alert's history: raised by the rule, acknowledged by the admin")
+    assert browser.execute_script("return window.__noReload") == "alerts", "page was reloaded"
+    shown = gw.cli("alert", "show", alert_id)
+    assert (shown["state"], shown["acked_by"]) == ("ACTIVE_ACK", "admin"), shown
+    shot(browser, artifacts, "8-alerts")
+
+    browser.get(f"{gw.http_base}/console/#/overview")
+    wait_until(lambda: text(browser, '#overview-alerts [data-metric="alerts.active.critical"]')
+               == "1", 10, desc="the overview counts the active alert")
+    with gw.connected_client(d) as dev:
+        assert dev.publish(d.topic, json.dumps({"water_level": 2.0})) == 0
+    wait_until(lambda: text(browser, '#overview-alerts [data-metric="alerts.active.critical"]')
+               == "0", 10, desc="the count falls back live once the rule cleared it")
+    assert gw.cli("alert", "show", alert_id)["state"] == "CLEARED_ACK"
+
+
 def test_operator_is_read_only_in_the_page(gw: Gateway, browser, artifacts: Path, fleet):
     token = gw.cli("operator", "add", "wall-screen")["token"]
     browser.get(gw.http_base + "/console/")
@@ -320,6 +384,10 @@ def test_operator_is_read_only_in_the_page(gw: Gateway, browser, artifacts: Path
     browser.get(f"{gw.http_base}/console/#/commands")
     wait_css(browser, "#commands-readonly", 10, desc="commands page, read-only")
     assert browser.find_elements(By.CSS_SELECTOR, "#send-command") == [], "no send form"
+    browser.get(f"{gw.http_base}/console/#/alerts")
+    wait_css(browser, "#alerts-readonly", 10, desc="alerts page, read-only")
+    wait_css(browser, '#alerts tr[data-rule="ba-dinh-flood"]', 10, desc="the alert listed")
+    assert browser.find_elements(By.CSS_SELECTOR, "#alerts button") == [], "no ack/clear buttons"
     shot(browser, artifacts, "6-device-operator")
 
 

@@ -20,8 +20,25 @@ API_PATHS = [
     "/console/api/devices/x/readings", "/console/api/deadletters", "/console/api/kpi",
     "/console/api/kpi.csv", "/console/api/kpi/map", "/console/api/live/overview",
     "/console/api/live/devices/x", "/console/api/session", "/console/api/commands",
-    "/console/api/commands/x", "/console/api/live/commands",
+    "/console/api/commands/x", "/console/api/live/commands", "/console/api/alerts",
+    "/console/api/alerts/x", "/console/api/rules", "/console/api/live/alerts",
 ]
+
+# One rule for the alerts tests, scoped to one device so nothing else here raises it.
+CONFIG = """
+[[rules]]
+name = "console-flood"
+device = "con-flood"
+quantity = "water_level"
+above = 2.5
+clear = 2.3
+severity = "major"
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(module_gateways) -> Gateway:
+    return module_gateways(config_toml=CONFIG)
 
 
 def sign_in(gw: Gateway, token: str, **kw) -> requests.Response:
@@ -59,6 +76,9 @@ def test_nothing_answers_without_a_session(gw: Gateway):
     r = requests.post(gw.http_base + "/console/api/commands",
                       json={"device_id": "x", "name": "reboot"}, timeout=10)
     assert r.status_code == 401
+    for what in ("ack", "clear"):
+        assert requests.post(f"{gw.http_base}/console/api/alerts/x/{what}",
+                             timeout=10).status_code == 401
     assert gw.metric("citygw_console_requests_refused_total", reason="no_session") >= len(API_PATHS)
     # The page shell holds no data and is public; its API calls are not.
     page = requests.get(gw.http_base + "/console/", timeout=10)
@@ -262,6 +282,67 @@ def test_commands_the_admin_sends_and_everyone_reads(gw: Gateway):
     assert [c["id"] for c in gw.cli("command", "list", "--device", device.id)] == [sent["id"]]
 
 
+def test_alerts_everyone_reads_and_only_the_admin_acknowledges_and_clears(gw: Gateway):
+    """A reading over the rule's threshold raises an alert; the console lists it (filters by
+    state, severity, rule) with the commune's name and the Overview counts it as the metric
+    does; a read-only operator reads it but cannot acknowledge or clear it; the admin can (CSRF
+    like every write) and the history says who and when, as the CLI shows it."""
+    d = gw.add_device("con-flood", kind="water_level", commune="00004")
+    with gw.connected_client(d) as dev:
+        assert dev.publish(d.topic, json.dumps({"water_level": 2.8})) == 0
+    s, csrf = session_for(gw, gw.token)
+    url = gw.http_base + "/console/api/alerts"
+    listed = wait_until(lambda: s.get(url, params={"device": d.id}, timeout=10).json()["alerts"],
+                        10, desc="the alert listed")
+    assert len(listed) == 1, listed
+    a = listed[0]
+    assert (a["rule"], a["severity"], a["state"], a["value"]) == \
+        ("console-flood", "major", "ACTIVE_UNACK", 2.8), a
+    assert (a["commune_code"], a["commune_name"]) == ("00004", "Phường Ba Đình"), a
+    assert a["message"] == "water_level 2.8 > 2.5", a
+    ids = lambda **q: [x["id"] for x in s.get(url, params=q, timeout=10).json()["alerts"]]
+    assert ids(state="active") == [a["id"]]
+    assert ids(state="ACTIVE_UNACK", severity="major", rule="console-flood") == [a["id"]]
+    assert ids(state="cleared_ack") == [] and ids(severity="critical") == [] \
+        and ids(rule="other") == []
+    for bad in ({"state": "bogus"}, {"severity": "bogus"}):
+        assert s.get(url, params=bad, timeout=10).status_code == 400, bad
+    assert s.get(f"{url}/nope", timeout=10).status_code == 404
+    # the gauge is set once the alert is durable, a moment before anyone hears of it
+    wait_until(lambda: s.get(gw.http_base + "/console/api/overview", timeout=10)
+               .json()["alerts_active"]["major"] == 1, 5, desc="the overview counts the alert")
+    assert gw.metric("citygw_alerts_active", severity="major") == 1
+    rules = s.get(gw.http_base + "/console/api/rules", timeout=10).json()["rules"]
+    assert [(r["name"], r["active"]) for r in rules] == [("console-flood", 1)], rules
+
+    # the read-only operator reads and changes nothing
+    op, op_csrf = session_for(gw, add_operator(gw, "alert-reader"))
+    assert [x["id"] for x in op.get(url, params={"device": d.id}, timeout=10).json()["alerts"]] \
+        == [a["id"]]
+    for what in ("ack", "clear"):
+        r = op.post(f"{url}/{a['id']}/{what}", headers={"X-CSRF-Token": op_csrf}, timeout=10)
+        assert r.status_code == 403 and "read-only" in r.json()["error"], r.text
+    # the admin needs the CSRF token and a same-origin request
+    assert s.post(f"{url}/{a['id']}/ack", timeout=10).status_code == 403
+    assert s.post(f"{url}/{a['id']}/ack", timeout=10,
+                  headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"}).status_code == 403
+    assert gw.cli("alert", "show", a["id"])["state"] == "ACTIVE_UNACK", "refused writes changed it"
+
+    acked = s.post(f"{url}/{a['id']}/ack", headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert acked.status_code == 200, acked.text
+    assert (acked.json()["state"], acked.json()["acked_by"]) == ("ACTIVE_ACK", "admin")
+    cleared = s.post(f"{url}/{a['id']}/clear", headers={"X-CSRF-Token": csrf}, timeout=10).json()
+    assert (cleared["state"], cleared["cleared_by"]) == ("CLEARED_ACK", "admin"), cleared
+    assert [(e["state"], e["by"]) for e in cleared["history"]] == [
+        ("ACTIVE_UNACK", "rule:console-flood"), ("ACTIVE_ACK", "admin"), ("CLEARED_ACK", "admin")]
+    shown = gw.cli("alert", "show", a["id"])
+    assert (shown["state"], shown["acked_by"], shown["cleared_by"]) == \
+        ("CLEARED_ACK", "admin", "admin"), shown
+    assert s.get(gw.http_base + "/console/api/overview", timeout=10) \
+        .json()["alerts_active"]["major"] == 0
+    assert s.post(f"{url}/nope/ack", headers={"X-CSRF-Token": csrf}, timeout=10).status_code == 404
+
+
 def test_assets_are_embedded_with_security_headers_and_no_outside_reference(gw: Gateway):
     page = requests.get(gw.http_base + "/console/", timeout=10)
     csp = page.headers["content-security-policy"]
@@ -273,7 +354,8 @@ def test_assets_are_embedded_with_security_headers_and_no_outside_reference(gw: 
     assets = ["/console/console.css", "/console/js/app.js", "/console/js/ui.js",
               "/console/js/i18n.js", "/console/js/pages/overview.js", "/console/js/pages/kpi.js",
               "/console/js/pages/devices.js", "/console/js/pages/device.js",
-              "/console/js/pages/deadletters.js", "/console/vendor/uplot/uPlot.iife.min.js",
+              "/console/js/pages/deadletters.js", "/console/js/pages/commands.js",
+              "/console/js/pages/alerts.js", "/console/vendor/uplot/uPlot.iife.min.js",
               "/console/vendor/uplot/uPlot.min.css", "/console/vendor/uplot/LICENSE",
               "/console/favicon.svg"]
     for path in assets:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import subprocess
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from support import ROOT, wait_until
-from support.device_sim import device_sim, provision, run_and_verify
+from support.device_sim import DEVICE_SIM, device_sim, provision, run_and_verify
 from support.lorawan import Brokers, lorawan_toml, wait_bridge_connected
 
 SMOKE = ROOT / "device-sim" / "scenarios" / "smoke.toml"
+LIGHTS = ROOT / "device-sim" / "scenarios" / "street-lights.toml"
 PROTOCOLS = {"mqtt", "coap", "coaps", "lwm2m", "lorawan-chirpstack", "lorawan-tts"}
 RADIO = {"rssi", "snr", "spreading_factor", "data_rate", "radio_frequency", "frame_counter",
          "gateway_count"}
@@ -262,3 +264,57 @@ def test_lorawan_chirpstack_uplinks_reach_the_network_server_broker(gw, network_
     as_ms = {(d, str(int(dt.datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() * 1000)))
              for d, t in sent}
     assert as_ms == logged
+
+
+def test_street_lights_carry_out_commands_sent_by_grpc(gw, control, tmp_path):
+    """The shipped street-light scenario (3 lamps here): commands sent through the Control API
+    (grpcio) before the lamps even connect are delivered when they subscribe, carried out and
+    answered; an unknown command is answered with an error; the lamps' next readings show what
+    they were told."""
+    scenario = tmp_path / "lights.toml"
+    text = LIGHTS.read_text()
+    for old, new in (("devices = 10000", "devices = 3"), ("duration_secs = 300", "duration_secs = 6"),
+                     ("ramp_up_secs = 20", "ramp_up_secs = 1"), ("interval_secs = 30", "interval_secs = 1"),
+                     ('id_prefix = "sl"', 'id_prefix = "slc"'), ('tenant = "sim-lights"', 'tenant = "sim-lights-e2e"')):
+        assert old in text, old
+        text = text.replace(old, new)
+    scenario.write_text(text)
+    creds = tmp_path / "creds.csv"
+    p = provision(gw, scenario, "sim-lights-e2e", creds, devices=3)
+    dim, off, unknown = sorted(p.rows)
+
+    admin = control(gw)
+    # Queued first: the lamps get them when they subscribe.
+    sent = {d: admin.send(d, name, params, ttl_ms=60_000) for d, name, params in (
+        (dim, "dim", {"level": 40}), (off, "off", {}), (unknown, "reboot", {}))}
+    run_json = tmp_path / "run.json"
+    run = subprocess.Popen(
+        [str(DEVICE_SIM), "run", str(scenario), "--credentials", str(creds), "--mqtt-host", gw.host,
+         "--mqtt-port", str(gw.mqtt_port), "--json", str(run_json)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ok_dim = admin.wait_state(sent[dim].id, "SUCCEEDED", timeout=30)
+        ok_off = admin.wait_state(sent[off].id, "SUCCEEDED", timeout=30)
+        refused = admin.wait_state(sent[unknown].id, "FAILED", timeout=30)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 0, out
+    assert json.loads(ok_dim.result) == {"lamp_state": True, "dimmer": 40.0}
+    assert json.loads(ok_off.result) == {"lamp_state": False, "dimmer": 100.0}
+    assert "unknown command" in refused.error and "reboot" in refused.error, refused
+    assert [e.by for e in ok_dim.history][-1] == f"device:{dim}"
+
+    r = json.loads(run_json.read_text())
+    assert (r["commands_received"], r["commands_ok"], r["commands_error"]) == (3, 2, 1), r
+    assert r["answers_acked"] == 3 and r["rejected"] == 0 and r["connected"] == 3, r
+    assert "3 received, 2 carried out, 1 refused, 3 answers acknowledged" in out, out
+
+    # Readings sampled after the answer (device times are whole seconds): the commanded state.
+    def after(device, command):
+        done = command.history[-1].time_ms
+        rs = [x for x in gw.readings(device) if x["device_time_ms"] >= done + 2000]
+        return {(x["quantity"], x["value"]) for x in rs if x["quantity"] in ("lamp_state", "power")}
+
+    assert after(dim, ok_dim) == {("lamp_state", True), ("power", 44.0)}  # 110 W rated, 40 %
+    assert after(off, ok_off) == {("lamp_state", False), ("power", 0.0)}

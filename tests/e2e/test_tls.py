@@ -329,6 +329,14 @@ def test_https_metrics_and_health(gw: Gateway, pki):
     assert gw.metric("citygw_tls_certificate_expiry_timestamp_seconds", listener="http") > time.time()
 
 
+def test_the_console_cookie_is_secure_over_https(gw: Gateway):
+    r = requests.post(gw.http_base + "/console/api/session", json={"token": gw.token},
+                      timeout=10, verify=gw.verify)
+    assert r.status_code == 200, r.text
+    parts = [p.strip() for p in r.headers["set-cookie"].split(";")]
+    assert "Secure" in parts and "HttpOnly" in parts, parts
+
+
 # -- reload without restart
 
 

@@ -265,7 +265,7 @@ impl Hub {
 async fn serve(hub: Arc<Hub>, mut eventloop: EventLoop, ctx: Arc<DriverContext>) {
     let stats = &ctx.stats;
     let mut inflight: HashMap<u16, (Pending, Instant)> = HashMap::new();
-    let until = ctx.end + ctx.drain;
+    let until = ctx.end() + ctx.drain;
     loop {
         let ev = match tokio::time::timeout_at(until, eventloop.poll()).await {
             Err(_) => break,
@@ -311,7 +311,9 @@ async fn serve(hub: Arc<Hub>, mut eventloop: EventLoop, ctx: Arc<DriverContext>)
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        if Instant::now() >= ctx.end && inflight.is_empty() && hub.queued.lock().unwrap().is_empty()
+        if Instant::now() >= ctx.end()
+            && inflight.is_empty()
+            && hub.queued.lock().unwrap().is_empty()
         {
             break;
         }
@@ -338,7 +340,7 @@ pub async fn run_device(
     let mut sampler = Sampler::new(&dev, &ctx.scenario);
     let mut next = sampler.first_report();
     let mut f_cnt = 0u64;
-    while next < ctx.end {
+    while next < ctx.end() {
         tokio::time::sleep_until(next).await;
         next += dev.interval;
         let ts_s = sampler.sample();

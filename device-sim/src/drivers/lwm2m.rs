@@ -303,14 +303,14 @@ fn registration_change(method: RequestType, location: &[Vec<u8>], secret: &str) 
 /// Runs one LwM2M client until the run ends.
 pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext>) {
     tokio::time::sleep_until(ctx.connect_at(dev.index)).await;
-    if Instant::now() >= ctx.end {
+    if Instant::now() >= ctx.end() {
         return;
     }
     let Some(mut session) = coap::open(&dev, &cred, false, &ctx).await else {
         return;
     };
     let stats = &ctx.stats;
-    let give_up_at = ctx.end + ctx.drain;
+    let give_up_at = ctx.end() + ctx.drain;
     let mut device = Device::new(&dev, &ctx.scenario);
     let links = links(&device.resources);
     let mut next = device.sampler.first_report();
@@ -334,7 +334,7 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
     // Updated at two thirds of the lifetime, well before the server expires the registration.
     let mut update_at = Instant::now() + lifetime.mul_f64(2.0 / 3.0);
     let device_id: Arc<str> = dev.id.as_str().into();
-    while next < ctx.end {
+    while next < ctx.end() {
         session
             .serve_until(next, &mut |r| device.on_request(r))
             .await;

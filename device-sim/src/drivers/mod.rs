@@ -5,6 +5,7 @@
 //! message to the ack log (what `verify` later checks against the agency stream).
 
 pub mod coap;
+mod lamp;
 pub mod lorawan;
 pub mod lwm2m;
 pub mod mqtt;

@@ -13,6 +13,11 @@
 //! load host could not drive 100,000 devices. A device here sends one small message every few
 //! seconds and has at most a handful in flight; its session is a few hundred bytes of buffers
 //! and a small in-flight table (docs/decisions/0016-device-sim-mqtt-sessions.md).
+//!
+//! In a scenario with `commands = true`, a device whose profile has a command set (street
+//! lights) also subscribes to `devices/{id}/commands/+` after every connect, acknowledges each
+//! command, carries it out ([`Lamp`]) and answers on `devices/{id}/commands/{command_id}/result`
+//! at QoS 1. Devices that take no commands carry nothing for it but an empty `Option`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,20 +25,23 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
-    Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Login, Packet, PingReq,
-    PubAckReason, Publish,
+    Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Login, Packet, PingReq,
+    PubAck, PubAckReason, Publish, SubAck, Subscribe, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::{self, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::lamp::Lamp;
 use super::sample::Sampler;
-use crate::run::{AckRecord, DriverContext};
+use crate::run::{AckRecord, DriverContext, RunStats};
+use crate::scenario::profiles::CommandSet;
 use crate::scenario::SimDevice;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(60);
-/// Largest packet accepted from the gateway (it sends CONNACK, PUBACK, PINGRESP, DISCONNECT).
+/// Largest packet accepted from the gateway (CONNACK, PUBACK, PINGRESP, DISCONNECT; SUBACK
+/// and commands to devices that take them).
 const MAX_INCOMING: u32 = 64 * 1024;
 /// Unacknowledged QoS 1 messages one device may have; a device reporting every few seconds
 /// needs one.
@@ -49,7 +57,7 @@ struct Sent {
 
 pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>) {
     tokio::time::sleep_until(ctx.connect_at(dev.index)).await;
-    if Instant::now() >= ctx.end {
+    if Instant::now() >= ctx.end() {
         return;
     }
     let stats = &ctx.stats;
@@ -59,10 +67,7 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
     let first = Link::connect(host, ctx.mqtt_port, &dev.id, &secret, ctx.connect_timeout).await;
     drop(permit);
     let mut link = match first {
-        Ok(link) => {
-            stats.opened();
-            link
-        }
+        Ok(link) => link,
         Err(e) => {
             stats.connect_failed.fetch_add(1, Ordering::Relaxed);
             stats.count_reason(e.reason());
@@ -72,6 +77,16 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
     };
 
     let profile = &ctx.scenario.profiles[&dev.profile];
+    let mut lamp = (ctx.scenario.commands && profile.commands == Some(CommandSet::Lamp))
+        .then(|| Box::new(Lamp::new(profile)));
+    if lamp.is_some() {
+        if let Err(e) = link.subscribe_commands(&dev.id).await {
+            stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+            stats.note_error(format!("{}: subscribe: {e}", dev.id));
+            return;
+        }
+    }
+    stats.opened();
     let quantities = super::ack_log_quantities(profile);
     let device_id: Arc<str> = dev.id.as_str().into();
     let topic = Bytes::from(dev.format.topic(&dev.id));
@@ -88,8 +103,12 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
     let mut connected = true;
 
     loop {
-        let reporting = next < ctx.end;
-        let deadline = if reporting { next } else { ctx.end + ctx.drain };
+        let reporting = next < ctx.end();
+        let deadline = if reporting {
+            next
+        } else {
+            ctx.end() + ctx.drain
+        };
         if !reporting && inflight.is_empty() {
             break;
         }
@@ -101,13 +120,16 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
                 }
                 next += dev.interval;
                 let ts_s = sampler.sample();
+                if let Some(lamp) = &lamp {
+                    lamp.apply(&mut sampler.values);
+                }
                 let values = &sampler.values;
                 let payload = dev.format.encode(&dev.id, ts_s, seq, values);
                 seq += 1;
                 if !connected {
                     // Down and not back yet: the message is never sent.
                     stats.unconfirmed.fetch_add(1, Ordering::Relaxed);
-                    connected = reconnect(&mut link, host, &dev.id, &secret, &ctx).await;
+                    connected = reconnect(&mut link, host, &dev.id, &secret, lamp.as_deref_mut(), &ctx).await;
                     continue;
                 }
                 if inflight.len() >= MAX_INFLIGHT {
@@ -156,8 +178,20 @@ pub async fn run_device(dev: SimDevice, secret: String, ctx: Arc<DriverContext>)
                             stats.count_reason(format!("puback {:?}", ack.reason));
                         }
                     }
-                    None => stats.count_reason("puback for an unknown packet id".into()),
+                    None => match lamp.as_mut().and_then(|l| take_answer(l, ack.pkid)) {
+                        Some(()) => answer_acked(stats, ack.reason),
+                        None => stats.count_reason("puback for an unknown packet id".into()),
+                    },
                 },
+                Ok(Packet::Publish(command)) => {
+                    if let Some(lamp) = lamp.as_mut() {
+                        if let Err(e) = answer(&mut link, lamp, command, stats).await {
+                            lost(&mut inflight, &ctx, format!("{}: {e}", dev.id));
+                            connected = false;
+                        }
+                    }
+                }
+                Ok(Packet::SubAck(ack)) => count_refused_subscription(stats, &ack),
                 Ok(_) => {}
                 Err(e) => {
                     lost(&mut inflight, &ctx, format!("{}: {e}", dev.id));
@@ -194,15 +228,29 @@ fn lost(inflight: &mut Vec<Sent>, ctx: &DriverContext, error: String) {
 }
 
 /// One attempt to connect again (at the device's next report, so a gateway that is down is
-/// not hammered); whether it worked.
+/// not hammered), subscribing to its commands again if it takes them; whether it worked. The
+/// gateway sends again every command the device had not acknowledged.
 async fn reconnect(
     link: &mut Link,
     host: &str,
     device_id: &str,
     secret: &str,
+    lamp: Option<&mut Lamp>,
     ctx: &DriverContext,
 ) -> bool {
-    match Link::connect(host, ctx.mqtt_port, device_id, secret, ctx.connect_timeout).await {
+    let result =
+        match Link::connect(host, ctx.mqtt_port, device_id, secret, ctx.connect_timeout).await {
+            Ok(mut new) => match lamp {
+                Some(lamp) => {
+                    // Answers of the old session will not be acknowledged.
+                    lamp.answers.clear();
+                    new.subscribe_commands(device_id).await.map(|()| new)
+                }
+                None => Ok(new),
+            },
+            Err(e) => Err(e),
+        };
+    match result {
         Ok(new) => {
             *link = new;
             true
@@ -210,6 +258,60 @@ async fn reconnect(
         Err(e) => {
             ctx.stats.note_error(format!("{device_id}: reconnect: {e}"));
             false
+        }
+    }
+}
+
+/// Acknowledges a command, carries it out and publishes the answer (QoS 1).
+async fn answer(
+    link: &mut Link,
+    lamp: &mut Lamp,
+    command: Publish,
+    stats: &RunStats,
+) -> Result<(), LinkError> {
+    stats.commands_received.fetch_add(1, Ordering::Relaxed);
+    if command.qos != QoS::AtMostOnce {
+        link.send(&Packet::PubAck(PubAck::new(command.pkid, None)))
+            .await?;
+    }
+    let done = lamp.handle(&command.payload);
+    let counter = if done.ok {
+        &stats.commands_ok
+    } else {
+        &stats.commands_error
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let mut topic = BytesMut::with_capacity(command.topic.len() + 7);
+    topic.extend_from_slice(&command.topic);
+    topic.extend_from_slice(b"/result");
+    let mut result = Publish::new("", QoS::AtLeastOnce, done.payload, None);
+    result.topic = topic.freeze();
+    let pkid = link.next_pkid();
+    result.pkid = pkid;
+    link.send(&Packet::Publish(result)).await?;
+    lamp.answers.push(pkid);
+    Ok(())
+}
+
+/// Removes an answer's packet id once its PUBACK came.
+fn take_answer(lamp: &mut Lamp, pkid: u16) -> Option<()> {
+    let i = lamp.answers.iter().position(|&p| p == pkid)?;
+    lamp.answers.remove(i);
+    Some(())
+}
+
+fn answer_acked(stats: &RunStats, reason: PubAckReason) {
+    if reason == PubAckReason::Success {
+        stats.answers_acked.fetch_add(1, Ordering::Relaxed);
+    } else {
+        stats.count_reason(format!("answer puback {reason:?}"));
+    }
+}
+
+fn count_refused_subscription(stats: &RunStats, ack: &SubAck) {
+    for code in &ack.return_codes {
+        if !matches!(code, SubscribeReasonCode::Success(_)) {
+            stats.count_reason(format!("suback {code:?}"));
         }
     }
 }
@@ -307,6 +409,14 @@ impl Link {
         tokio::time::timeout(timeout, open)
             .await
             .map_err(|_| LinkError::Timeout)?
+    }
+
+    /// Subscribes to the device's commands (QoS 1); the SUBACK is read by the device's loop.
+    async fn subscribe_commands(&mut self, device_id: &str) -> Result<(), LinkError> {
+        let filter = Filter::new(format!("devices/{device_id}/commands/+"), QoS::AtLeastOnce);
+        let mut subscribe = Subscribe::new(filter, None);
+        subscribe.pkid = self.next_pkid();
+        self.send(&Packet::Subscribe(subscribe)).await
     }
 
     fn next_pkid(&mut self) -> u16 {

@@ -80,6 +80,9 @@ struct ScenarioFile {
     formats: BTreeMap<String, Spanned<f64>>,
     #[serde(default)]
     placement: PlacementFile,
+    /// Devices whose profile has a command set subscribe to their commands and answer them.
+    #[serde(default)]
+    commands: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -127,6 +130,9 @@ pub struct Scenario {
     /// With the line each protocol is named on, so an unavailable one is reported there.
     pub protocol_mix: Vec<(Protocol, f64, usize)>,
     pub format_mix: Vec<(Format, f64)>,
+    /// Devices whose profile has a command set take commands (`commands = true`); off by
+    /// default, so a scenario that sends none pays nothing for them.
+    pub commands: bool,
     intervals: BTreeMap<String, f64>,
     communes: Vec<(Commune, f64)>,
     jitter_m: f64,
@@ -340,6 +346,7 @@ impl Scenario {
             profile_mix,
             protocol_mix,
             format_mix,
+            commands: f.commands,
             intervals,
             communes,
             jitter_m: f.placement.jitter_m,
@@ -482,7 +489,12 @@ street_light = 1
     #[test]
     fn shipped_scenarios_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
-        for name in ["smoke.toml", "commune-target-density.toml", "stress.toml"] {
+        for name in [
+            "smoke.toml",
+            "commune-target-density.toml",
+            "stress.toml",
+            "street-lights.toml",
+        ] {
             let s = Scenario::load(&dir.join(name), default_profiles()).unwrap();
             assert!(s.devices >= 100, "{name}");
         }

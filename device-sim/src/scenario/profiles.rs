@@ -19,6 +19,17 @@ pub struct Profile {
     pub kind: String,
     pub interval_secs: f64,
     pub quantities: Vec<QuantitySpec>,
+    /// What the device does with commands, in a scenario with `commands = true`.
+    #[serde(default)]
+    pub commands: Option<CommandSet>,
+}
+
+/// The commands a simulated device understands (drivers/lamp.rs).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandSet {
+    /// A street light: `on`, `off`, `dim` (`level` 0-100), `light` (`on`, `level`).
+    Lamp,
 }
 
 #[derive(Debug, Clone, Deserialize)]

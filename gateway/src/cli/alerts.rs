@@ -71,7 +71,7 @@ fn severity(s: &str) -> anyhow::Result<Severity> {
         .ok_or_else(|| anyhow::anyhow!("severity {s:?}: critical, major, minor or warning"))
 }
 
-fn parse_state(s: &str) -> anyhow::Result<AlertState> {
+pub fn parse_state(s: &str) -> anyhow::Result<AlertState> {
     AlertState::from_str_name(&format!("ALERT_STATE_{}", s.to_ascii_uppercase()))
         .filter(|s| *s != AlertState::Unspecified)
         .ok_or_else(|| {
@@ -267,6 +267,17 @@ pub async fn run(client: &mut Client, format: Format, cmd: AlertCommand) -> anyh
     Ok(())
 }
 
+/// A rule as `citygw rule list --format json` and the console show it.
+pub fn rule_json(r: &Rule) -> Value {
+    json!({
+        "name": r.name, "type": r.r#type, "description": r.description,
+        "severity": severity_label(Severity::try_from(r.severity).unwrap_or_default()),
+        "quantity": r.quantity, "tenant": r.tenant, "kind": r.kind,
+        "commune": r.commune, "device": r.device,
+        "action_command": r.action_command, "active": r.active,
+    })
+}
+
 pub async fn run_rules(
     client: &mut Client,
     format: Format,
@@ -282,18 +293,7 @@ pub async fn run_rules(
         .rules;
     match format {
         Format::Json => {
-            let v: Vec<Value> = rules
-                .iter()
-                .map(|r| {
-                    json!({
-                        "name": r.name, "type": r.r#type, "description": r.description,
-                        "severity": severity_label(Severity::try_from(r.severity).unwrap_or_default()),
-                        "quantity": r.quantity, "tenant": r.tenant, "kind": r.kind,
-                        "commune": r.commune, "device": r.device,
-                        "action_command": r.action_command, "active": r.active,
-                    })
-                })
-                .collect();
+            let v: Vec<Value> = rules.iter().map(rule_json).collect();
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         }
         Format::Table => {

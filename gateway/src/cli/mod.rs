@@ -1,7 +1,7 @@
 //! The `citygw` command line: `run` serves; every other command is a client of the running
 //! gateway's admin API, so provisioning works the same against a local or a remote node.
 
-mod alerts;
+pub mod alerts;
 mod cert;
 pub mod client;
 pub mod control;

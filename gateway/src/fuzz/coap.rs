@@ -64,12 +64,7 @@ fn coap_datagram() {
             ..Default::default()
         };
         let pipeline = Pipeline::new(store.clone(), cfg.max_payload_bytes);
-        let lwm2m = Arc::new(Lwm2m::new(
-            registry.clone(),
-            pipeline.clone(),
-            false,
-            std::time::Duration::from_secs(93),
-        ));
+        let lwm2m = Arc::new(Lwm2m::new(registry.clone(), pipeline.clone(), &cfg));
         let server = Server::new(&cfg, registry, pipeline, Some(lwm2m.clone()));
         (server, lwm2m)
     });

@@ -178,7 +178,7 @@ pub fn uint(v: u32) -> Vec<u8> {
 /// Runs one CoAP or CoAPS telemetry device until the run ends.
 pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext>) {
     tokio::time::sleep_until(ctx.connect_at(dev.index)).await;
-    if Instant::now() >= ctx.end {
+    if Instant::now() >= ctx.end() {
         return;
     }
     let secure = dev.protocol == super::Protocol::Coaps;
@@ -193,11 +193,11 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
     let secret = (!secure).then_some(cred.secret.as_str());
     let mut sampler = Sampler::new(&dev, &ctx.scenario);
     let mut next = sampler.first_report();
-    let give_up_at = ctx.end + ctx.drain;
+    let give_up_at = ctx.end() + ctx.drain;
     // Nothing is served to the gateway on the telemetry path: its requests go unanswered.
     let mut ignore = |_: &Packet| None;
     let mut seq = 0;
-    while next < ctx.end {
+    while next < ctx.end() {
         match &mut session {
             Some(s) => s.serve_until(next, &mut ignore).await,
             None => tokio::time::sleep_until(next).await,

@@ -1,6 +1,6 @@
 //! Server-sent event streams: the overview's figures every sample, a device's readings as they
-//! are committed (from the store's feed: only fsync'd readings, in id order), and commands as
-//! their changes become durable.
+//! are committed (from the store's feed: only fsync'd readings, in id order), and commands and
+//! alerts as their changes become durable.
 //!
 //! A stream ends when its session does (sign-out, expiry, a removed operator): it is checked at
 //! every event and every [`RECHECK`]. A device stream that falls behind the feed is told to
@@ -17,6 +17,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
+use super::alerts::console_alert_json;
 use super::views::reading_json;
 use super::{error, Authed, Console, StreamSlot};
 use crate::cli::control::command_json;
@@ -118,6 +119,35 @@ pub async fn commands(State(c): State<Console>, a: Authed) -> Response {
             Err(RecvError::Closed) => return None,
         };
         Some((Some(event), rx))
+    });
+    pump(
+        c,
+        a,
+        slot,
+        Event::default().event("ready").data("{}"),
+        changes,
+    )
+}
+
+/// `event: alert` with an alert's JSON at every change (raised, acknowledged, cleared, an action's
+/// commands recorded), once durable; `resync` when this stream fell behind (the page lists again).
+pub async fn alerts(State(c): State<Console>, a: Authed) -> Response {
+    let Some(slot) = StreamSlot::take(&c) else {
+        return busy();
+    };
+    let console = c.clone();
+    let changes = futures::stream::unfold(c.inner.alerts.watch(), move |mut rx| {
+        let console = console.clone();
+        async move {
+            let event = match rx.recv().await {
+                Ok(alert) => Event::default()
+                    .event("alert")
+                    .data(console_alert_json(&console, &alert).to_string()),
+                Err(RecvError::Lagged(_)) => Event::default().event("resync").data("{}"),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Some(event), rx))
+        }
     });
     pump(
         c,

@@ -2,8 +2,9 @@
 //!
 //! A city operator opens it instead of reading metrics by hand: the overview (devices, ingest,
 //! refusals, sinks, store), the KPI with its commune map, devices with their live readings, dead
-//! letters, and commands to devices (sent by the admin, followed live). It is built to run where the city's network has no internet: every asset is
-//! embedded in the binary (`web/`, through rust-embed), the JavaScript libraries are vendored
+//! letters, commands to devices (sent by the admin, followed live) and the alerts the rules raise
+//! (acknowledged and cleared by the admin, followed live). It is built to run where the city's
+//! network has no internet: every asset is embedded in the binary (`web/`, through rust-embed), the JavaScript libraries are vendored
 //! with their licences, and the page makes no request outside citygw (its Content-Security-Policy
 //! forbids it). Live figures arrive by server-sent events, never by reloading.
 //!
@@ -12,6 +13,7 @@
 //! out) need the admin role, the session's CSRF token in `X-CSRF-Token`, and a same-origin
 //! `Origin` when the browser sends one.
 
+mod alerts;
 mod commands;
 mod live;
 mod overview;
@@ -34,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsoleConfig;
 use crate::control::commands::Commands;
+use crate::control::rules::Alerts;
 use crate::kpi::Kpi;
 use crate::registry::operators::Operators;
 use crate::registry::secret::constant_time_eq;
@@ -67,6 +70,7 @@ pub struct Setup {
     pub sinks: Sinks,
     pub metrics: PrometheusHandle,
     pub commands: Commands,
+    pub alerts: Alerts,
     /// The HTTP listener serves TLS: session cookies get `Secure`.
     pub tls: bool,
 }
@@ -84,6 +88,7 @@ struct Inner {
     store: Store,
     kpi: Kpi,
     commands: Commands,
+    alerts: Alerts,
     overview: overview::Overview,
     live_streams: AtomicUsize,
     map: std::sync::OnceLock<Arc<str>>,
@@ -110,6 +115,7 @@ impl Console {
                 store: p.store,
                 kpi: p.kpi,
                 commands: p.commands,
+                alerts: p.alerts,
                 overview,
                 live_streams: AtomicUsize::new(0),
                 map: std::sync::OnceLock::new(),
@@ -138,8 +144,14 @@ impl Console {
             .route("/live/overview", get(live::overview))
             .route("/commands", get(commands::list).post(commands::send))
             .route("/commands/{id}", get(commands::one))
+            .route("/alerts", get(alerts::list))
+            .route("/alerts/{id}", get(alerts::one))
+            .route("/alerts/{id}/ack", post(alerts::ack))
+            .route("/alerts/{id}/clear", post(alerts::clear))
+            .route("/rules", get(alerts::rules))
             .route("/live/devices/{id}", get(live::device))
             .route("/live/commands", get(live::commands))
+            .route("/live/alerts", get(live::alerts))
             .fallback(|| async { error(StatusCode::NOT_FOUND, "no such console API") })
             .layer(DefaultBodyLimit::max(MAX_BODY));
         Router::new()

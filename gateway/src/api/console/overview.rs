@@ -1,7 +1,7 @@
 //! The overview page's figures, and the sampler that pushes them to open pages.
 //!
 //! Devices are counted in one registry pass with the KPI's rule for "active"; ingest rates,
-//! refusals and commit latency come from the gateway's own Prometheus counters (read back from
+//! refusals, active alerts by severity and commit latency come from the gateway's own Prometheus counters (read back from
 //! the exporter, so the console and a scrape agree); sink lag from the forwarders' cursors. One
 //! task samples every `console.live_interval_ms`, keeps the last [`HISTORY`] rate points for the
 //! chart, and, only while a page is open, computes the whole overview once and shares the same
@@ -36,6 +36,7 @@ const PREFIXES: &[&str] = &[
     "citygw_store_commit_errors_total",
     "citygw_store_queue_depth",
     "citygw_connected_devices",
+    "citygw_alerts_active",
 ];
 
 /// What the overview is computed from.
@@ -379,6 +380,12 @@ impl Overview {
                     "messages_per_s": history.iter().map(|r| r.messages_per_s).collect::<Vec<_>>(),
                 },
             },
+            // Set by the rules after each durable change, before anyone hears of it.
+            "alerts_active": samples
+                .iter()
+                .filter(|x| x.name == "citygw_alerts_active")
+                .map(|x| (x.label("severity"), x.value as u64))
+                .collect::<BTreeMap<&str, u64>>(),
             "refused": refusals(&samples, "citygw_messages_rejected_total"),
             "auth_failures": refusals(&samples, "citygw_auth_failures_total"),
             "sinks": sinks,

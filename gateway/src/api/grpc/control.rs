@@ -295,29 +295,7 @@ impl Control for ControlService {
         req: Request<ListRulesRequest>,
     ) -> Result<Response<ListRulesResponse>, Status> {
         caller(&req)?;
-        let active = self.alerts.active_per_rule().await;
-        let rules = self
-            .alerts
-            .rules()
-            .iter()
-            .map(|r| Rule {
-                name: r.name.clone(),
-                r#type: r.type_label().to_string(),
-                description: r.describe(),
-                severity: r.severity as i32,
-                quantity: r.quantity.clone(),
-                tenant: r.tenant.clone(),
-                kind: r.kind.clone(),
-                commune: r.commune.clone(),
-                device: r.device.clone(),
-                action_command: r
-                    .action
-                    .as_ref()
-                    .map(|a| a.command.clone())
-                    .unwrap_or_default(),
-                active: active.get(&r.name).copied().unwrap_or(0),
-            })
-            .collect();
+        let rules = self.alerts.rule_list().await;
         Ok(Response::new(ListRulesResponse { rules }))
     }
 }

@@ -236,18 +236,34 @@ impl Alerts {
         Ok(alerts)
     }
 
-    pub fn rules(&self) -> &[Rule] {
-        &self.inner.rules
-    }
-
-    /// Active alerts per rule name.
-    pub async fn active_per_rule(&self) -> HashMap<String, u64> {
+    /// The rules in force as the Control API lists them, with their active alerts.
+    pub async fn rule_list(&self) -> Vec<crate::proto::Rule> {
+        let mut active: HashMap<&str, u64> = HashMap::new();
         let st = self.inner.state.lock().await;
-        let mut out = HashMap::new();
         for a in st.active.values() {
-            *out.entry(a.rule.clone()).or_default() += 1;
+            *active.entry(a.rule.as_str()).or_default() += 1;
         }
-        out
+        self.inner
+            .rules
+            .iter()
+            .map(|r| crate::proto::Rule {
+                name: r.name.clone(),
+                r#type: r.type_label().to_string(),
+                description: r.describe(),
+                severity: r.severity as i32,
+                quantity: r.quantity.clone(),
+                tenant: r.tenant.clone(),
+                kind: r.kind.clone(),
+                commune: r.commune.clone(),
+                device: r.device.clone(),
+                action_command: r
+                    .action
+                    .as_ref()
+                    .map(|a| a.command.clone())
+                    .unwrap_or_default(),
+                active: active.get(r.name.as_str()).copied().unwrap_or(0),
+            })
+            .collect()
     }
 
     /// Evaluates committed readings and the timers until `shutdown`.

@@ -38,6 +38,7 @@ use tokio::sync::Notify;
 
 use super::handler::{Identity, Response};
 use super::request;
+use crate::config::CoapConfig;
 use crate::control::commands::Commands;
 use crate::observability::clip;
 use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
@@ -46,9 +47,6 @@ use crate::reason;
 use crate::registry::{AuthError, DeviceEntry, Registry};
 use objects::Path;
 
-/// RFC 7252 ACK_TIMEOUT and MAX_RETRANSMIT for the server's own requests.
-const ACK_TIMEOUT: Duration = Duration::from_secs(2);
-const MAX_RETRANSMIT: u32 = 4;
 /// Lifetime when the client gives none (LwM2M default).
 const DEFAULT_LIFETIME: u64 = 86_400;
 
@@ -101,19 +99,19 @@ pub struct Lwm2m {
 }
 
 impl Lwm2m {
-    pub fn new(registry: Registry, pipeline: Pipeline, nosec: bool, awake: Duration) -> Self {
+    pub fn new(registry: Registry, pipeline: Pipeline, cfg: &CoapConfig) -> Self {
         Self {
             registry,
             pipeline,
-            nosec,
+            nosec: cfg.lwm2m_nosec,
             registrations: Mutex::default(),
             observations: Mutex::default(),
             plain: OnceLock::new(),
             next_message_id: AtomicU16::new(rand::random()),
             outstanding: Mutex::default(),
             commands: OnceLock::new(),
-            timing: requests::Timing::default(),
-            awake,
+            timing: requests::Timing::new(Duration::from_millis(cfg.lwm2m_ack_timeout_ms)),
+            awake: Duration::from_secs(cfg.lwm2m_queue_awake_secs),
         }
     }
 
@@ -691,8 +689,8 @@ impl Lwm2m {
             p.add_option(CoapOption::UriPath, seg.to_string().into_bytes());
         }
         let bytes = p.to_bytes().expect("a GET encodes");
-        let mut wait = ACK_TIMEOUT;
-        for _ in 0..=MAX_RETRANSMIT {
+        let mut wait = self.timing.ack_timeout;
+        for _ in 0..=self.timing.max_retransmit {
             if let Err(e) = socket.send_to(&bytes, peer).await {
                 tracing::debug!(%peer, error = %e, "lwm2m send");
             }
@@ -945,8 +943,7 @@ mod tests {
         let lwm2m = Lwm2m::new(
             registry,
             Pipeline::new(store.clone(), 1 << 16),
-            false,
-            Duration::from_secs(93),
+            &CoapConfig::default(),
         );
         let token = vec![7u8, 7];
         let peer: SocketAddr = "127.0.0.1:5683".parse().unwrap();

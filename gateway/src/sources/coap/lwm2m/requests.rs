@@ -38,13 +38,15 @@ pub struct Timing {
     pub separate_response: Duration,
 }
 
-impl Default for Timing {
-    fn default() -> Self {
+impl Timing {
+    /// MAX_RETRANSMIT 4 and ACK_RANDOM_FACTOR 1.5 as RFC 7252 has them; the separate response
+    /// may take MAX_TRANSMIT_WAIT (93 s with the default ACK_TIMEOUT of 2 s), time for the
+    /// client's own retransmissions of it.
+    pub fn new(ack_timeout: Duration) -> Self {
         Timing {
-            ack_timeout: Duration::from_secs(2),
+            ack_timeout,
             max_retransmit: 4,
-            // MAX_TRANSMIT_WAIT: the client's own retransmissions of its response fit in it.
-            separate_response: Duration::from_secs(93),
+            separate_response: ack_timeout.mul_f64(31.0 * 1.5),
         }
     }
 }

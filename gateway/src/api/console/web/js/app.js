@@ -11,6 +11,7 @@ import * as devices from "./pages/devices.js";
 import * as device from "./pages/device.js";
 import * as deadletters from "./pages/deadletters.js";
 import * as commands from "./pages/commands.js";
+import * as alerts from "./pages/alerts.js";
 
 const routes = [
   [/^#\/overview$/, overview, "overview"],
@@ -19,6 +20,7 @@ const routes = [
   [/^#\/devices\/(.+)$/, device, "devices"],
   [/^#\/deadletters$/, deadletters, "deadletters"],
   [/^#\/commands(?:\/(.+))?$/, commands, "commands"],
+  [/^#\/alerts(?:\/(.+))?$/, alerts, "alerts"],
 ];
 
 // --- shell ---------------------------------------------------------------------------------
@@ -67,7 +69,9 @@ async function route() {
     a.classList.toggle("current", a.dataset.page === nav);
   }
   try {
-    cleanup = (await page.render(root, match.slice(1).map(decodeURIComponent))) || null;
+    // An optional part that is absent stays undefined (decodeURIComponent would make it "undefined").
+    const params = match.slice(1).map((p) => (p === undefined ? undefined : decodeURIComponent(p)));
+    cleanup = (await page.render(root, params)) || null;
   } catch (e) {
     if (!(e instanceof SignedOut)) root.append(errorBox(e));
   }

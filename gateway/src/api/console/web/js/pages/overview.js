@@ -1,8 +1,9 @@
-// Overview: devices by state, protocol and kind; ingest rate as a live chart; refusals by
-// reason; sink lag; store commit latency. One server-sent event stream feeds all of it.
+// Overview: devices by state, protocol and kind; active alerts by severity; ingest rate as a live
+// chart; refusals by reason; sink lag; store commit latency. One server-sent event stream feeds all of it.
 
 import { t } from "../i18n.js";
 import { h, live, fmtNum, fmtTime, table, card, tzDate } from "../ui.js";
+import { SEVERITIES } from "./alerts.js";
 
 function counts(label) {
   return [
@@ -28,6 +29,7 @@ function refusalTable(rows, id, empty) {
 
 export function render(root) {
   const cards = h("div", { class: "cards" });
+  const alerts = h("div", { class: "cards", id: "overview-alerts" });
   const chartBox = h("div", { class: "chart" });
   const rates = h("p", { class: "muted" });
   const byProtocol = h("div");
@@ -41,6 +43,7 @@ export function render(root) {
   root.append(
     h("h1", {}, t("nav.overview"), " ", h("span", { class: "badge" }, t("live")), " ", stamp),
     cards,
+    h("section", {}, h("h2", {}, h("a", { href: "#/alerts" }, t("ov.alerts"))), alerts),
     h("section", {}, h("h2", {}, t("ov.ingest")), rates, chartBox),
     h("div", { class: "cols" },
       h("section", {}, h("h2", {}, t("ov.by_protocol")), byProtocol),
@@ -80,6 +83,9 @@ export function render(root) {
       card(t("ov.online"), fmtNum(d.online), "devices.online"),
       card(t("ov.readings_total"), fmtNum(o.ingest.readings_total), "ingest.readings_total"),
     );
+    const al = o.alerts_active || {};
+    alerts.replaceChildren(...SEVERITIES.map((s) => h("a", { href: "#/alerts", class: "card-link" },
+      card(t("al.sev." + s), fmtNum(al[s] || 0), `alerts.active.${s}`))));
     rates.replaceChildren(
       h("span", { "data-metric": "ingest.readings_per_s" }, fmtNum(o.ingest.readings_per_s, 1)),
       ` ${t("ov.readings_per_s")} · `,
