@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::console::{self, Console};
 use crate::api::{grpc::GrpcServer, http};
 use crate::config::Config;
-use crate::control::commands::Commands;
+use crate::control::commands::{transport::lorawan::Lorawan, Commands};
 use crate::control::rules::Alerts;
 use crate::kpi::Kpi;
 use crate::pipeline::{now_ms, Pipeline};
@@ -16,7 +16,8 @@ use crate::registry::agencies::Agencies;
 use crate::registry::operators::Operators;
 use crate::registry::Registry;
 use crate::sinks::Sinks;
-use crate::sources::{coap::CoapSource, lorawan::LorawanSource, mqtt::MqttSource, Source};
+use crate::sources::lorawan::{Downlinks, LorawanSource};
+use crate::sources::{coap::CoapSource, mqtt::MqttSource, Source};
 use crate::store::jetstream::Cluster;
 use crate::store::{Store, StoreOptions};
 
@@ -66,7 +67,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (commands, command_log) = Commands::load(store.clone(), registry.clone())?;
     let command_log = tokio::spawn(command_log.run(cfg.store.retention(), shutdown.clone()));
     let alerts = Alerts::load(
-        crate::control::rules::config::compile_all(&cfg.rules)?,
+        &cfg.rules,
         store.clone(),
         registry.clone(),
         commands.clone(),
@@ -195,6 +196,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             reloader: reloader.clone(),
         }),
     ];
+    // Commands to LoRaWAN devices go out as downlinks through the bridges that allow them.
+    let downlinks = match cfg.lorawan.iter().any(|s| s.downlinks) {
+        true => {
+            let transport = Lorawan::load(store.clone())?;
+            commands.attach(transport.clone());
+            Some(Downlinks {
+                transport,
+                commands: commands.clone(),
+            })
+        }
+        false => None,
+    };
     for server in &cfg.lorawan {
         sources.push(Box::new(LorawanSource {
             config: server.clone(),
@@ -204,6 +217,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             lease: cluster
                 .as_ref()
                 .map(|c| c.lease(&format!("lorawan/{}", server.name), shutdown.clone())),
+            downlinks: downlinks.clone(),
         }));
     }
     for source in sources {

@@ -287,8 +287,19 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         "citygw_lorawan_messages_total",
-        "Network-server events handled, by server, event (up, join, status, error, ...) and \
-         outcome (stored, duplicate, dead_letter, ignored)"
+        "Network-server events handled, by server, event (up, join, status, error, downlink, \
+         malformed, ...) and outcome (stored, duplicate, dead_letter, ignored, report)"
+    );
+    describe_counter!(
+        "citygw_lorawan_downlinks_total",
+        "Command downlinks the network server's broker accepted (PUBACK; TTS: published), by \
+         server"
+    );
+    describe_counter!(
+        "citygw_lorawan_downlink_reports_total",
+        "Network-server reports on downlinks, by server, report (queued, transmitted, ack, nack, \
+         failed) and outcome (matched, late, unknown_command, wrong_device, unknown_device, \
+         no_command_id, no_downlinks)"
     );
     describe_counter!(
         "citygw_lorawan_dead_letters_total",
@@ -416,9 +427,17 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         "citygw_alerts_cleared_total",
-        "Alerts cleared, by rule, severity and who (rule, operator)"
+        "Alerts cleared, by rule, severity and who (rule, operator, rule_removed)"
     );
     describe_gauge!("citygw_alerts_active", "Alerts active now, by severity");
+    describe_gauge!(
+        "citygw_rules",
+        "Alert rules in force, by origin (config file, api: added at run time)"
+    );
+    describe_counter!(
+        "citygw_rule_changes_total",
+        "Rules added or removed at run time, by change (added, removed)"
+    );
     describe_counter!(
         "citygw_rule_actions_total",
         "Commands of rule actions per target, by rule and outcome (sent, cooldown, failed)"

@@ -202,3 +202,93 @@ def test_agency_scope_and_control_permission(gw: Gateway, control):
     acked = actor.stub.AckAlert(actor.pb.AckAlertRequest(id=any_alert.id),
                                 metadata=actor.metadata, timeout=10)
     assert alert_state(actor, acked).endswith("_ACK") and acked.acked_by.startswith("agency:")
+
+
+def refused(gw: Gateway, *args: str) -> str:
+    """A CLI command that must fail; its error output."""
+    proc = gw.cli_raw(*args)
+    assert proc.returncode != 0, (args, proc.stdout)
+    return proc.stderr
+
+
+def test_rules_added_at_run_time_raise_survive_kill9_and_stop_when_removed(gw: Gateway, control,
+                                                                           tmp_path):
+    """`citygw rule add` puts a rule in force at once, checked like a config rule (errors name
+    the key); a reading crossing it raises the alert; it survives kill -9 and is still
+    evaluated; `rule list` shows both origins; `rule remove` clears its active alert and no
+    reading raises one after. Config rules can be neither shadowed nor removed this way, and
+    agencies (even with `control`) change no rule."""
+    d = gw.add_device("al-runtime", kind="water_level", commune="00004")
+    rule = ["rule", "add", "water-high", "--quantity", "water_level", "--above", "2.5"]
+    err = refused(gw, *rule, "--clear-below", "2.7")
+    assert 'rule "water-high": clear: must be on the safe side' in err, err
+    err = refused(gw, *rule, "--for", "5 parsecs")
+    assert 'rule "water-high": for' in err, err
+    err = refused(gw, "rule", "add", "flood", "--quantity", "water_level", "--above", "3")
+    assert 'a rule named "flood" already exists (in the config file)' in err, err
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[[rules]]\nname = "typo"\nquantity = "water_level"\nabove = 1\nfor_ever = "1m"\n')
+    assert "for_ever" in refused(gw, "rule", "add", "--file", str(typo))
+
+    added = gw.cli(*rule, "--clear-below", "2.3", "--severity", "major",
+                   "--device", d.id)
+    assert [(r["name"], r["origin"], r["added_by"], r["description"]) for r in added] == \
+        [("water-high", "api", "admin", "water_level > 2.5, clear below 2.3")], added
+    assert "already exists (added at run time)" in refused(gw, *rule)
+    more = tmp_path / "rules.toml"
+    more.write_text('[[rules]]\nname = "runtime-quiet"\ndevice = "al-runtime"\n'
+                    'silent_for = "1h"\nseverity = "warning"\n')
+    assert [r["name"] for r in gw.cli("rule", "add", "--file", str(more))] == ["runtime-quiet"]
+
+    admin = control(gw)
+    with gw.connected_client(d) as dev:
+        publish(dev, d, {"water_level": 2.9})
+    raised = wait_until(lambda: alerts(admin, device_id=d.id, active_only=True), timeout=15,
+                        desc="the rule added at run time raised an alert")
+    assert [(a.rule, a.severity) for a in raised] == [("water-high", admin.pb.SEVERITY_MAJOR)]
+    agency = control(gw, gw.add_agency(tenants=["hanoi"], kinds=["*"], control=True).token)
+    for call in (lambda: agency.stub.AddRule(agency.pb.AddRuleRequest(
+                     definition='name = "x"\nquantity = "water_level"\nabove = 1'),
+                     metadata=agency.metadata, timeout=10),
+                 lambda: agency.stub.RemoveRule(agency.pb.RemoveRuleRequest(name="water-high"),
+                                                metadata=agency.metadata, timeout=10)):
+        e = rpc_error(call)
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "admin" in e.details(), e
+    # No gRPC channel is open while the test process spawns the gateway (grpcio's fork handlers).
+    admin.close()
+    agency.close()
+
+    gw.kill9()
+    gw.restart()
+    listed = {r["name"]: r for r in gw.cli("rule", "list")}
+    assert listed["flood"]["origin"] == "config" and listed["flood"]["added_by"] == ""
+    assert (listed["water-high"]["origin"], listed["water-high"]["active"]) == ("api", 1), listed
+    assert "above = 2.5" in listed["water-high"]["definition"], listed["water-high"]
+    assert listed["runtime-quiet"]["origin"] == "api"
+    assert gw.metric("citygw_rules", origin="api") == 2
+    admin = control(gw)
+    with gw.connected_client(d) as dev:
+        publish(dev, d, {"water_level": 2.0})
+    wait_until(lambda: not alerts(admin, device_id=d.id, active_only=True), timeout=15,
+               desc="still evaluated after the restart: the lower reading cleared the alert")
+    assert alerts(admin, device_id=d.id)[0].cleared_by == "rule:water-high"
+
+    assert "config file" in refused(gw, "rule", "remove", "flood")
+    assert "not found" in refused(gw, "rule", "remove", "no-such-rule")
+    with gw.connected_client(d) as dev:
+        publish(dev, d, {"water_level": 2.8})
+    active = wait_until(lambda: alerts(admin, device_id=d.id, active_only=True), timeout=15,
+                        desc="raised again")
+    assert gw.cli("rule", "remove", "water-high") == {"removed": "water-high",
+                                                      "alerts_cleared": 1}
+    cleared = admin.stub.GetAlert(admin.pb.GetAlertRequest(id=active[0].id),
+                                  metadata=admin.metadata, timeout=10)
+    assert (alert_state(admin, cleared), cleared.cleared_by) == ("CLEARED_UNACK", "admin")
+    assert cleared.history[-1].detail == 'rule "water-high" removed', cleared.history
+    evaluated = gw.metric("citygw_rules_readings_evaluated_total")
+    with gw.connected_client(d) as dev:
+        publish(dev, d, {"water_level": 3.5})
+    gw.wait_metric("citygw_rules_readings_evaluated_total", evaluated + 1)
+    assert len(alerts(admin, device_id=d.id)) == 2, "no alert after the rule was removed"
+    assert "water-high" not in {r["name"] for r in gw.cli("rule", "list")}
+    gw.cli("rule", "remove", "runtime-quiet")

@@ -258,7 +258,7 @@ def test_bad_answers_and_requests_are_refused(gw: Gateway, control):
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "JSON object" in e.details()
     assert code(lambda: admin.send(d.id, "x", ttl_ms=31 * 86_400_000)) == \
         grpc.StatusCode.INVALID_ARGUMENT
-    # an LwM2M write to an MQTT device, and (no downlink transport yet) a LoRaWAN command:
+    # an LwM2M write to an MQTT device, and a LoRaWAN command in a gateway without a bridge:
     # refused, never queued to expire
     e = rpc_error(lambda: admin.send(d.id, "on", lwm2m=("write", "/3311/0/5850", "1")))
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "LwM2M" in e.details(), e

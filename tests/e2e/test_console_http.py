@@ -343,6 +343,45 @@ def test_alerts_everyone_reads_and_only_the_admin_acknowledges_and_clears(gw: Ga
     assert s.post(f"{url}/nope/ack", headers={"X-CSRF-Token": csrf}, timeout=10).status_code == 404
 
 
+def test_the_admin_adds_and_removes_rules_in_the_console(gw: Gateway):
+    """Rules at run time from the console: TOML as in the config file, the same checks (a typo is
+    named), admin only with CSRF; the CLI lists what the console added; a config rule cannot be
+    removed here."""
+    s, csrf = session_for(gw, gw.token)
+    url = gw.http_base + "/console/api/rules"
+    ok = {"X-CSRF-Token": csrf}
+    body = {"definition": 'name = "console-high"\nquantity = "water_level"\nabove = 9\n'
+                          'severity = "minor"\ndevice = "con-high"'}
+    assert s.post(url, json=body, timeout=10).status_code == 403, "no CSRF token"
+    op, op_csrf = session_for(gw, add_operator(gw, "rule-reader"))
+    r = op.post(url, json=body, headers={"X-CSRF-Token": op_csrf}, timeout=10)
+    assert r.status_code == 403 and "read-only" in r.json()["error"], r.text
+    r = s.post(url, json=body, headers=ok, timeout=10)
+    assert r.status_code == 200, r.text
+    assert (r.json()["name"], r.json()["origin"], r.json()["added_by"]) == \
+        ("console-high", "api", "admin"), r.json()
+    r = s.post(url, json=body, headers=ok, timeout=10)
+    assert r.status_code == 409 and "already exists" in r.json()["error"], r.text
+    typo = {"definition": 'name = "y"\nquantity = "water_level"\nabove = 1\nabvoe = 2'}
+    r = s.post(url, json=typo, headers=ok, timeout=10)
+    assert r.status_code == 400 and "abvoe" in r.json()["error"], r.text
+    r = s.post(url, json={"definition": 'name = "y"\nquantity = "q"\nbelow = 1\nclear = 0'},
+               headers=ok, timeout=10)
+    assert r.status_code == 400 and 'rule "y": clear' in r.json()["error"], r.text
+    listed = {x["name"]: x["origin"] for x in gw.cli("rule", "list")}
+    assert listed == {"console-flood": "config", "console-high": "api"}, listed
+    assert [x["name"] for x in op.get(url, timeout=10).json()["rules"]] == \
+        ["console-flood", "console-high"]
+    r = s.post(f"{url}/console-flood/remove", headers=ok, timeout=10)
+    assert r.status_code == 409 and "config file" in r.json()["error"], r.text
+    r = op.post(f"{url}/console-high/remove", headers={"X-CSRF-Token": op_csrf}, timeout=10)
+    assert r.status_code == 403
+    r = s.post(f"{url}/console-high/remove", headers=ok, timeout=10)
+    assert r.json() == {"removed": "console-high", "alerts_cleared": 0}, r.text
+    assert s.post(f"{url}/console-high/remove", headers=ok, timeout=10).status_code == 404
+    assert [x["name"] for x in gw.cli("rule", "list")] == ["console-flood"]
+
+
 def test_assets_are_embedded_with_security_headers_and_no_outside_reference(gw: Gateway):
     page = requests.get(gw.http_base + "/console/", timeout=10)
     csp = page.headers["content-security-policy"]

@@ -318,3 +318,44 @@ def test_street_lights_carry_out_commands_sent_by_grpc(gw, control, tmp_path):
 
     assert after(dim, ok_dim) == {("lamp_state", True), ("power", 44.0)}  # 110 W rated, 40 %
     assert after(off, ok_off) == {("lamp_state", False), ("power", 0.0)}
+
+
+def test_lwm2m_street_light_takes_writes_sent_by_grpc(gw, control, tmp_path):
+    """The same lamp as an LwM2M client (IPSO Light Control /3311/0): the gateway's Writes sent
+    through the Control API are answered 2.04 and its next notifications show them; a Write of
+    a resource it does not have is answered 4.00 and the command FAILS with that code."""
+    scenario = tmp_path / "lights.toml"
+    text = LIGHTS.read_text()
+    for old, new in (("devices = 10000", "devices = 1"), ("duration_secs = 300", "duration_secs = 6"),
+                     ("ramp_up_secs = 20", "ramp_up_secs = 0"), ("interval_secs = 30", "interval_secs = 1"),
+                     ('id_prefix = "sl"', 'id_prefix = "slw"'), ('tenant = "sim-lights"', 'tenant = "sim-lights-lwm2m"'),
+                     ("mqtt = 1", "lwm2m = 1"), ("json = 1", "senml-json = 1")):
+        assert old in text, old
+        text = text.replace(old, new)
+    scenario.write_text(text)
+    p = provision(gw, scenario, "sim-lights-lwm2m", tmp_path / "creds.csv", devices=1)
+    (lamp,) = p.rows
+
+    admin = control(gw)
+    # Queued until the client registers.
+    dim = admin.send(lamp, "dim", lwm2m=("write", "/3311/0/5851", "40"), ttl_ms=60_000)
+    on = admin.send(lamp, "on", lwm2m=("write", "/3311/0/5850", "true"), ttl_ms=60_000)
+    bad = admin.send(lamp, "colour", lwm2m=("write", "/3311/0/5706", "red"), ttl_ms=60_000)
+    run_json = tmp_path / "run.json"
+    run = subprocess.Popen(
+        [str(DEVICE_SIM), "run", str(scenario), "--credentials", str(p.creds), "--coap", gw.coap_listen,
+         "--json", str(run_json)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        admin.wait_state(dim.id, "SUCCEEDED", timeout=30)
+        done = admin.wait_state(on.id, "SUCCEEDED", timeout=30)
+        refused = admin.wait_state(bad.id, "FAILED", timeout=30)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 0, out
+    assert "4.00" in refused.error and "not writable" in refused.error, refused
+    r = json.loads(run_json.read_text())
+    assert (r["commands_received"], r["commands_ok"], r["commands_error"]) == (3, 2, 1), r
+    after = [x for x in gw.readings(lamp) if x["device_time_ms"] >= done.history[-1].time_ms + 2000]
+    assert after and {x["value"] for x in after if x["quantity"] == "power"} == {44.0}, after

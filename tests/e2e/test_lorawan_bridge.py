@@ -106,8 +106,9 @@ def test_chirpstack_decoded_object_join_status_and_log(bridge):
     log.time.FromMilliseconds(t + 2000)
     ns.publish(chirpstack_topic(eui, "log"), log.SerializeToString())
 
-    # Events the bridge does not record are counted and acknowledged.
-    before = gw.metric("citygw_lorawan_messages_total", server="ns1", outcome="ignored")
+    # A downlink report naming none of our commands (someone else's downlink) is counted and
+    # acknowledged; it is no reading.
+    before = gw.metric("citygw_lorawan_messages_total", server="ns1", outcome="report")
     txack = integration.TxAckEvent(downlink_id=5)
     txack.device_info.dev_eui = eui
     ns.publish(chirpstack_topic(eui, "txack"), txack.SerializeToString())
@@ -124,8 +125,10 @@ def test_chirpstack_decoded_object_join_status_and_log(bridge):
     assert (one(rs, "link_margin")["value"], one(rs, "link_margin")["unit"]) == (12, "dB")
     assert one(rs, "external_power")["value"] is False
     assert one(rs, "lorawan_error")["value"] == "UPLINK_CODEC: js codec: ReferenceError"
-    gw.wait_metric("citygw_lorawan_messages_total", before + 1, server="ns1", event="txack",
-                   outcome="ignored")
+    gw.wait_metric("citygw_lorawan_messages_total", before + 1, server="ns1", event="downlink",
+                   outcome="report")
+    assert gw.metric("citygw_lorawan_downlink_reports_total", server="ns1", report="transmitted",
+                     outcome="no_command_id") >= 1
 
 
 def test_raw_codec_keeps_the_bytes(bridge):

@@ -17,12 +17,20 @@
 //! command on, the lamp no longer follows its daily schedule: its readings report the commanded
 //! `lamp_state`, and `power` as the rated power times the dimmer level (0 when off).
 //!
+//! Over LwM2M the lamp exposes IPSO Light Control `/3311/0` and takes Writes of 5850 (on/off) and
+//! 5851 (dimmer), answered 2.04 Changed (4.00 Bad Request with the reason otherwise).
+//!
 //! Only devices that take commands carry a `Lamp` (boxed, so every other simulated device stays
 //! as small as decision 0016 keeps it).
 
 use serde_json::{json, Value as Json};
 
 use crate::scenario::profiles::{Profile, Value};
+
+/// IPSO Light Control (3311) resources a lamp takes Writes of.
+pub const LIGHT_CONTROL: u16 = 3311;
+const ON_OFF: u16 = 5850;
+const DIMMER: u16 = 5851;
 
 pub struct Lamp {
     /// Set by the first command: the schedule no longer applies.
@@ -86,6 +94,33 @@ impl Lamp {
                 ok: false,
             },
         }
+    }
+
+    /// An LwM2M Write of the IPSO Light Control object (/3311/0): resource 5850 on/off (`1`/`0`,
+    /// as the plain-text format writes a boolean, or `true`/`false`), 5851 dimmer (0-100). The
+    /// dimmer does not switch the lamp (IPSO keeps them apart).
+    pub fn write(&mut self, resource: u16, text: &str) -> Result<(), String> {
+        let mut state = self.commanded.unwrap_or(State {
+            on: false,
+            dimmer: 100.0,
+        });
+        let text = text.trim();
+        match resource {
+            ON_OFF => {
+                state.on = match text {
+                    "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => return Err(format!("5850 (on/off) takes 1 or 0, not {text:?}")),
+                }
+            }
+            DIMMER => match text.parse::<f64>() {
+                Ok(l) if (0.0..=100.0).contains(&l) => state.dimmer = l,
+                _ => return Err(format!("5851 (dimmer) takes 0-100, not {text:?}")),
+            },
+            other => return Err(format!("/3311/0/{other} is not writable")),
+        }
+        self.commanded = Some(state);
+        Ok(())
     }
 
     /// Overrides the sampled `lamp_state` and `power` with the commanded state, once there is one.
@@ -210,6 +245,20 @@ mod tests {
             json!({"id": "c4", "name": "light", "params": {"on": true, "level": 80}}),
         );
         assert_eq!(readings(&l)[1].1, Value::Number(88.0));
+    }
+
+    #[test]
+    fn lwm2m_writes_switch_and_dim() {
+        let mut l = lamp();
+        l.write(DIMMER, "25").unwrap();
+        // Dimmed, not switched: off until 5850 says on.
+        assert_eq!(readings(&l)[0].1, Value::Boolean(false));
+        l.write(ON_OFF, "1").unwrap();
+        assert_eq!(readings(&l)[1].1, Value::Number(27.5));
+        assert!(l.write(ON_OFF, "maybe").is_err());
+        assert!(l.write(DIMMER, "101").is_err());
+        assert!(l.write(5852, "1").is_err());
+        assert_eq!(readings(&l)[0].1, Value::Boolean(true));
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //! (temperature → /3303/0/5700, battery → /3/0/9, ...) uses it; any other goes to an instance
 //! of the generic sensor 3300, which the gateway stores as `sensor_value[_n]` — the ack log
 //! records that name, because it is the one the agency stream shows.
+//!
+//! A street light in a scenario with `commands = true` also registers IPSO Light Control
+//! `/3311/0` and takes the server's Writes of 5850 (on/off) and 5851 (dimmer) ([`Lamp`]); its next
+//! notifications carry the new state.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -24,10 +28,11 @@ use tokio::time::Instant;
 use super::coap::exchange::Outcome;
 use super::coap::session::Session;
 use super::coap::{self, uint, Ack};
+use super::lamp::{Lamp, LIGHT_CONTROL};
 use super::sample::Sampler;
 use crate::credentials::Credential;
-use crate::run::{AckRecord, DriverContext};
-use crate::scenario::profiles::{Profile, Value};
+use crate::run::{AckRecord, DriverContext, RunStats};
+use crate::scenario::profiles::{CommandSet, Profile, Value};
 use crate::scenario::{Scenario, SimDevice};
 
 const CF_LINK_FORMAT: u32 = 40;
@@ -81,8 +86,11 @@ fn resources(profile: &Profile) -> Vec<Resource> {
 }
 
 /// The registration payload (CoRE link format): the server and device objects, then ours.
-fn links(resources: &[Resource]) -> String {
+fn links(resources: &[Resource], lamp: bool) -> String {
     let mut instances = vec![(1, 0), (3, 0)];
+    if lamp {
+        instances.push((LIGHT_CONTROL, 0));
+    }
     for r in resources {
         let i = (r.path.object, r.path.instance);
         if !instances.contains(&i) {
@@ -142,12 +150,18 @@ struct Device<'a> {
     cbor: bool,
     answers: VecDeque<(u16, Packet)>,
     sampler: Sampler<'a>,
+    /// A street light that takes Writes (scenario `commands = true`), and where they are counted.
+    lamp: Option<(Box<Lamp>, Arc<RunStats>)>,
 }
 
 impl<'a> Device<'a> {
-    fn new(dev: &SimDevice, scenario: &'a Scenario) -> Self {
-        let resources = resources(&scenario.profiles[&dev.profile]);
+    fn new(dev: &SimDevice, scenario: &'a Scenario, stats: &Arc<RunStats>) -> Self {
+        let profile = &scenario.profiles[&dev.profile];
+        let resources = resources(profile);
+        let lamp = (scenario.commands && profile.commands == Some(CommandSet::Lamp))
+            .then(|| (Box::new(Lamp::new(profile)), stats.clone()));
         Self {
+            lamp,
             observed: resources.iter().map(|_| None).collect(),
             resources,
             current: (0, Vec::new()),
@@ -163,6 +177,35 @@ impl<'a> Device<'a> {
         } else {
             CF_SENML_JSON
         }
+    }
+
+    /// Samples the profile (with a lamp's commanded state); the device time.
+    fn sample(&mut self) -> u64 {
+        let ts_s = self.sampler.sample();
+        if let Some((lamp, _)) = &self.lamp {
+            lamp.apply(&mut self.sampler.values);
+        }
+        ts_s
+    }
+
+    /// A Write of the lamp's Light Control object: 2.04, or 4.00 with the reason.
+    fn write_lamp(&mut self, resource: u16, req: &Packet) -> Option<Packet> {
+        let (lamp, stats) = self.lamp.as_mut()?;
+        stats.commands_received.fetch_add(1, Ordering::Relaxed);
+        let text = String::from_utf8_lossy(&req.payload);
+        let mut p = Packet::new();
+        match lamp.write(resource, &text) {
+            Ok(()) => {
+                stats.commands_ok.fetch_add(1, Ordering::Relaxed);
+                p.header.code = MessageClass::Response(ResponseType::Changed);
+            }
+            Err(e) => {
+                stats.commands_error.fetch_add(1, Ordering::Relaxed);
+                p.header.code = MessageClass::Response(ResponseType::BadRequest);
+                p.payload = e.into_bytes();
+            }
+        }
+        Some(p)
     }
 
     /// A value of resource `i` at `ts_s`, framed as a 2.05 Content.
@@ -205,6 +248,13 @@ impl<'a> Device<'a> {
                     .join("/")
             })
             .and_then(|p| Path::parse(&p));
+        if let Some(p) = path.filter(|p| p.object == LIGHT_CONTROL && p.instance == 0) {
+            if req.header.code == MessageClass::Request(RequestType::Put) {
+                if let Some(answer) = self.write_lamp(p.resource, req) {
+                    return answer;
+                }
+            }
+        }
         let found = path.and_then(|p| self.resources.iter().position(|r| r.path == p));
         let code = match (req.header.code, found) {
             (MessageClass::Request(RequestType::Get), Some(i)) => {
@@ -242,7 +292,7 @@ impl<'a> Device<'a> {
         give_up_at: Instant,
     ) -> Result<Vec<Vec<u8>>, String> {
         self.observed.iter_mut().for_each(|o| *o = None);
-        self.current = (self.sampler.sample(), self.sampler.values.clone());
+        self.current = (self.sample(), self.sampler.values.clone());
         match session
             .exchange(request, give_up_at, &mut |r| self.on_request(r))
             .await
@@ -311,8 +361,8 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
     };
     let stats = &ctx.stats;
     let give_up_at = ctx.end() + ctx.drain;
-    let mut device = Device::new(&dev, &ctx.scenario);
-    let links = links(&device.resources);
+    let mut device = Device::new(&dev, &ctx.scenario, &ctx.stats);
+    let links = links(&device.resources, device.lamp.is_some());
     let mut next = device.sampler.first_report();
     let lifetime = ctx.coap.lwm2m_lifetime;
     let register = registration_request(&dev, &cred.secret, lifetime.as_secs(), links);
@@ -369,7 +419,7 @@ pub async fn run_device(dev: SimDevice, cred: Credential, ctx: Arc<DriverContext
             }
             update_at = Instant::now() + lifetime.mul_f64(2.0 / 3.0);
         }
-        let ts_s = device.sampler.sample();
+        let ts_s = device.sample();
         for i in 0..device.resources.len() {
             let Some(n) = device.notification(i, ts_s) else {
                 continue;
@@ -433,7 +483,7 @@ mod tests {
         let flood = resources(&p["flood_gauge"]);
         assert_eq!(flood[1].path, Path::parse("/3/0/9").unwrap());
         assert_eq!(&*flood[1].stored_as, "battery");
-        assert_eq!(links(&flood), "</1/0>,</3/0>,</3300/0>");
+        assert_eq!(links(&flood, false), "</1/0>,</3/0>,</3300/0>");
     }
 
     fn weather_station() -> Scenario {
@@ -462,7 +512,7 @@ mod tests {
     fn observe_gets_are_answered_once_per_message_id_and_notified_after() {
         let scenario = weather_station();
         let dev = &scenario.plan()[0];
-        let mut d = Device::new(dev, &scenario);
+        let mut d = Device::new(dev, &scenario, &Arc::default());
         d.current = (1_700_000_000, {
             d.sampler.sample();
             d.sampler.values.clone()
@@ -504,6 +554,51 @@ mod tests {
             refused.header.code,
             MessageClass::Response(ResponseType::MethodNotAllowed)
         );
+    }
+
+    #[test]
+    fn a_street_light_takes_writes_of_its_light_control_object() {
+        let text = "name = \"t\"\ntenant = \"x\"\nprovince = \"01\"\ndevices = 1\n\
+                    duration_secs = 5\ncommands = true\n[profiles]\nstreet_light = 1\n\
+                    [protocols]\nlwm2m = 1\n";
+        let scenario = Scenario::parse("s.toml", text, default_profiles()).unwrap();
+        let dev = &scenario.plan()[0];
+        let stats = Arc::new(RunStats::default());
+        let mut d = Device::new(dev, &scenario, &stats);
+        assert!(links(&d.resources, d.lamp.is_some()).contains("</3311/0>"));
+        let write = |path: &str, mid: u16, value: &str| {
+            let mut p = get(path, mid, None);
+            p.header.code = MessageClass::Request(RequestType::Put);
+            p.payload = value.as_bytes().to_vec();
+            p
+        };
+        let ok = d.on_request(&write("/3311/0/5851", 1, "40")).unwrap();
+        assert_eq!(
+            ok.header.code,
+            MessageClass::Response(ResponseType::Changed)
+        );
+        d.on_request(&write("/3311/0/5850", 2, "1")).unwrap();
+        let bad = d.on_request(&write("/3311/0/5850", 3, "on")).unwrap();
+        assert_eq!(
+            bad.header.code,
+            MessageClass::Response(ResponseType::BadRequest)
+        );
+        assert!(String::from_utf8_lossy(&bad.payload).contains("5850"));
+        // An Execute of the lamp is not allowed.
+        let mut exec = write("/3311/0/5850", 4, "");
+        exec.header.code = MessageClass::Request(RequestType::Post);
+        let refused = d.on_request(&exec).unwrap();
+        assert_eq!(
+            refused.header.code,
+            MessageClass::Response(ResponseType::MethodNotAllowed)
+        );
+        assert_eq!(stats.commands_ok.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.commands_error.load(Ordering::Relaxed), 1);
+        // The next sample shows it: on, 40 % of 110 W.
+        d.sample();
+        let v = |name: &str| d.sampler.values.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(v("lamp_state"), Value::Boolean(true));
+        assert_eq!(v("power"), Value::Number(44.0));
     }
 
     #[test]

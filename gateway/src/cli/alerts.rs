@@ -1,4 +1,7 @@
-//! `citygw alert ...` and `citygw rule list`: the alerts rules raise, through the Control API.
+//! `citygw alert ...` and `citygw rule list|add|remove`: the alerts rules raise and the rules
+//! themselves, through the Control API.
+
+use std::path::PathBuf;
 
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -6,8 +9,8 @@ use serde_json::{json, Value};
 use super::client::{rpc, Client};
 use super::output::{table, time};
 use super::Format;
-use crate::control::rules::alert_state_label;
-use crate::control::rules::config::{parse_severity, severity_label};
+use crate::control::rules::config::{parse_severity, severity_label, ActionConfig, RuleConfig};
+use crate::control::rules::{alert_state_label, definition_text};
 use crate::proto::*;
 
 #[derive(Subcommand)]
@@ -61,8 +64,155 @@ pub enum AlertCommand {
 
 #[derive(Subcommand)]
 pub enum RuleCommand {
-    /// The rules in force, with their active alerts.
+    /// The rules in force (from the config file and added at run time), with their active
+    /// alerts.
     List,
+    /// Add a rule at run time (kept in the store, evaluated from the next reading on).
+    ///
+    /// Checked like `[[rules]]` in the config file, with the same keys as options
+    /// (`citygw rule add water-high --quantity water_level --above 2.5 --for 5m --clear-below 2.3
+    /// --severity major --kind water_level`), or rules from a TOML file (`--file`).
+    Add(Box<RuleAdd>),
+    /// Remove a rule added at run time; its active alerts are cleared.
+    ///
+    /// Rules from the config file are removed by editing the file and restarting.
+    Remove {
+        /// The rule's name.
+        name: String,
+    },
+}
+
+/// `citygw rule add`: one rule from options, or rules from a file.
+#[derive(clap::Args)]
+pub struct RuleAdd {
+    /// The rule's name: 1-64 of a-z 0-9 - _ (not with --file).
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    name: Option<String>,
+    /// Rules in TOML as in the config file: `[[rules]]` tables, or one rule's keys; `-` reads
+    /// standard input.
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// The reading quantity watched (threshold and rate rules), e.g. water_level.
+    #[arg(long, default_value = "")]
+    quantity: String,
+    /// Threshold: raise while the value is above this.
+    #[arg(long, allow_hyphen_values = true)]
+    above: Option<f64>,
+    /// Threshold: raise while the value is below this.
+    #[arg(long, allow_hyphen_values = true)]
+    below: Option<f64>,
+    /// The condition must hold this long (e.g. 5m; default: at once).
+    #[arg(long = "for", value_name = "DURATION", default_value = "")]
+    for_: String,
+    /// Hysteresis of an --above rule: its alert clears only below this (default: the threshold).
+    #[arg(long, requires = "above", allow_hyphen_values = true)]
+    clear_below: Option<f64>,
+    /// Hysteresis of a --below rule: its alert clears only above this.
+    #[arg(long, requires = "below", allow_hyphen_values = true)]
+    clear_above: Option<f64>,
+    /// Absence: raise when a device sent nothing for this long (e.g. 30m).
+    #[arg(long, value_name = "DURATION")]
+    silent_for: Option<String>,
+    /// Rate of change: raise when the value rose by this much within --within.
+    #[arg(long)]
+    rises: Option<f64>,
+    /// Rate of change: raise when the value fell by this much within --within.
+    #[arg(long)]
+    falls: Option<f64>,
+    /// The window of --rises / --falls (e.g. 15m).
+    #[arg(long, value_name = "DURATION")]
+    within: Option<String>,
+    /// critical, major (default), minor or warning.
+    #[arg(long, default_value = "")]
+    severity: String,
+    /// Scope: only devices of this tenant.
+    #[arg(long, default_value = "")]
+    tenant: String,
+    /// Scope: only devices of this kind.
+    #[arg(long, default_value = "")]
+    kind: String,
+    /// Scope: only devices in this commune (code).
+    #[arg(long, default_value = "")]
+    commune: String,
+    /// Scope: only this device.
+    #[arg(long, default_value = "")]
+    device: String,
+    /// Action: the command sent when the rule raises an alert.
+    #[arg(long, value_name = "COMMAND")]
+    action: Option<String>,
+    /// Action: the command's params, a JSON object.
+    #[arg(long, requires = "action", value_name = "JSON")]
+    action_params: Option<String>,
+    /// Action: send to the enabled devices of this kind in the alert's commune (default: the
+    /// device that raised it).
+    #[arg(long, requires = "action", default_value = "")]
+    action_target_kind: String,
+    /// Action: no second command for the same target within this time (default 10m).
+    #[arg(long, requires = "action", default_value = "")]
+    action_cooldown: String,
+    /// Action: the commands' time to live (default 1h).
+    #[arg(long, requires = "action", default_value = "")]
+    action_ttl: String,
+}
+
+impl RuleAdd {
+    /// The rule definitions to send, as TOML tables.
+    fn definitions(self) -> anyhow::Result<Vec<String>> {
+        let Some(path) = &self.file else {
+            return Ok(vec![definition_text(&self.into_config()?)]);
+        };
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        };
+        let doc: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        match doc.get("rules") {
+            Some(toml::Value::Array(rules)) => rules
+                .iter()
+                .map(|r| match r {
+                    toml::Value::Table(t) => Ok(toml::to_string(t)?),
+                    _ => anyhow::bail!("{}: rules: [[rules]] tables", path.display()),
+                })
+                .collect(),
+            Some(_) => anyhow::bail!("{}: rules: [[rules]] tables", path.display()),
+            None => Ok(vec![text]),
+        }
+    }
+
+    fn into_config(self) -> anyhow::Result<RuleConfig> {
+        let params = self
+            .action_params
+            .as_deref()
+            .map(serde_json::from_str::<Value>)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--action-params: {e}"))?;
+        Ok(RuleConfig {
+            name: self.name.unwrap_or_default(),
+            severity: self.severity,
+            tenant: self.tenant,
+            kind: self.kind,
+            commune: self.commune,
+            device: self.device,
+            quantity: self.quantity,
+            above: self.above,
+            below: self.below,
+            clear: self.clear_below.or(self.clear_above),
+            for_: self.for_,
+            silent_for: self.silent_for,
+            rises: self.rises,
+            falls: self.falls,
+            within: self.within,
+            action: self.action.map(|command| ActionConfig {
+                command,
+                params,
+                target_kind: self.action_target_kind,
+                cooldown: self.action_cooldown,
+                ttl: self.action_ttl,
+            }),
+        })
+    }
 }
 
 fn severity(s: &str) -> anyhow::Result<Severity> {
@@ -274,7 +424,8 @@ pub fn rule_json(r: &Rule) -> Value {
         "severity": severity_label(Severity::try_from(r.severity).unwrap_or_default()),
         "quantity": r.quantity, "tenant": r.tenant, "kind": r.kind,
         "commune": r.commune, "device": r.device,
-        "action_command": r.action_command, "active": r.active,
+        "action_command": r.action_command, "active": r.active, "origin": r.origin,
+        "added_by": r.added_by, "added_time_ms": r.added_time_ms, "definition": r.definition,
     })
 }
 
@@ -283,14 +434,62 @@ pub async fn run_rules(
     format: Format,
     cmd: RuleCommand,
 ) -> anyhow::Result<()> {
-    let RuleCommand::List = cmd;
-    let rules = client
-        .control
-        .list_rules(ListRulesRequest {})
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .rules;
+    let control = &mut client.control;
+    match cmd {
+        RuleCommand::List => {
+            let rules = control
+                .list_rules(ListRulesRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .rules;
+            print_rules(format, &rules);
+        }
+        RuleCommand::Add(add) => {
+            let mut added = Vec::new();
+            for definition in add.definitions()? {
+                let rule = control
+                    .add_rule(AddRuleRequest { definition })
+                    .await
+                    .map_err(|e| {
+                        let done = added
+                            .iter()
+                            .map(|r: &Rule| r.name.as_str())
+                            .collect::<Vec<_>>();
+                        if done.is_empty() {
+                            rpc(e)
+                        } else {
+                            anyhow::anyhow!("{} (added before it: {})", rpc(e), done.join(", "))
+                        }
+                    })?
+                    .into_inner();
+                added.push(rule);
+            }
+            print_rules(format, &added);
+        }
+        RuleCommand::Remove { name } => {
+            let r = control
+                .remove_rule(RemoveRuleRequest { name })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let name = r.rule.map(|r| r.name).unwrap_or_default();
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    json!({"removed": name, "alerts_cleared": r.alerts_cleared})
+                ),
+                Format::Table => println!(
+                    "rule {name} removed; {} active alert(s) cleared",
+                    r.alerts_cleared
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_rules(format: Format, rules: &[Rule]) {
     match format {
         Format::Json => {
             let v: Vec<Value> = rules.iter().map(rule_json).collect();
@@ -311,7 +510,15 @@ pub async fn run_rules(
                 .join(" ")
             };
             table(
-                &["name", "severity", "condition", "scope", "action", "active"],
+                &[
+                    "name",
+                    "severity",
+                    "condition",
+                    "scope",
+                    "action",
+                    "active",
+                    "origin",
+                ],
                 rules
                     .iter()
                     .map(|r| {
@@ -323,11 +530,14 @@ pub async fn run_rules(
                             scope(r),
                             r.action_command.clone(),
                             r.active.to_string(),
+                            match r.origin.as_str() {
+                                "api" => format!("api ({}, {})", r.added_by, time(r.added_time_ms)),
+                                o => o.to_string(),
+                            },
                         ]
                     })
                     .collect(),
             )
         }
     }
-    Ok(())
 }

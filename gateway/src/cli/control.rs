@@ -62,7 +62,7 @@ pub struct SendArgs {
     /// LoRaWAN: confirmed downlink (the device acknowledges it).
     #[arg(long)]
     pub confirmed: bool,
-    /// LoRaWAN FPort (1-223, default 1).
+    /// LoRaWAN FPort (1-223; default: the bridge's `downlink_f_port`, 1 unless configured).
     #[arg(long, default_value_t = 0)]
     pub f_port: u32,
     /// Wait until the command is final (or its TTL passes); exit non-zero unless it SUCCEEDED

@@ -110,7 +110,7 @@ enum Command {
     /// Alerts raised by the rules: list, show, acknowledge, clear, follow.
     #[command(subcommand)]
     Alert(alerts::AlertCommand),
-    /// Alert rules in force.
+    /// Alert rules: list them, add and remove them at run time.
     #[command(subcommand)]
     Rule(alerts::RuleCommand),
 }

@@ -53,7 +53,7 @@ fn check(parsed: Result<Parsed, Malformed>, devices: &[Arc<DeviceEntry>]) {
                 }
             }
         }
-        Ok(Parsed::Ignored(_)) => {}
+        Ok(Parsed::Ignored(_) | Parsed::Downlink(_)) => {}
         Err(m) => assert!(m.rejection.detail.len() <= MAX_DETAIL, "{:?}", m.rejection),
     }
 }
@@ -62,7 +62,7 @@ fn check(parsed: Result<Parsed, Malformed>, devices: &[Arc<DeviceEntry>]) {
 fn chirpstack_event() {
     let (_dir, devices) = devices();
     run("chirpstack_event", |payload| {
-        for event in ["up", "join", "status", "log"] {
+        for event in ["up", "join", "status", "log", "txack", "ack"] {
             let topic = format!("application/app-1/device/70b3d57ed0000002/event/{event}");
             for marshaler in [Marshaler::Json, Marshaler::Protobuf, Marshaler::Auto] {
                 check(chirpstack::parse(&topic, payload, marshaler), &devices);
@@ -75,7 +75,7 @@ fn chirpstack_event() {
 fn tts_event() {
     let (_dir, devices) = devices();
     run("tts_event", |payload| {
-        for event in ["up", "join"] {
+        for event in ["up", "join", "down/sent", "down/failed"] {
             let topic = format!("v3/city-app@ttn/devices/lw-2/{event}");
             check(tts::parse(&topic, payload), &devices);
         }

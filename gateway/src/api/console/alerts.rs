@@ -1,8 +1,10 @@
 //! Alerts in the console: what the rules raised, newest first (filtered by state, severity, rule,
 //! device), one alert with its history (who acknowledged or cleared it, when), acknowledging and
 //! clearing (admin only, like every console write), and every change as it becomes durable, by
-//! server-sent events. The same [`Alerts`](crate::control::rules::Alerts) the Control API serves:
-//! an alert acknowledged here is acknowledged for `citygw alert list` and the agencies' watchers.
+//! server-sent events; the rules in force, and for the admin adding and removing rules at run
+//! time. The same [`Alerts`](crate::control::rules::Alerts) the Control API serves: an alert
+//! acknowledged here is acknowledged for `citygw alert list` and the agencies' watchers, a rule
+//! added here is the one `citygw rule list` shows.
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -14,7 +16,7 @@ use serde_json::{json, Value};
 use super::{error, fresh, Authed, Console, Writer};
 use crate::cli::alerts::{alert_json, parse_state, rule_json};
 use crate::control::rules::config::parse_severity;
-use crate::control::rules::{is_active, AlertError};
+use crate::control::rules::{is_active, parse_definition, AlertError, RuleError};
 use crate::proto::Alert;
 
 const DEFAULT_PAGE: usize = 100;
@@ -129,4 +131,59 @@ pub async fn rules(State(c): State<Console>, _: Authed) -> Response {
     fresh(Json(json!({
         "rules": rules.iter().map(rule_json).collect::<Vec<_>>(),
     })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRule {
+    /// One rule as a `[[rules]]` table in TOML.
+    definition: String,
+}
+
+/// Adds a rule at run time (admin only), checked like the config file's.
+pub async fn add_rule(
+    State(c): State<Console>,
+    Writer(a): Writer,
+    body: Result<Json<AddRule>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(body)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "send {\"definition\": \"name = ...\"} (one [[rules]] table in TOML)",
+        );
+    };
+    let who = a.session.principal.name().to_string();
+    let added = match parse_definition(&body.definition) {
+        Ok(definition) => c.inner.alerts.add_rule(definition, &who).await,
+        Err(e) => Err(e),
+    };
+    match added {
+        Ok(rule) => fresh(Json(rule_json(&rule))),
+        Err(e) => rule_error(e),
+    }
+}
+
+/// Removes a rule added at run time (admin only); its active alerts are cleared.
+pub async fn remove_rule(
+    State(c): State<Console>,
+    Writer(a): Writer,
+    Path(name): Path<String>,
+) -> Response {
+    let who = a.session.principal.name().to_string();
+    match c.inner.alerts.remove_rule(&name, &who).await {
+        Ok((rule, cleared)) => fresh(Json(json!({
+            "removed": rule.name, "alerts_cleared": cleared,
+        }))),
+        Err(e) => rule_error(e),
+    }
+}
+
+fn rule_error(e: RuleError) -> Response {
+    let status = match &e {
+        RuleError::Invalid(_) => StatusCode::BAD_REQUEST,
+        RuleError::Exists(..) | RuleError::FromConfig(_) => StatusCode::CONFLICT,
+        RuleError::NotFound(_) => StatusCode::NOT_FOUND,
+        RuleError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.to_string())
 }

@@ -3,10 +3,11 @@
 //! A city operator opens it instead of reading metrics by hand: the overview (devices, ingest,
 //! refusals, sinks, store), the KPI with its commune map, devices with their live readings, dead
 //! letters, commands to devices (sent by the admin, followed live) and the alerts the rules raise
-//! (acknowledged and cleared by the admin, followed live). It is built to run where the city's
-//! network has no internet: every asset is embedded in the binary (`web/`, through rust-embed), the JavaScript libraries are vendored
-//! with their licences, and the page makes no request outside citygw (its Content-Security-Policy
-//! forbids it). Live figures arrive by server-sent events, never by reloading.
+//! (acknowledged and cleared by the admin, followed live; rules added and removed at run time).
+//! It is built to run where the city's network has no internet: every asset is embedded in the
+//! binary (`web/`, through rust-embed), the JavaScript libraries are vendored with their licences,
+//! and the page makes no request outside citygw (its Content-Security-Policy forbids it). Live
+//! figures arrive by server-sent events, never by reloading.
 //!
 //! Nothing answers without a session except the sign-in itself and the static page shell (which
 //! holds no data): see [`session`] for tokens, cookies and expiry. Writes (enable/disable, sign
@@ -148,7 +149,8 @@ impl Console {
             .route("/alerts/{id}", get(alerts::one))
             .route("/alerts/{id}/ack", post(alerts::ack))
             .route("/alerts/{id}/clear", post(alerts::clear))
-            .route("/rules", get(alerts::rules))
+            .route("/rules", get(alerts::rules).post(alerts::add_rule))
+            .route("/rules/{name}/remove", post(alerts::remove_rule))
             .route("/live/devices/{id}", get(live::device))
             .route("/live/commands", get(live::commands))
             .route("/live/alerts", get(live::alerts))

@@ -1,8 +1,9 @@
 //! The overview page's figures, and the sampler that pushes them to open pages.
 //!
 //! Devices are counted in one registry pass with the KPI's rule for "active"; ingest rates,
-//! refusals, active alerts by severity and commit latency come from the gateway's own Prometheus counters (read back from
-//! the exporter, so the console and a scrape agree); sink lag from the forwarders' cursors. One
+//! refusals, active alerts by severity and commit latency come from the gateway's own Prometheus
+//! metrics (read back from the exporter, so the console and a scrape agree); sink lag from the
+//! forwarders' cursors. One
 //! task samples every `console.live_interval_ms`, keeps the last [`HISTORY`] rate points for the
 //! chart, and, only while a page is open, computes the whole overview once and shares the same
 //! JSON text with every open page.

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::check_token;
 use crate::control::commands::{Commands, SendError};
-use crate::control::rules::{is_active, AlertError, Alerts};
+use crate::control::rules::{is_active, parse_definition, AlertError, Alerts, RuleError};
 use crate::proto::control_server::Control;
 use crate::proto::*;
 use crate::registry::agencies::{Agencies, Agency};
@@ -57,6 +57,20 @@ impl Caller {
                 )))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Refuses every caller but the admin (changing the rules is the operator's).
+    pub fn must_be_admin(&self, what: &str) -> Result<(), Status> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Agency(a) => {
+                metrics::counter!("citygw_api_denied_total", "api" => "control").increment(1);
+                Err(Status::permission_denied(format!(
+                    "agency {:?} cannot {what}: the admin token only",
+                    a.name
+                )))
+            }
         }
     }
 
@@ -119,6 +133,16 @@ fn alert_status(e: AlertError) -> Status {
     match e {
         AlertError::NotFound(id) => Status::not_found(format!("alert {id:?} not found")),
         AlertError::Store(e) => store_status(e),
+    }
+}
+
+fn rule_status(e: RuleError) -> Status {
+    match e {
+        RuleError::Invalid(m) => Status::invalid_argument(m),
+        e @ RuleError::Exists(..) => Status::already_exists(e.to_string()),
+        e @ RuleError::FromConfig(_) => Status::failed_precondition(e.to_string()),
+        e @ RuleError::NotFound(_) => Status::not_found(e.to_string()),
+        RuleError::Store(e) => store_status(e),
     }
 }
 
@@ -297,6 +321,32 @@ impl Control for ControlService {
         caller(&req)?;
         let rules = self.alerts.rule_list().await;
         Ok(Response::new(ListRulesResponse { rules }))
+    }
+
+    async fn add_rule(&self, req: Request<AddRuleRequest>) -> Result<Response<Rule>, Status> {
+        let caller = caller(&req)?;
+        caller.must_be_admin("add rules")?;
+        let definition = parse_definition(&req.into_inner().definition).map_err(rule_status)?;
+        let added = self.alerts.add_rule(definition, &caller.by()).await;
+        Ok(Response::new(added.map_err(rule_status)?))
+    }
+
+    async fn remove_rule(
+        &self,
+        req: Request<RemoveRuleRequest>,
+    ) -> Result<Response<RemoveRuleResponse>, Status> {
+        let caller = caller(&req)?;
+        caller.must_be_admin("remove rules")?;
+        let name = req.into_inner().name;
+        let (rule, alerts_cleared) = self
+            .alerts
+            .remove_rule(&name, &caller.by())
+            .await
+            .map_err(rule_status)?;
+        Ok(Response::new(RemoveRuleResponse {
+            rule: Some(rule),
+            alerts_cleared,
+        }))
     }
 }
 

@@ -287,8 +287,8 @@ impl Commands {
             t => t,
         };
         let f_port = match req.f_port {
-            0 => 1,
-            p @ 1..=223 => p,
+            // 0: the default port of the network server bridge that sends it.
+            p @ 0..=223 => p,
             p => {
                 return Err(SendError::Invalid(format!(
                     "f_port {p}: LoRaWAN application ports are 1-223"
@@ -296,6 +296,15 @@ impl Commands {
             }
         };
         let kind = self.route(&device, &payload)?;
+        if let Some(t) = self
+            .inner
+            .transports
+            .read()
+            .expect("transports lock")
+            .get(&kind)
+        {
+            t.accepts(&payload).map_err(SendError::Invalid)?;
+        }
         let now = now_ms();
         let command = Command {
             id: uuid::Uuid::now_v7().to_string(),

@@ -9,6 +9,8 @@
 //!   duration resumes after a restart.
 //! - `c/{rule}/{target}`: when the rule's action last sent a command to that target (cool-down).
 //! - `p`: the id of the last reading evaluated; the evaluator resumes after it.
+//! - `r/{name}`: a rule added at run time ([`StoredRule`], JSON): its definition as written,
+//!   who added it and when. Config rules are never stored: the file is their record.
 //!
 //! Retention ([`AlertLog::expire`]) deletes alerts cleared before the cutoff; active ones stay
 //! whatever their age.
@@ -16,7 +18,9 @@
 //! In cluster mode this is this node's own table (`put_local_records`), like the command log.
 
 use prost::Message as _;
+use serde::{Deserialize, Serialize};
 
+use super::config::RuleConfig;
 use crate::proto::Alert;
 use crate::store::{Store, StoreError, Table};
 
@@ -25,6 +29,15 @@ const OPEN: &str = "o/";
 pub const PENDING: &str = "t/";
 pub const COOLDOWN: &str = "c/";
 const POSITION: &str = "p";
+const RULE: &str = "r/";
+
+/// A rule added at run time, as kept in the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredRule {
+    pub definition: RuleConfig,
+    pub by: String,
+    pub time_ms: i64,
+}
 
 /// How many alerts one retention page reads.
 const PAGE: usize = 1000;
@@ -64,6 +77,17 @@ impl Batch {
             format!("{COOLDOWN}{key}"),
             Some(at_ms.to_be_bytes().to_vec()),
         ));
+    }
+
+    /// A rule added at run time (`None`: removed).
+    pub fn rule(&mut self, name: &str, stored: Option<&StoredRule>) {
+        let value = stored.map(|s| serde_json::to_vec(s).expect("a rule serialises"));
+        self.records.push((format!("{RULE}{name}"), value));
+    }
+
+    /// Deletes a record (a removed rule's pending thresholds and cool-downs).
+    pub fn forget(&mut self, key: String) {
+        self.records.push((key, None));
     }
 
     pub fn position(&mut self, id: u64) {
@@ -132,6 +156,37 @@ impl AlertLog {
             if let Ok(b) = <[u8; 8]>::try_from(v) {
                 out.push((key[COOLDOWN.len()..].to_string(), i64::from_be_bytes(b)));
             }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The rules added at run time, by name. One that cannot be read is skipped (and logged).
+    pub fn load_rules(&self) -> Result<Vec<StoredRule>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(RULE, |key, v| {
+            match serde_json::from_slice::<StoredRule>(&v) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::error!(rule = &key[RULE.len()..], error = %e,
+                    "a rule added at run time cannot be read; not evaluated"),
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    pub fn has_rule(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .get_record(Table::Alerts, &format!("{RULE}{name}"))?
+            .is_some())
+    }
+
+    /// The keys under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(prefix, |key, _| {
+            out.push(key.to_string());
             Ok(())
         })?;
         Ok(out)

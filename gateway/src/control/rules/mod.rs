@@ -15,6 +15,14 @@
 //! CLEARED_UNACK, CLEARED_ACK). The rule clears its alert when the condition ends (below the
 //! `clear` level, the device reports again, the movement falls back); an operator may clear it by
 //! hand, and the rule raises a new one if the condition comes back.
+//!
+//! Rules come from `[[rules]]` in the config file or are added at run time through the Control
+//! API (`citygw rule add`); those are kept in the store (see [`log`]) and reloaded at start. A
+//! rule added at run time applies from the next reading the evaluator reads, not to the history;
+//! removing it clears its active alerts (by whoever removed it) and forgets its pending
+//! durations and cool-downs. A config rule and a run-time rule never share a name: adding one
+//! that exists is refused, and if the config file later gains a rule of the same name, the file
+//! wins at the next start (the stored rule is deleted, with a warning).
 
 pub mod config;
 pub mod eval;
@@ -38,9 +46,9 @@ use crate::proto::{
 };
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
-use config::{severity_label, Condition, Rule};
+use config::{compile_all, severity_label, Condition, Rule, RuleConfig};
 use eval::{Event, Step, Track};
-use log::{AlertLog, Batch};
+use log::{AlertLog, Batch, StoredRule, COOLDOWN, PENDING};
 
 /// Changes a watcher may fall behind before its stream ends.
 const WATCH_CAPACITY: usize = 4096;
@@ -60,18 +68,129 @@ pub enum AlertError {
     Store(#[from] StoreError),
 }
 
+/// Largest rule definition accepted (a rule is a few hundred bytes of TOML).
+pub const MAX_DEFINITION: usize = 16 * 1024;
+
+/// A rule as written: one `[[rules]]` table in TOML (the Control API's and the console's input).
+/// A key that is no rule key is refused by name.
+pub fn parse_definition(text: &str) -> Result<RuleConfig, RuleError> {
+    if text.len() > MAX_DEFINITION {
+        return Err(RuleError::Invalid(format!(
+            "rule definition: {} bytes, at most {MAX_DEFINITION}",
+            text.len()
+        )));
+    }
+    toml::from_str(text).map_err(|e| RuleError::Invalid(format!("rule definition: {e}")))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    /// The definition does not parse or does not pass the checks (the message names the key).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a rule named {0:?} already exists ({1})")]
+    Exists(String, &'static str),
+    #[error("rule {0:?} comes from the config file: remove it there and restart the gateway")]
+    FromConfig(String),
+    #[error("rule {0:?} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a rule comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// `[[rules]]` in the config file.
+    Config,
+    /// Added through the Control API, kept in the store.
+    Api { by: String, time_ms: i64 },
+}
+
+/// A rule in force, with its definition as written and its origin.
+struct Entry {
+    rule: Rule,
+    definition: RuleConfig,
+    origin: Origin,
+}
+
+/// The rules in force. A removed rule leaves its slot empty, so the indices the tracks hold stay
+/// valid for the life of the process. A change builds a new set (changes are rare); evaluation
+/// holds the current one without copying it.
+#[derive(Default, Clone)]
+struct RuleSet {
+    slots: Vec<Option<Arc<Entry>>>,
+    /// Threshold and rate rules by the quantity they watch.
+    by_quantity: HashMap<String, Vec<usize>>,
+    absence: Vec<usize>,
+}
+
+impl RuleSet {
+    fn push(&mut self, e: Entry) {
+        let i = self.slots.len();
+        match e.rule.condition {
+            Condition::Absence { .. } => self.absence.push(i),
+            _ => self
+                .by_quantity
+                .entry(e.rule.quantity.clone())
+                .or_default()
+                .push(i),
+        }
+        self.slots.push(Some(Arc::new(e)));
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.slots[i] = None;
+        self.absence.retain(|x| *x != i);
+        for list in self.by_quantity.values_mut() {
+            list.retain(|x| *x != i);
+        }
+        self.by_quantity.retain(|_, list| !list.is_empty());
+    }
+
+    fn entry(&self, i: usize) -> Option<&Arc<Entry>> {
+        self.slots.get(i)?.as_ref()
+    }
+
+    fn rule(&self, i: usize) -> Option<&Rule> {
+        self.entry(i).map(|e| &e.rule)
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|e| e.rule.name == name))
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.slots.iter().flatten()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries().next().is_none()
+    }
+
+    /// How often silent devices are looked for: a tenth of the shortest silence, 1 to 30 s.
+    fn absence_every(&self) -> Duration {
+        let shortest = self
+            .absence
+            .iter()
+            .filter_map(|&i| match self.rule(i)?.condition {
+                Condition::Absence { silent_ms } => Some(silent_ms),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(i64::MAX);
+        Duration::from_millis((shortest / 10).clamp(1000, 30_000) as u64)
+    }
+}
+
 #[derive(Clone)]
 pub struct Alerts {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    rules: Vec<Rule>,
-    /// Threshold and rate rules by the quantity they watch.
-    by_quantity: HashMap<String, Vec<usize>>,
-    absence: Vec<usize>,
-    /// How often silent devices are looked for.
-    absence_every: Duration,
     log: AlertLog,
     store: Store,
     registry: Registry,
@@ -82,6 +201,9 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
+    rules: Arc<RuleSet>,
+    /// Stored run-time rules that a config rule of the same name replaced: deleted at start.
+    shadowed: Vec<String>,
     /// Per device, the tracks of the rules that have something to remember for it.
     tracks: HashMap<String, Vec<(usize, Track)>>,
     /// Active alerts by id.
@@ -166,28 +288,50 @@ fn clear_alert(a: &mut Alert, now: i64, by: &str, detail: String) -> bool {
 }
 
 impl Alerts {
-    /// Loads the active alerts and the evaluator's state; [`Alerts::run`] evaluates.
+    /// Loads the rules (the config file's, then those added at run time), the active alerts and
+    /// the evaluator's state; [`Alerts::run`] evaluates.
     pub fn load(
-        rules: Vec<Rule>,
+        configured: &[RuleConfig],
         store: Store,
         registry: Registry,
         commands: Commands,
     ) -> anyhow::Result<Alerts> {
         let log = AlertLog::new(store.clone());
-        let mut by_quantity: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut absence = Vec::new();
-        let mut shortest_silence = i64::MAX;
-        for (i, r) in rules.iter().enumerate() {
-            match r.condition {
-                Condition::Absence { silent_ms } => {
-                    absence.push(i);
-                    shortest_silence = shortest_silence.min(silent_ms);
-                }
-                _ => by_quantity.entry(r.quantity.clone()).or_default().push(i),
+        let mut rules = RuleSet::default();
+        for (rule, definition) in compile_all(configured)?.into_iter().zip(configured) {
+            rules.push(Entry {
+                rule,
+                definition: definition.clone(),
+                origin: Origin::Config,
+            });
+        }
+        let mut shadowed = Vec::new();
+        for stored in log.load_rules()? {
+            let name = stored.definition.name.clone();
+            if rules.index(&name).is_some() {
+                tracing::warn!(rule = %name, added_by = %stored.by,
+                    "the config file now has a rule of this name: it replaces the one added at run time");
+                shadowed.push(name);
+                continue;
+            }
+            match stored.definition.compile() {
+                Ok(rule) => rules.push(Entry {
+                    rule,
+                    definition: stored.definition,
+                    origin: Origin::Api {
+                        by: stored.by,
+                        time_ms: stored.time_ms,
+                    },
+                }),
+                Err(e) => tracing::error!(rule = %name, error = %e,
+                    "a rule added at run time no longer passes the checks: not evaluated (remove it with `citygw rule remove`)"),
             }
         }
-        let index = |name: &str| rules.iter().position(|r| r.name == name);
-        let mut st = State::default();
+        let index = |name: &str| rules.index(name);
+        let mut st = State {
+            shadowed,
+            ..State::default()
+        };
         for alert in log.load_active()? {
             match index(&alert.rule) {
                 Some(r) => {
@@ -211,19 +355,14 @@ impl Alerts {
         };
         st.saved_position = st.position;
         tracing::info!(
-            rules = rules.len(),
+            rules = rules.slots.len(),
             active = st.active.len(),
             position = st.position,
             "alert rules loaded"
         );
+        st.rules = Arc::new(rules);
         let alerts = Alerts {
             inner: Arc::new(Inner {
-                absence_every: Duration::from_millis(
-                    (shortest_silence / 10).clamp(1000, 30_000) as u64
-                ),
-                rules,
-                by_quantity,
-                absence,
                 log,
                 store,
                 registry,
@@ -243,34 +382,130 @@ impl Alerts {
         for a in st.active.values() {
             *active.entry(a.rule.as_str()).or_default() += 1;
         }
-        self.inner
-            .rules
-            .iter()
-            .map(|r| crate::proto::Rule {
-                name: r.name.clone(),
-                r#type: r.type_label().to_string(),
-                description: r.describe(),
-                severity: r.severity as i32,
-                quantity: r.quantity.clone(),
-                tenant: r.tenant.clone(),
-                kind: r.kind.clone(),
-                commune: r.commune.clone(),
-                device: r.device.clone(),
-                action_command: r
-                    .action
-                    .as_ref()
-                    .map(|a| a.command.clone())
-                    .unwrap_or_default(),
-                active: active.get(r.name.as_str()).copied().unwrap_or(0),
-            })
+        st.rules
+            .entries()
+            .map(|e| rule_info(e, active.get(e.rule.name.as_str()).copied().unwrap_or(0)))
             .collect()
+    }
+
+    /// Adds a rule at run time: checked like a config rule, durable before it is in force, then
+    /// evaluated from the next reading on.
+    pub async fn add_rule(
+        &self,
+        definition: RuleConfig,
+        by: &str,
+    ) -> Result<crate::proto::Rule, RuleError> {
+        let rule = definition
+            .compile()
+            .map_err(|e| RuleError::Invalid(format!("{e:#}")))?;
+        let mut st = self.inner.state.lock().await;
+        if let Some(e) = st.rules.index(&rule.name).and_then(|i| st.rules.entry(i)) {
+            let origin = match e.origin {
+                Origin::Config => "in the config file",
+                Origin::Api { .. } => "added at run time",
+            };
+            return Err(RuleError::Exists(rule.name, origin));
+        }
+        let stored = StoredRule {
+            definition,
+            by: by.to_string(),
+            time_ms: now_ms(),
+        };
+        let mut batch = Batch::default();
+        batch.rule(&rule.name, Some(&stored));
+        batch.position(st.position);
+        self.inner.log.save(batch).await?;
+        st.saved_position = st.position;
+        let entry = Entry {
+            rule,
+            definition: stored.definition,
+            origin: Origin::Api {
+                by: stored.by,
+                time_ms: stored.time_ms,
+            },
+        };
+        let info = rule_info(&entry, 0);
+        tracing::info!(rule = %entry.rule.name, by, condition = %entry.rule.describe(), "rule added");
+        metrics::counter!("citygw_rule_changes_total", "change" => "added").increment(1);
+        let mut rules = (*st.rules).clone();
+        rules.push(entry);
+        st.rules = Arc::new(rules);
+        self.set_gauges(&st);
+        Ok(info)
+    }
+
+    /// Removes a rule added at run time: its active alerts are cleared (by `by`), its pending
+    /// durations and cool-downs forgotten; the rule is gone from the store before the answer.
+    /// Returns the rule as it was and how many alerts were cleared.
+    pub async fn remove_rule(
+        &self,
+        name: &str,
+        by: &str,
+    ) -> Result<(crate::proto::Rule, u64), RuleError> {
+        let mut st = self.inner.state.lock().await;
+        let Some(i) = st.rules.index(name) else {
+            // A stored rule that no longer passes the checks is not in force, but removable.
+            if self.inner.log.has_rule(name)? {
+                let mut batch = Batch::default();
+                batch.rule(name, None);
+                self.inner.log.save(batch).await?;
+                let info = crate::proto::Rule {
+                    name: name.to_string(),
+                    origin: "api".into(),
+                    ..Default::default()
+                };
+                return Ok((info, 0));
+            }
+            return Err(RuleError::NotFound(name.to_string()));
+        };
+        let entry = st.rules.entry(i).expect("indexed").clone();
+        if entry.origin == Origin::Config {
+            return Err(RuleError::FromConfig(name.to_string()));
+        }
+        let now = now_ms();
+        let detail = format!("rule {name:?} removed");
+        let mut batch = Batch::default();
+        let mut cleared = Vec::new();
+        for a in st.active.values().filter(|a| a.rule == name) {
+            let mut a = a.clone();
+            clear_alert(&mut a, now, by, detail.clone());
+            batch.alert(&a, false);
+            cleared.push(a);
+        }
+        for prefix in [format!("{PENDING}{name}/"), format!("{COOLDOWN}{name}/")] {
+            for key in self.inner.log.keys(&prefix)? {
+                batch.forget(key);
+            }
+        }
+        batch.rule(name, None);
+        self.inner.log.save(batch).await?;
+        // Durable: now the memory follows.
+        for a in &cleared {
+            st.active.remove(&a.id);
+            metrics::counter!("citygw_alerts_cleared_total", "rule" => a.rule.clone(),
+                "severity" => severity_label(entry.rule.severity), "by" => "rule_removed")
+            .increment(1);
+        }
+        for list in st.tracks.values_mut() {
+            list.retain(|(r, _)| *r != i);
+        }
+        st.tracks.retain(|_, list| !list.is_empty());
+        let own = format!("{name}/");
+        st.cooldowns.retain(|k, _| !k.starts_with(&own));
+        let mut rules = (*st.rules).clone();
+        rules.remove(i);
+        st.rules = Arc::new(rules);
+        self.set_gauges(&st);
+        drop(st);
+        let n = cleared.len() as u64;
+        tracing::info!(rule = name, by, alerts_cleared = n, "rule removed");
+        metrics::counter!("citygw_rule_changes_total", "change" => "removed").increment(1);
+        self.tell(cleared);
+        Ok((rule_info(&entry, 0), n))
     }
 
     /// Evaluates committed readings and the timers until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        if self.inner.rules.is_empty() {
-            return;
-        }
         // Subscribe first, then catch up from the store: nothing committed in between is missed.
         let mut feed = self.inner.store.subscribe();
         self.clear_orphans().await;
@@ -305,7 +540,8 @@ impl Alerts {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = tick.tick() => {
-                    let absence = last_absence.elapsed() >= self.inner.absence_every;
+                    let every = self.inner.state.lock().await.rules.absence_every();
+                    let absence = last_absence.elapsed() >= every;
                     if absence {
                         last_absence = tokio::time::Instant::now();
                     }
@@ -354,7 +590,15 @@ impl Alerts {
     /// Evaluates what the store committed after the position, a page at a time.
     async fn catch_up(&self) -> Result<(), StoreError> {
         loop {
-            let position = self.inner.state.lock().await.position;
+            let position = {
+                let mut st = self.inner.state.lock().await;
+                if st.rules.is_empty() {
+                    // Nothing to evaluate: a rule added later starts from here.
+                    st.position = st.position.max(self.inner.store.last_reading_id());
+                    return Ok(());
+                }
+                st.position
+            };
             let readings = match self.inner.store.readings_after(position, CATCH_UP_PAGE) {
                 Ok(r) => r,
                 Err(e) => {
@@ -386,13 +630,16 @@ impl Alerts {
         };
         let t = r.received_time_ms;
         let value = value_of(r);
-        let absence = self.inner.absence.iter();
+        let rules = Arc::clone(&st.rules);
+        let absence = rules.absence.iter();
         let watching = value
-            .and_then(|_| self.inner.by_quantity.get(&r.quantity))
+            .and_then(|_| rules.by_quantity.get(&r.quantity))
             .into_iter()
             .flatten();
         for &i in absence.chain(watching) {
-            let rule = &self.inner.rules[i];
+            let Some(rule) = rules.rule(i) else {
+                continue;
+            };
             if !rule.covers(
                 subject.device,
                 subject.tenant,
@@ -423,6 +670,7 @@ impl Alerts {
         let now = now_ms();
         let mut st = self.inner.state.lock().await;
         let mut pass = Pass::default();
+        let rules = Arc::clone(&st.rules);
         // Pending durations.
         let due: Vec<(String, usize)> = st
             .tracks
@@ -439,8 +687,8 @@ impl Alerts {
                 drop_track(&mut st.tracks, &device, i);
                 continue;
             };
-            let rule = &self.inner.rules[i];
-            let Some(track) = find_track(&mut st.tracks, &device, i) else {
+            let (Some(rule), Some(track)) = (rules.rule(i), find_track(&mut st.tracks, &device, i))
+            else {
                 continue;
             };
             let step = eval::on_tick(rule, track, now, entry.last_seen_ms());
@@ -452,17 +700,18 @@ impl Alerts {
             };
             self.apply(&mut st, &mut pass, i, &subject, step, now);
         }
-        if absence && !self.inner.absence.is_empty() {
+        if absence && !rules.absence.is_empty() {
             let mut silent: Vec<(Arc<crate::registry::DeviceEntry>, usize, Step)> = Vec::new();
-            let rules = &self.inner.rules;
             let tracks = &mut st.tracks;
             let devices = self
                 .inner
                 .registry
                 .select("", usize::MAX, |e| e.enabled() && e.last_seen_ms() > 0);
             for entry in devices {
-                for &i in &self.inner.absence {
-                    let rule = &rules[i];
+                for &i in &rules.absence {
+                    let Some(rule) = rules.rule(i) else {
+                        continue;
+                    };
                     if !rule.covers(
                         entry.id(),
                         entry.tenant(),
@@ -502,7 +751,10 @@ impl Alerts {
         step: Step,
         t: i64,
     ) {
-        let rule = &self.inner.rules[i];
+        let rules = Arc::clone(&st.rules);
+        let Some(rule) = rules.rule(i) else {
+            return;
+        };
         let State {
             tracks,
             active,
@@ -548,7 +800,7 @@ impl Alerts {
                 pass.changed.push(alert.clone());
                 active.insert(id.clone(), alert);
                 if let Some(action) = &rule.action {
-                    self.plan(pass, cooldowns, i, action, s, id, t);
+                    self.plan(pass, cooldowns, i, rule, action, s, id, t);
                 }
             }
             Some(Event::Clear { value: _, message }) => {
@@ -579,12 +831,12 @@ impl Alerts {
         pass: &mut Pass,
         cooldowns: &mut HashMap<String, i64>,
         i: usize,
+        rule: &Rule,
         action: &config::Action,
         s: &Subject<'_>,
         alert_id: String,
         t: i64,
     ) {
-        let rule = &self.inner.rules[i];
         let key = if action.target_kind.is_empty() {
             format!("{}/{}", rule.name, s.device)
         } else {
@@ -658,7 +910,9 @@ impl Alerts {
         save_position: bool,
     ) -> Result<(), StoreError> {
         let moved = st.position != st.saved_position;
-        if batch.is_empty() && !(save_position && moved) {
+        // Without rules nothing is written: the position only matters to a rule added later,
+        // which starts from the evaluator's position in memory (or, after a restart, the end).
+        if batch.is_empty() && (!(save_position && moved) || st.rules.is_empty()) {
             return Ok(());
         }
         batch.position(st.position);
@@ -688,7 +942,11 @@ impl Alerts {
 
     /// Sends an action's commands and records their ids on the alert.
     async fn act(&self, p: Planned) {
-        let rule = &self.inner.rules[p.rule];
+        let rules = Arc::clone(&self.inner.state.lock().await.rules);
+        // Removed meanwhile: nothing to send.
+        let Some(rule) = rules.rule(p.rule) else {
+            return;
+        };
         let Some(action) = &rule.action else {
             return;
         };
@@ -745,11 +1003,15 @@ impl Alerts {
         }
     }
 
-    /// Clears the active alerts of rules no longer configured.
+    /// Clears the active alerts of rules no longer configured, and deletes the stored run-time
+    /// rules a config rule replaced.
     async fn clear_orphans(&self) {
         let mut st = self.inner.state.lock().await;
         let now = now_ms();
         let mut pass = Pass::default();
+        for name in std::mem::take(&mut st.shadowed) {
+            pass.batch.rule(&name, None);
+        }
         for id in std::mem::take(&mut st.orphans) {
             if let Some(mut a) = st.active.remove(&id) {
                 let detail = format!("rule {:?} is no longer configured", a.rule);
@@ -762,6 +1024,15 @@ impl Alerts {
     }
 
     fn set_gauges(&self, st: &State) {
+        let (mut config, mut api) = (0, 0);
+        for e in st.rules.entries() {
+            match e.origin {
+                Origin::Config => config += 1,
+                Origin::Api { .. } => api += 1,
+            }
+        }
+        metrics::gauge!("citygw_rules", "origin" => "config").set(config as f64);
+        metrics::gauge!("citygw_rules", "origin" => "api").set(api as f64);
         let mut counts: HashMap<i32, u64> = HashMap::new();
         for a in st.active.values() {
             *counts.entry(a.severity).or_default() += 1;
@@ -849,7 +1120,7 @@ impl Alerts {
         batch.alert(&alert, active);
         if was_active && !active {
             // Cleared by hand: the rule may raise a new alert if the condition comes back.
-            if let Some(i) = self.inner.rules.iter().position(|r| r.name == alert.rule) {
+            if let Some(i) = st.rules.index(&alert.rule) {
                 if let Some(track) = find_track(&mut st.tracks, &alert.device_id, i) {
                     track.active = None;
                     if track.idle() {
@@ -919,4 +1190,55 @@ fn drop_track(tracks: &mut HashMap<String, Vec<(usize, Track)>>, device: &str, r
             tracks.remove(device);
         }
     }
+}
+
+/// A rule as the Control API shows it.
+fn rule_info(e: &Entry, active: u64) -> crate::proto::Rule {
+    let r = &e.rule;
+    let (origin, added_by, added_time_ms) = match &e.origin {
+        Origin::Config => ("config", String::new(), 0),
+        Origin::Api { by, time_ms } => ("api", by.clone(), *time_ms),
+    };
+    crate::proto::Rule {
+        name: r.name.clone(),
+        r#type: r.type_label().to_string(),
+        description: r.describe(),
+        severity: r.severity as i32,
+        quantity: r.quantity.clone(),
+        tenant: r.tenant.clone(),
+        kind: r.kind.clone(),
+        commune: r.commune.clone(),
+        device: r.device.clone(),
+        action_command: r
+            .action
+            .as_ref()
+            .map(|a| a.command.clone())
+            .unwrap_or_default(),
+        active,
+        origin: origin.to_string(),
+        added_by,
+        added_time_ms,
+        definition: definition_text(&e.definition),
+    }
+}
+
+/// A rule as a `[[rules]]` table in TOML, without the keys left empty: what `ListRules` shows
+/// and what `citygw rule add` sends.
+pub fn definition_text(d: &RuleConfig) -> String {
+    let set = |v: &toml::Value| v.as_str() != Some("");
+    let Ok(toml::Value::Table(table)) = toml::Value::try_from(d) else {
+        return String::new();
+    };
+    let table: toml::Table = table
+        .into_iter()
+        .filter(|(_, v)| set(v))
+        .map(|(k, v)| match v {
+            toml::Value::Table(a) => (
+                k,
+                toml::Value::Table(a.into_iter().filter(|(_, v)| set(v)).collect()),
+            ),
+            v => (k, v),
+        })
+        .collect();
+    toml::to_string(&table).unwrap_or_default()
 }

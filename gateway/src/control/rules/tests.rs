@@ -289,3 +289,56 @@ async fn retention_deletes_old_cleared_alerts_and_keeps_active_ones() {
     assert!(log.get("02-active-long").unwrap().is_some());
     assert!(log.get("04-recent").unwrap().is_none());
 }
+
+#[test]
+fn a_definition_round_trips_through_toml_and_a_typo_is_named() {
+    let text = "name = \"dark\"\nquantity = \"illuminance\"\nbelow = 30.0\nfor = \"5m\"\n\
+                clear = 50.0\naction = { command = \"light\", params = { on = true }, \
+                target_kind = \"street_light\" }\n";
+    let cfg = super::parse_definition(text).unwrap();
+    // What ListRules shows as the definition is what AddRule takes back.
+    let shown = super::definition_text(&cfg);
+    let again = super::parse_definition(&shown).unwrap();
+    assert_eq!(cfg, again);
+    assert_eq!(cfg.compile().unwrap(), again.compile().unwrap());
+    assert!(
+        !shown.contains("severity"),
+        "empty keys are left out: {shown}"
+    );
+    let e = super::parse_definition("name = \"x\"\nabvoe = 1").unwrap_err();
+    assert!(e.to_string().contains("abvoe"), "{e}");
+    let e = super::parse_definition(&"#".repeat(super::MAX_DEFINITION + 1)).unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+}
+
+#[test]
+fn removing_a_rule_keeps_the_other_rules_indices() {
+    use super::{Entry, Origin, RuleSet};
+    let mut set = RuleSet::default();
+    for (name, quantity) in [("a", "water_level"), ("b", "water_level"), ("c", "noise")] {
+        let definition = RuleConfig {
+            name: name.into(),
+            quantity: quantity.into(),
+            above: Some(1.0),
+            ..Default::default()
+        };
+        set.push(Entry {
+            rule: definition.compile().unwrap(),
+            definition,
+            origin: Origin::Config,
+        });
+    }
+    set.remove(1);
+    assert_eq!(
+        (set.index("a"), set.index("b"), set.index("c")),
+        (Some(0), None, Some(2))
+    );
+    assert!(set.rule(1).is_none());
+    assert_eq!(set.by_quantity["water_level"], vec![0]);
+    assert_eq!(set.by_quantity["noise"], vec![2]);
+    set.remove(0);
+    assert!(!set.by_quantity.contains_key("water_level"));
+    assert!(!set.is_empty());
+    set.remove(2);
+    assert!(set.is_empty());
+}

@@ -5,12 +5,20 @@
 //! binary protobuf or with protobuf's JSON mapping (lowerCamelCase names; the original snake_case
 //! names are accepted too, as every protobuf JSON parser does). Field names are those of
 //! ChirpStack's published integration.proto (see proto/chirpstack).
+//!
+//! The downlink reports, `TxAckEvent` (`txack`: a gateway transmitted it) and `AckEvent` (`ack`:
+//! the device acknowledged a confirmed downlink, or did not), carry the `queueItemId` the
+//! gateway gave the downlink (its command id); they become [`Parsed::Downlink`] for the command
+//! transport (control/commands/transport/lorawan.rs).
 
 use prost::Message as _;
 use serde::Deserialize;
 
 use super::config::Marshaler;
-use super::event::{base64, rfc3339_ms, DeviceRef, Event, Kind, Malformed, Parsed, Radio, Uplink};
+use super::event::{
+    base64, rfc3339_ms, DeviceRef, DownlinkEvent, DownlinkKind, Event, Kind, Malformed, Parsed,
+    Radio, Uplink,
+};
 use crate::pipeline::Rejection;
 use crate::reason;
 use crate::registry::normalise_dev_eui;
@@ -37,13 +45,14 @@ pub const DEFAULT_TOPIC: &str = "application/+/device/+/event/+";
 /// Reads one message of a ChirpStack broker.
 pub fn parse(topic: &str, payload: &[u8], marshaler: Marshaler) -> Result<Parsed, Malformed> {
     let levels: Vec<&str> = topic.split('/').collect();
-    let (topic_eui, event) = match levels.as_slice() {
-        ["application", _, "device", eui, "event", event] => (*eui, *event),
+    let (application, topic_eui, event) = match levels.as_slice() {
+        ["application", app, "device", eui, "event", event] => (*app, *eui, *event),
         _ => return Ok(Parsed::Ignored("unknown")),
     };
     let device = DeviceRef {
         dev_eui: normalise_dev_eui(topic_eui).unwrap_or_default(),
         device_id: String::new(),
+        application: application.to_string(),
     };
     let json = match marshaler {
         Marshaler::Json => true,
@@ -57,8 +66,11 @@ pub fn parse(topic: &str, payload: &[u8], marshaler: Marshaler) -> Result<Parsed
     let parsed = match event {
         "up" | "join" | "status" | "log" if json => from_json(event, payload),
         "up" | "join" | "status" | "log" => from_protobuf(event, payload),
-        "ack" => return Ok(Parsed::Ignored("ack")),
-        "txack" => return Ok(Parsed::Ignored("txack")),
+        "ack" | "txack" => {
+            return downlink(event, payload, json, &device)
+                .map(Parsed::Downlink)
+                .map_err(fail)
+        }
         "location" => return Ok(Parsed::Ignored("location")),
         "integration" => return Ok(Parsed::Ignored("integration")),
         _ => return Ok(Parsed::Ignored("unknown")),
@@ -80,13 +92,68 @@ pub fn parse(topic: &str, payload: &[u8], marshaler: Marshaler) -> Result<Parsed
         )));
     }
     Ok(Parsed::Event(Event {
-        device: DeviceRef {
-            dev_eui,
-            device_id: String::new(),
-        },
+        device: DeviceRef { dev_eui, ..device },
         time_ms,
         kind,
     }))
+}
+
+/// A `txack` or `ack` event: which downlink (our command id) and what became of it.
+fn downlink(
+    event: &str,
+    payload: &[u8],
+    json: bool,
+    device: &DeviceRef,
+) -> Result<DownlinkEvent, Rejection> {
+    let (eui, queue_item_id, acknowledged) = if json {
+        #[derive(Deserialize, Default)]
+        #[serde(default, rename_all = "camelCase")]
+        struct Report {
+            #[serde(alias = "device_info")]
+            device_info: Option<JsonDeviceInfo>,
+            #[serde(alias = "queue_item_id")]
+            queue_item_id: String,
+            acknowledged: bool,
+        }
+        let e: Report = serde_json::from_slice(payload)
+            .map_err(|e| Rejection::new(reason::MALFORMED_EVENT, e.to_string()))?;
+        let eui = e.device_info.map(|d| d.dev_eui).unwrap_or_default();
+        (eui, e.queue_item_id, e.acknowledged)
+    } else if event == "txack" {
+        let e = ipb::TxAckEvent::decode(payload).map_err(malformed_protobuf)?;
+        (eui_of(&e.device_info), e.queue_item_id, false)
+    } else {
+        let e = ipb::AckEvent::decode(payload).map_err(malformed_protobuf)?;
+        (eui_of(&e.device_info), e.queue_item_id, e.acknowledged)
+    };
+    // The event's own DevEUI must agree with the topic's, as for uplinks.
+    if !eui.is_empty() {
+        let dev_eui = normalise_dev_eui(&eui).ok_or_else(|| {
+            Rejection::new(
+                reason::MALFORMED_EVENT,
+                format!("deviceInfo.devEui {eui:?} is not 16 hex digits"),
+            )
+        })?;
+        if dev_eui != device.dev_eui {
+            return Err(Rejection::new(
+                reason::MALFORMED_EVENT,
+                format!(
+                    "topic names DevEUI {:?}, the event {dev_eui}",
+                    device.dev_eui
+                ),
+            ));
+        }
+    }
+    let kind = match (event, acknowledged) {
+        ("txack", _) => DownlinkKind::Transmitted,
+        (_, true) => DownlinkKind::Acknowledged,
+        (_, false) => DownlinkKind::NotAcknowledged,
+    };
+    Ok(DownlinkEvent {
+        device: device.clone(),
+        command_id: (!queue_item_id.is_empty()).then_some(queue_item_id),
+        kind,
+    })
 }
 
 /// (DevEUI as sent, time, kind), or `None` for a log event below warning level.
@@ -486,8 +553,65 @@ mod tests {
         );
         assert_eq!(reason(&[0x1a, 0x40, 0x01]), reason::MALFORMED_PROTOBUF);
         assert!(matches!(
-            parse("application/a/device/x/event/txack", b"", Marshaler::Auto),
-            Ok(Parsed::Ignored("txack"))
+            parse(
+                "application/a/device/x/event/location",
+                b"",
+                Marshaler::Auto
+            ),
+            Ok(Parsed::Ignored("location"))
         ));
+    }
+
+    #[test]
+    fn downlink_reports() {
+        let topic =
+            |event: &str| format!("application/app-7/device/0101010101010101/event/{event}");
+        let report = |event: &str, body: &[u8], m: Marshaler| match parse(&topic(event), body, m) {
+            Ok(Parsed::Downlink(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        let id = "0192f0c4-7d1e-7000-8000-000000000001";
+        let tx = report(
+            "txack",
+            format!(r#"{{"downlinkId":7,"deviceInfo":{{"devEui":"0101010101010101"}},"queueItemId":"{id}","fCntDown":3}}"#).as_bytes(),
+            Marshaler::Auto,
+        );
+        assert_eq!(tx.kind, DownlinkKind::Transmitted);
+        assert_eq!(tx.command_id.as_deref(), Some(id));
+        assert_eq!(
+            (tx.device.dev_eui.as_str(), tx.device.application.as_str()),
+            ("0101010101010101", "app-7")
+        );
+        // protobuf's JSON mapping leaves `acknowledged: false` out
+        let nack = report(
+            "ack",
+            format!(r#"{{"queueItemId":"{id}"}}"#).as_bytes(),
+            Marshaler::Json,
+        );
+        assert_eq!(nack.kind, DownlinkKind::NotAcknowledged);
+        let ack = ipb::AckEvent {
+            queue_item_id: id.into(),
+            acknowledged: true,
+            device_info: Some(ipb::DeviceInfo {
+                dev_eui: "0101010101010101".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ack = report("ack", &ack.encode_to_vec(), Marshaler::Auto);
+        assert_eq!(
+            (ack.kind, ack.command_id.as_deref()),
+            (DownlinkKind::Acknowledged, Some(id))
+        );
+        assert_eq!(report("txack", b"{}", Marshaler::Auto).command_id, None);
+        // another device's report on this device's topic, garbage
+        for bad in [
+            &br#"{"deviceInfo":{"devEui":"0202020202020202"},"queueItemId":"x"}"#[..],
+            b"{not json",
+            br#"{"acknowledged":"yes"}"#,
+        ] {
+            let refused = parse(&topic("ack"), bad, Marshaler::Auto).unwrap_err();
+            assert_eq!(refused.rejection.reason, reason::MALFORMED_EVENT);
+        }
     }
 }

@@ -93,6 +93,21 @@ pub struct LorawanConfig {
     /// Longest reconnect delay.
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
+    /// Send commands to this server's devices as downlinks (ChirpStack `command/down`, TTS
+    /// `down/push`) through this connection; false: a read-only bridge (commands to its devices
+    /// wait QUEUED until they expire).
+    #[serde(default = "default_true")]
+    pub downlinks: bool,
+    /// LoRaWAN FPort of a downlink whose command gives none (1-223).
+    #[serde(default = "default_downlink_f_port")]
+    pub downlink_f_port: u32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_downlink_f_port() -> u32 {
+    1
 }
 
 fn default_dedup_window_secs() -> u64 {
@@ -126,6 +141,10 @@ impl LorawanConfig {
         anyhow::ensure!(
             self.topics.iter().all(|t| !t.is_empty()),
             "lorawan {n}: empty topic filter"
+        );
+        anyhow::ensure!(
+            (1..=223).contains(&self.downlink_f_port),
+            "lorawan {n}: downlink_f_port must be 1..=223 (LoRaWAN application ports)"
         );
         anyhow::ensure!(
             self.ca_file.is_none() || self.tls,
@@ -203,6 +222,8 @@ mod tests {
             "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"\"",
             "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"h\"\nca_file = \"/ca.pem\"",
             "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"h\"\nmax_inflight = 0",
+            "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"h\"\ndownlink_f_port = 224",
+            "name = \"x\"\ntype = \"ttn_v3\"\nhost = \"h\"\ndownlink_f_port = 0",
         ] {
             assert!(parse(bad).validate().is_err(), "{bad}");
         }

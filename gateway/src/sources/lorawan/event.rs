@@ -15,6 +15,9 @@ pub struct DeviceRef {
     pub dev_eui: String,
     /// The network server's own device id (TTS `device_id`), "" when none.
     pub device_id: String,
+    /// The application the topic names (ChirpStack's application id, TTS `{app}@{tenant}`):
+    /// where a downlink to this device is published.
+    pub application: String,
 }
 
 impl DeviceRef {
@@ -82,8 +85,48 @@ pub struct Event {
 #[derive(Debug)]
 pub enum Parsed {
     Event(Event),
-    /// A kind of event the bridge does not record (downlink acks, ...): counted and skipped.
+    /// What the network server reports about a downlink (a command) it was given.
+    Downlink(DownlinkEvent),
+    /// A kind of event the bridge does not record (locations, ...): counted and skipped.
     Ignored(&'static str),
+}
+
+/// A network server's report on a downlink, matched to a command by the id the gateway gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownlinkEvent {
+    pub device: DeviceRef,
+    /// The command id: ChirpStack's `queueItemId`, or the `citygw:cmd:{id}` correlation id of
+    /// TTS; `None` when the event names none of ours (a downlink someone else enqueued).
+    pub command_id: Option<String>,
+    pub kind: DownlinkKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DownlinkKind {
+    /// TTS `down/queued`: in the network server's queue (the command is SENT already).
+    Queued,
+    /// Transmitted by a gateway: ChirpStack `txack`, TTS `down/sent`.
+    Transmitted,
+    /// The device acknowledged a confirmed downlink: ChirpStack `ack` with `acknowledged`,
+    /// TTS `down/ack`.
+    Acknowledged,
+    /// Not acknowledged: ChirpStack `ack` without `acknowledged`, TTS `down/nack`.
+    NotAcknowledged,
+    /// The network server gave up on it (TTS `down/failed`), with its reason.
+    Failed(String),
+}
+
+impl DownlinkKind {
+    /// The metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DownlinkKind::Queued => "queued",
+            DownlinkKind::Transmitted => "transmitted",
+            DownlinkKind::Acknowledged => "ack",
+            DownlinkKind::NotAcknowledged => "nack",
+            DownlinkKind::Failed(_) => "failed",
+        }
+    }
 }
 
 /// Refusal of a message, with whatever identity could still be read from it.

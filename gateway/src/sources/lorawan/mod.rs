@@ -22,6 +22,11 @@
 //! In cluster mode one node at a time bridges each network server, the holder of its lease, with
 //! the same client id on every node: when the holder dies, the next holder resumes the broker
 //! session and gets what was queued or unacknowledged (stored once by the stream's content id).
+//!
+//! The same connection carries commands to the devices the other way: the command transport
+//! (control/commands/transport/lorawan.rs) publishes downlinks through it while it is connected,
+//! learns each device's application from its events' topics, and takes the network server's
+//! downlink reports (`txack`/`ack`, `down/*`), which this bridge parses and hands over.
 
 pub mod chirpstack;
 pub mod config;
@@ -38,6 +43,8 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::control::commands::transport::lorawan::{Link, Lorawan, Route};
+use crate::control::commands::Commands;
 use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
 use crate::registry::{DeviceEntry, Registry};
@@ -45,7 +52,7 @@ use crate::registry::{DeviceEntry, Registry};
 use crate::reason;
 use config::{LorawanConfig, ServerType};
 use dedup::{Dedup, Key, Stored};
-use event::{Event, Malformed, Parsed};
+use event::{DeviceRef, DownlinkEvent, Event, Malformed, Parsed};
 
 /// How long in-flight uplinks get to become durable and be acknowledged at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,6 +73,15 @@ pub struct LorawanSource {
     /// same client id, so the successor of a dead node resumes its broker session and receives
     /// what the broker still held for it (queued, or delivered but never acknowledged).
     pub lease: Option<watch::Receiver<bool>>,
+    /// Commands to this server's devices (None: `downlinks = false`, a read-only bridge).
+    pub downlinks: Option<Downlinks>,
+}
+
+/// The command transport a bridge sends downlinks for and reports to.
+#[derive(Clone)]
+pub struct Downlinks {
+    pub transport: Arc<Lorawan>,
+    pub commands: Commands,
 }
 
 impl super::Source for LorawanSource {
@@ -100,6 +116,7 @@ impl super::Source for LorawanSource {
             registry: self.registry.clone(),
             pipeline: self.pipeline.clone(),
             dedup: Dedup::new(Duration::from_secs(cfg.dedup_window_secs)),
+            downlinks: self.downlinks.clone().filter(|_| cfg.downlinks),
         });
         tracing::info!(server = %cfg.name, host = %cfg.host, port = cfg.port(), tls = cfg.tls,
             client_id = %cfg.client_id(), "lorawan bridge starting");
@@ -162,6 +179,7 @@ struct Bridge {
     registry: Registry,
     pipeline: Pipeline,
     dedup: Dedup,
+    downlinks: Option<Downlinks>,
 }
 
 async fn run(
@@ -180,6 +198,12 @@ async fn run(
     let mut backoff = backoff_min;
     let topics = cfg.topics();
     let connected = metrics::gauge!("citygw_lorawan_connected", "server" => server.clone());
+    // Downlinks go out through this client while it is connected (and not after this run,
+    // however it ends).
+    let link = bridge.downlinks.as_ref().map(|d| Linked {
+        downlinks: d.clone(),
+        link: Link::new(&cfg, client.clone()),
+    });
     loop {
         // Finished tasks are only reaped here; their results are their own metrics.
         while tasks.try_join_next().is_some() {}
@@ -217,6 +241,27 @@ async fn run(
                         .await
                         .map_err(|e| anyhow::anyhow!("lorawan {server}: subscribe: {e}"))?;
                 }
+                if let Some(l) = &link {
+                    l.downlinks
+                        .transport
+                        .link(&l.downlinks.commands, l.link.clone());
+                }
+            }
+            // Our downlinks: numbered by the client, then acknowledged by the broker.
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                if let Some(l) = &link {
+                    l.link.outgoing_publish(pkid);
+                }
+            }
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::AwaitAck(pkid))) => {
+                if let Some(l) = &link {
+                    l.link.collided(pkid);
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
+                if let Some(l) = &link {
+                    l.link.puback(ack.pkid);
+                }
             }
             Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
                 if ack
@@ -230,6 +275,9 @@ async fn run(
             Ok(_) => {}
             Err(e) => {
                 connected.set(0.0);
+                if let Some(l) = &link {
+                    l.link.disconnected();
+                }
                 metrics::counter!("citygw_lorawan_connection_errors_total", "server" => server.clone())
                     .increment(1);
                 tracing::warn!(server = %server, error = %e, retry_in_ms = backoff.as_millis() as u64, "lorawan broker connection failed");
@@ -259,12 +307,25 @@ async fn run(
             }
         }
     };
+    drop(link);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
     tasks.abort_all();
     acker.abort();
     connected.set(0.0);
     tracing::info!(server = %server, "lorawan bridge stopped");
     Ok(())
+}
+
+/// A run's downlink connection, taken back from the transport when the run ends.
+struct Linked {
+    downlinks: Downlinks,
+    link: Arc<Link>,
+}
+
+impl Drop for Linked {
+    fn drop(&mut self) {
+        self.downlinks.transport.unlink(&self.link);
+    }
 }
 
 /// The bridge's PUBACKs, in the order the broker delivered the uplinks.
@@ -324,6 +385,8 @@ enum Outcome {
     Duplicate,
     DeadLetter,
     Ignored,
+    /// A downlink report, handed to the command transport.
+    Report,
 }
 
 impl Outcome {
@@ -333,6 +396,7 @@ impl Outcome {
             Outcome::Duplicate => "duplicate",
             Outcome::DeadLetter => "dead_letter",
             Outcome::Ignored => "ignored",
+            Outcome::Report => "report",
         }
     }
 }
@@ -360,6 +424,7 @@ impl Bridge {
         let (event_label, result) = match parsed {
             Ok(Parsed::Ignored(kind)) => (kind, Ok(Outcome::Ignored)),
             Ok(Parsed::Event(event)) => (event.kind.label(), self.record(publish, &event).await),
+            Ok(Parsed::Downlink(report)) => ("downlink", self.report(&report).await),
             Err(Malformed { device, rejection }) => {
                 self.dead_letter(device.claimed(), publish, &publish.payload, &rejection)
                     .await;
@@ -384,7 +449,7 @@ impl Bridge {
     }
 
     async fn record(&self, publish: &Publish, event: &Event) -> Result<Outcome, IngestError> {
-        let device = match self.device(event) {
+        let device = match self.device(&event.device) {
             Ok(d) => d,
             Err((device_id, rejection)) => {
                 if rejection.reason == reason::UNKNOWN_DEVICE {
@@ -396,6 +461,7 @@ impl Bridge {
                 return Ok(Outcome::DeadLetter);
             }
         };
+        self.learn_route(&device, &event.device).await?;
         let now = now_ms();
         let decoded = match event::readings(&device, event, now) {
             Ok(d) => d,
@@ -446,10 +512,45 @@ impl Bridge {
         })
     }
 
-    /// The registered device of an event, or the id to file the dead letter under (the
+    /// Where the device's downlinks go, from the topic of its event: durable before the event
+    /// is acknowledged (once per change).
+    async fn learn_route(&self, device: &DeviceEntry, r: &DeviceRef) -> Result<(), IngestError> {
+        let Some(d) = &self.downlinks else {
+            return Ok(());
+        };
+        let route = Route {
+            server: self.name.clone(),
+            application: r.application.clone(),
+            device: match self.server_type {
+                ServerType::ChirpstackV4 => r.dev_eui.clone(),
+                ServerType::TtnV3 => r.device_id.clone(),
+            },
+        };
+        Ok(d.transport.learn(&d.commands, device.id(), route).await?)
+    }
+
+    /// A network server's report on a downlink: to the command transport, for the registered
+    /// device its topic names; counted by outcome whatever it is.
+    async fn report(&self, report: &DownlinkEvent) -> Result<Outcome, IngestError> {
+        let outcome = match (&self.downlinks, self.device(&report.device)) {
+            (None, _) => "no_downlinks",
+            (_, Err((_, r))) if r.reason == reason::UNKNOWN_DEVICE => "unknown_device",
+            (_, Err(_)) => "wrong_device",
+            (Some(d), Ok(device)) => {
+                d.transport
+                    .report(&d.commands, &self.name, device.id(), report)
+                    .await?
+            }
+        };
+        metrics::counter!("citygw_lorawan_downlink_reports_total", "server" => self.name.clone(),
+            "report" => report.kind.label(), "outcome" => outcome)
+        .increment(1);
+        Ok(Outcome::Report)
+    }
+
+    /// The registered device an event names, or the id to file the dead letter under (the
     /// device's own when it is registered, else the DevEUI or TTS id it was named by) and why.
-    fn device(&self, event: &Event) -> Result<Arc<DeviceEntry>, (String, Rejection)> {
-        let r = &event.device;
+    fn device(&self, r: &DeviceRef) -> Result<Arc<DeviceEntry>, (String, Rejection)> {
         let found = if r.dev_eui.is_empty() {
             // TTS without a DevEUI (ABP devices may have none): the TTS device id.
             self.registry.get(&r.device_id)

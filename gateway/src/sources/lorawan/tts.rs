@@ -5,11 +5,19 @@
 //! original snake_case names): `end_device_ids`, `received_at` and, for `up`, `uplink_message`
 //! with `f_port`, `f_cnt`, `frm_payload`, `decoded_payload`, `rx_metadata` and `settings`.
 //! Protobuf's JSON mapping leaves out zero values, so a missing `f_cnt` is frame 0.
+//!
+//! Downlink reports (`down/queued`, `down/sent`, `down/ack`, `down/nack`, `down/failed`) carry
+//! the downlink (`downlink_sent`, ..., `downlink_failed.downlink`) with the correlation ids it
+//! was pushed with; the gateway's `citygw:cmd:{command id}` among them names the command
+//! ([`Parsed::Downlink`]).
 
 use serde::Deserialize;
 
 use super::chirpstack::lenient;
-use super::event::{base64, rfc3339_ms, DeviceRef, Event, Kind, Malformed, Parsed, Radio, Uplink};
+use super::event::{
+    base64, rfc3339_ms, DeviceRef, DownlinkEvent, DownlinkKind, Event, Kind, Malformed, Parsed,
+    Radio, Uplink,
+};
 use crate::pipeline::Rejection;
 use crate::reason;
 use crate::registry::normalise_dev_eui;
@@ -73,30 +81,69 @@ struct UplinkMessage {
     received_at: Option<String>,
 }
 
+/// An `ApplicationDownlink` as reported back: only its correlation ids matter here.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Downlink {
+    correlation_ids: Vec<String>,
+}
+
+/// TTS's error details (`errors.Error` in its JSON mapping).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ErrorDetails {
+    namespace: String,
+    name: String,
+    message_format: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct DownlinkFailed {
+    downlink: Option<Downlink>,
+    error: Option<ErrorDetails>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Message {
     end_device_ids: Option<Ids>,
+    correlation_ids: Vec<String>,
     received_at: Option<String>,
     uplink_message: Option<UplinkMessage>,
+    downlink_queued: Option<Downlink>,
+    downlink_sent: Option<Downlink>,
+    downlink_ack: Option<Downlink>,
+    downlink_nack: Option<Downlink>,
+    downlink_failed: Option<DownlinkFailed>,
 }
+
+/// The correlation id a downlink pushed for command `id` carries.
+pub fn correlation_id(id: &str) -> String {
+    format!("{CORRELATION_PREFIX}{id}")
+}
+
+const CORRELATION_PREFIX: &str = "citygw:cmd:";
+
+/// Longest error text kept from a `down/failed` report.
+const MAX_ERROR: usize = 256;
 
 /// Reads one message of a TTS broker.
 pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
     let levels: Vec<&str> = topic.split('/').collect();
-    let (topic_device, event) = match levels.as_slice() {
-        ["v3", _, "devices", device, rest @ ..] if !rest.is_empty() => (*device, rest.join("/")),
+    let (application, topic_device, event) = match levels.as_slice() {
+        ["v3", app, "devices", device, rest @ ..] if !rest.is_empty() => {
+            (*app, *device, rest.join("/"))
+        }
         _ => return Ok(Parsed::Ignored("unknown")),
     };
     let mut device = DeviceRef {
         dev_eui: String::new(),
         device_id: topic_device.to_string(),
+        application: application.to_string(),
     };
     match event.as_str() {
-        "up" | "join" => {}
-        "down/queued" | "down/sent" | "down/ack" | "down/nack" | "down/failed" => {
-            return Ok(Parsed::Ignored("down"))
-        }
+        "up" | "join" | "down/queued" | "down/sent" | "down/ack" | "down/nack" | "down/failed" => {}
         "service/data" => return Ok(Parsed::Ignored("service_data")),
         "location/solved" => return Ok(Parsed::Ignored("location")),
         _ => return Ok(Parsed::Ignored("unknown")),
@@ -105,13 +152,13 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
         device: device.clone(),
         rejection: r,
     };
-    let msg: Message = serde_json::from_slice(payload).map_err(|e| {
+    let mut msg: Message = serde_json::from_slice(payload).map_err(|e| {
         fail(
             &device,
             Rejection::new(reason::MALFORMED_EVENT, e.to_string()),
         )
     })?;
-    let ids = msg.end_device_ids.unwrap_or_default();
+    let ids = msg.end_device_ids.take().unwrap_or_default();
     if let Some(eui) = ids.dev_eui.as_deref().filter(|e| !e.is_empty()) {
         device.dev_eui = normalise_dev_eui(eui).ok_or_else(|| {
             fail(
@@ -149,6 +196,9 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
             }),
         }
     };
+    if let Some(report) = event.strip_prefix("down/") {
+        return Ok(Parsed::Downlink(downlink(report, msg, device)));
+    }
     let kind = if event == "join" {
         Kind::Join {
             dev_addr: ids.dev_addr.unwrap_or_default(),
@@ -218,6 +268,43 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<Parsed, Malformed> {
         kind,
         device,
     }))
+}
+
+/// A `down/{report}` event: the command it is about (by our correlation id) and its outcome.
+fn downlink(report: &str, msg: Message, device: DeviceRef) -> DownlinkEvent {
+    let (kind, downlink) = match report {
+        "queued" => (DownlinkKind::Queued, msg.downlink_queued),
+        "sent" => (DownlinkKind::Transmitted, msg.downlink_sent),
+        "ack" => (DownlinkKind::Acknowledged, msg.downlink_ack),
+        "nack" => (DownlinkKind::NotAcknowledged, msg.downlink_nack),
+        _ => {
+            let failed = msg.downlink_failed.unwrap_or_default();
+            let error = failed.error.unwrap_or_default();
+            let text = [&error.namespace, &error.name, &error.message_format]
+                .iter()
+                .filter(|t| !t.is_empty())
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(": ");
+            let text = if text.is_empty() {
+                "the network server reported the downlink failed".to_string()
+            } else {
+                crate::control::commands::bounded(format!("network server: {text}"), MAX_ERROR)
+            };
+            (DownlinkKind::Failed(text), failed.downlink)
+        }
+    };
+    let command_id = downlink
+        .into_iter()
+        .flat_map(|d| d.correlation_ids)
+        .chain(msg.correlation_ids)
+        .find_map(|c| c.strip_prefix(CORRELATION_PREFIX).map(str::to_string))
+        .filter(|id| !id.is_empty());
+    DownlinkEvent {
+        device,
+        command_id,
+        kind,
+    }
 }
 
 #[cfg(test)]
@@ -298,8 +385,67 @@ mod tests {
         let spoof = parse("v3/app1@ttn/devices/other/up", DOC_UPLINK.as_bytes()).unwrap_err();
         assert_eq!(spoof.rejection.reason, reason::MALFORMED_EVENT);
         assert!(matches!(
-            parse("v3/app1@ttn/devices/dev1/down/sent", b"{}"),
-            Ok(Parsed::Ignored("down"))
+            parse("v3/app1@ttn/devices/dev1/service/data", b"{}"),
+            Ok(Parsed::Ignored("service_data"))
         ));
+    }
+
+    #[test]
+    fn downlink_reports() {
+        let id = "0192f0c4-7d1e-7000-8000-000000000001";
+        let report = |event: &str, body: String| match parse(
+            &format!("v3/app1@ttn/devices/dev1/down/{event}"),
+            body.as_bytes(),
+        ) {
+            Ok(Parsed::Downlink(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        let ids = r#""end_device_ids":{"device_id":"dev1","application_ids":{"application_id":"app1"},"dev_eui":"0004A30B001C0530"}"#;
+        let sent = report(
+            "sent",
+            format!(
+                r#"{{{ids},"correlation_ids":["as:downlink:01"],"downlink_sent":{{"f_port":15,"frm_payload":"vu8=","confirmed":true,"correlation_ids":["as:downlink:01","citygw:cmd:{id}"]}}}}"#
+            ),
+        );
+        assert_eq!(
+            (sent.kind, sent.command_id.as_deref()),
+            (DownlinkKind::Transmitted, Some(id))
+        );
+        assert_eq!(
+            (
+                sent.device.device_id.as_str(),
+                sent.device.dev_eui.as_str(),
+                sent.device.application.as_str()
+            ),
+            ("dev1", "0004a30b001c0530", "app1@ttn")
+        );
+        let failed = report(
+            "failed",
+            format!(
+                r#"{{{ids},"downlink_failed":{{"downlink":{{"correlation_ids":["citygw:cmd:{id}"]}},"error":{{"namespace":"pkg/networkserver","name":"application_downlink_too_long","message_format":"downlink too long"}}}}}}"#
+            ),
+        );
+        assert_eq!(failed.command_id.as_deref(), Some(id));
+        assert_eq!(failed.kind, DownlinkKind::Failed("network server: pkg/networkserver: application_downlink_too_long: downlink too long".into()));
+        assert_eq!(
+            report("ack", format!(r#"{{{ids},"downlink_ack":{{}}}}"#)).command_id,
+            None
+        );
+        assert_eq!(
+            report(
+                "nack",
+                format!(r#"{{{ids},"correlation_ids":["citygw:cmd:{id}"]}}"#)
+            )
+            .kind,
+            DownlinkKind::NotAcknowledged
+        );
+        // another device's report on dev1's topic, garbage
+        let other = format!(
+            r#"{{"end_device_ids":{{"device_id":"dev2"}},"downlink_ack":{{"correlation_ids":["citygw:cmd:{id}"]}}}}"#
+        );
+        for bad in [other.as_str(), "{not json", r#"{"correlation_ids":"x"}"#] {
+            let refused = parse("v3/app1@ttn/devices/dev1/down/ack", bad.as_bytes()).unwrap_err();
+            assert_eq!(refused.rejection.reason, reason::MALFORMED_EVENT, "{bad}");
+        }
     }
 }

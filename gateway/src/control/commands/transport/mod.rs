@@ -4,10 +4,13 @@
 //!   device answers on `.../result`.
 //! - [`lwm2m`]: an LwM2M Write (PUT) or Execute (POST) to the client's registered address,
 //!   sent by the LwM2M server of the CoAP source; queue-mode clients only while awake.
+//! - [`lorawan`]: a downlink through the network server that bridges the device (ChirpStack v4
+//!   `command/down`, The Things Stack v3 `down/push`), on the bridge's own broker connection.
 //!
 //! A transport never decides a command's fate alone: it reports to [`Commands::progress`], which
 //! keeps the state machine and the log.
 
+pub mod lorawan;
 pub mod lwm2m;
 pub mod mqtt;
 
@@ -65,6 +68,11 @@ pub trait Transport: Send + Sync {
     /// than queued to expire); `None` when it can be queued.
     fn refusal(&self, _device_id: &str) -> Option<String> {
         None
+    }
+
+    /// Refuses a payload this transport cannot carry (checked before the command is queued).
+    fn accepts(&self, _payload: &crate::proto::CommandPayload) -> Result<(), String> {
+        Ok(())
     }
 
     /// Tries to hand `command` to its device.

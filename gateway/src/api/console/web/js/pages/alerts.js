@@ -1,7 +1,8 @@
 // Alerts: what the rules raised (ThingsBoard's lifecycle: active or cleared, acknowledged or
 // not), newest first, updated live as each change becomes durable; counts of the active ones by
 // severity; the admin acknowledges and clears from here; a row opens its history (who, when);
-// the rules in force below.
+// the rules in force below, where the admin adds (TOML, as in the config file) and removes rules
+// at run time.
 
 import { t } from "../i18n.js";
 import { h, api, live, session, fmtTime, fmtNum, table, card, SignedOut } from "../ui.js";
@@ -79,8 +80,10 @@ function detail(a, change) {
     ], a.history, { id: "alert-history" }));
 }
 
-function rulesTable(rules) {
+function rulesTable(rules, remove) {
   if (!rules.length) return h("p", { class: "muted", id: "rules" }, t("al.no_rules"));
+  const origin = (r) => (r.origin === "api"
+    ? `${t("al.origin.api")} · ${r.added_by} · ${fmtTime(r.added_time_ms)}` : t("al.origin.config"));
   const scope = (r) => ["tenant", "kind", "commune", "device"].filter((k) => r[k])
     .map((k) => `${k}=${r[k]}`).join(" ") || t("dev.all");
   const el = table([
@@ -90,9 +93,41 @@ function rulesTable(rules) {
     [t("al.scope"), scope],
     [t("al.action"), (r) => r.action_command || t("none")],
     [t("al.active_count"), (r) => fmtNum(r.active), { class: "num" }],
+    [t("al.origin"), origin],
+    ["", (r) => (session.role === "admin" && r.origin === "api" ? h("button", {
+      type: "button", class: "small danger", "data-action": "remove", onclick: () => remove(r),
+    }, t("al.remove")) : "")],
   ], rules, { id: "rules" });
   [...el.tBodies[0].rows].forEach((tr, i) => { tr.dataset.name = rules[i].name; });
   return el;
+}
+
+const EXAMPLE = 'name = "water-high"\nquantity = "water_level"\nabove = 2.5\nfor = "5m"\n'
+  + 'clear = 2.3\nseverity = "major"\nkind = "water_level"';
+
+/** The admin's form: one rule as a `[[rules]]` table, checked by the gateway like the config. */
+function addRuleForm(onAdded) {
+  const status = h("p", { class: "muted", id: "rule-status" });
+  const form = h("form", { id: "add-rule", class: "add-rule" },
+    h("label", { for: "rule-definition" }, t("al.add_rule_help")),
+    h("textarea", { id: "rule-definition", name: "definition", rows: 7, cols: 60, required: true,
+      spellcheck: "false", placeholder: EXAMPLE }),
+    h("div", {}, h("button", { type: "submit" }, t("al.add_rule"))));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      const r = await api("/rules", { method: "POST", body: { definition: form.elements.definition.value } });
+      status.className = "muted";
+      status.textContent = `${t("al.rule_added")}: ${r.name}`;
+      form.elements.definition.value = "";
+      onAdded();
+    } catch (err) {
+      if (err instanceof SignedOut) return;
+      status.className = "error";
+      status.textContent = `${t("error")}: ${err.message}`;
+    }
+  });
+  return [form, status];
 }
 
 export function render(root, [openParam]) {
@@ -164,7 +199,8 @@ export function render(root, [openParam]) {
     counts,
     admin ? "" : h("p", { class: "muted", id: "alerts-readonly" }, t("al.readonly")),
     filters, status, list, more, opened,
-    h("section", {}, h("h2", {}, t("al.rules")), rulesBox));
+    h("section", { id: "rules-section" }, h("h2", {}, t("al.rules")), rulesBox,
+      session.role === "admin" ? addRuleForm(() => loadRules().catch(() => {})) : ""));
 
   let before = "";
   let generation = 0;
@@ -195,12 +231,23 @@ export function render(root, [openParam]) {
   };
   const loadRules = async () => {
     const { rules } = await api("/rules");
-    rulesBox.replaceChildren(rulesTable(rules));
+    rulesBox.replaceChildren(rulesTable(rules, removeRule));
     const select = filters.elements.rule;
     const chosen = select.value;
     select.replaceChildren(h("option", { value: "" }, `${t("al.rule")}: ${t("dev.all")}`),
       ...rules.map((r) => h("option", { value: r.name }, r.name)));
     select.value = chosen;
+  };
+  const removeRule = async (r) => {
+    if (!window.confirm(t("al.confirm_remove").replace("{name}", r.name))) return;
+    try {
+      await api(`/rules/${encodeURIComponent(r.name)}/remove`, { method: "POST" });
+      await loadRules();
+    } catch (err) {
+      if (err instanceof SignedOut) return;
+      status.className = "error";
+      status.textContent = `${t("error")}: ${err.message}`;
+    }
   };
   let timer = null;
   filters.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(() => load(true).catch(() => {}), 300); });

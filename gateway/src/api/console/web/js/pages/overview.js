@@ -1,5 +1,6 @@
 // Overview: devices by state, protocol and kind; active alerts by severity; ingest rate as a live
-// chart; refusals by reason; sink lag; store commit latency. One server-sent event stream feeds all of it.
+// chart; refusals by reason; sink lag; store commit latency. One server-sent event stream feeds
+// all of it.
 
 import { t } from "../i18n.js";
 import { h, live, fmtNum, fmtTime, table, card, tzDate } from "../ui.js";
