@@ -35,7 +35,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::payload::SENT_US;
@@ -79,6 +79,9 @@ pub struct FanoutArgs {
     /// A name for this run in the report.
     #[arg(long)]
     pub label: Option<String>,
+    /// PEM CA of an https:// gateway (default: the system's roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// Use `SubscribeBatches` (readings in `ReadingBatch` messages) instead of `Subscribe`.
     #[arg(long)]
     pub batched: bool,
@@ -225,7 +228,12 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let auth: MetadataValue<_> = format!("Bearer {}", args.token)
         .parse()
         .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))?;
-    let endpoint = Endpoint::from_shared(args.grpc.clone())?
+    let tls = citygw::cli::client::TlsArgs {
+        ca_file: args.ca_file.clone(),
+        ..Default::default()
+    };
+    let endpoint = tls
+        .endpoint(&args.grpc)?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .initial_stream_window_size(args.window_kib * 1024)

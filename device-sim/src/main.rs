@@ -91,9 +91,14 @@ pub struct TargetArgs {
     /// Seconds to wait for each CONNACK.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
+    /// MQTT over TLS: PEM CA the gateway's certificate must chain to (its host name is checked
+    /// against `--host`); plain MQTT without it.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
+    citygw::tls::install_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

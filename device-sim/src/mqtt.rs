@@ -30,8 +30,24 @@ pub fn host_for(target: &TargetArgs, i: usize) -> &str {
     &target.host[i % target.host.len()]
 }
 
+/// The TLS client configuration of every connection of this run (`--ca-file`), built once.
+fn tls(target: &TargetArgs) -> Option<rumqttc::Transport> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    let ca = target.ca_file.as_deref()?;
+    let config = CONFIG.get_or_init(|| {
+        citygw::tls::client_config(Some(ca))
+            .unwrap_or_else(|e| panic!("--ca-file {}: {e:#}", ca.display()))
+    });
+    Some(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+        config.clone(),
+    )))
+}
+
 pub fn options(target: &TargetArgs, i: usize, cred: &Credential, session: &Session) -> MqttOptions {
     let mut opts = MqttOptions::new(cred.id.clone(), host_for(target, i), target.port);
+    if let Some(transport) = tls(target) {
+        opts.set_transport(transport);
+    }
     opts.set_credentials(cred.id.clone(), cred.secret.clone())
         .set_keep_alive(session.keep_alive)
         .set_clean_session(true)
@@ -260,6 +276,7 @@ mod tests {
             credentials: None,
             connect_concurrency: 1,
             connect_timeout: 1,
+            ca_file: None,
         };
         assert_eq!(host_for(&target, 0), "127.0.0.1");
         assert_eq!(host_for(&target, 3), "127.0.0.2");

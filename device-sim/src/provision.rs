@@ -12,7 +12,7 @@ use citygw::cli::client::bearer;
 use citygw::proto::admin_client::AdminClient;
 use citygw::proto::{AddDeviceRequest, Device, ImportDevicesRequest};
 use clap::Args;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::drivers;
 use crate::run::load_scenario;
@@ -33,6 +33,9 @@ pub struct ScenarioAdmin {
     /// Sensor profiles file replacing the embedded one.
     #[arg(long)]
     pub profiles: Option<PathBuf>,
+    /// PEM CA of an https:// gateway (default: the system's roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ScenarioAdmin {
@@ -47,7 +50,12 @@ impl ScenarioAdmin {
         Channel,
         impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
     )> {
-        let channel = Endpoint::from_shared(self.grpc.clone())?
+        let tls = citygw::cli::client::TlsArgs {
+            ca_file: self.ca_file.clone(),
+            ..Default::default()
+        };
+        let channel = tls
+            .endpoint(&self.grpc)?
             .connect()
             .await
             .with_context(|| format!("cannot reach citygw at {}", self.grpc))?;

@@ -112,6 +112,7 @@ fn device(i: usize, communes: &[(String, f64, f64)]) -> NewDevice {
             String::new()
         },
         psk: (i % 50 == 7).then(|| format!("psk-of-device-{i:012}")),
+        cert_sha256: None,
     }
 }
 

@@ -29,8 +29,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = crate::observability::install_metrics()?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| anyhow::anyhow!("data_dir {}: {e}", cfg.data_dir.display()))?;
+    crate::config::private_data_dir(&cfg.data_dir)?;
     let store = Store::open(
         &cfg.data_dir.join("store"),
         StoreOptions {
@@ -50,6 +49,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         false => None,
     };
     let registry = Registry::load(store.clone())?;
+    registry.set_auth_throttle(crate::registry::throttle::AuthThrottle::new(
+        cfg.auth.clone(),
+    ));
     registry.set_psk_sealer(crate::registry::psk::Sealer::load_or_create(
         &cfg.coap.psk_key_path(&cfg.data_dir),
     )?);
@@ -100,6 +102,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ));
     }
     let ready = http::Readiness::default();
+    let reloader = crate::tls::Reloader::default();
+    let server_tls = |name: &'static str, files: Option<crate::tls::TlsFiles>, alpn: &[&[u8]]| {
+        files
+            .map(|f| {
+                let tls = crate::tls::ServerTls::new(name, f, alpn, None)
+                    .map_err(|e| anyhow::anyhow!("{name} TLS: {e:#}"))?;
+                reloader.add(tls.clone());
+                anyhow::Ok(tls)
+            })
+            .transpose()
+    };
+    let http_tls = server_tls("http", cfg.http.tls_files()?, &[b"http/1.1"])?;
+    let grpc_tls = server_tls("grpc", cfg.grpc.tls_files()?, &[b"h2"])?;
     if let Some(cluster) = &cluster {
         ready.depend_on(cluster.clone());
     }
@@ -115,7 +130,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             commands: commands.clone(),
             alerts: alerts.clone(),
-            tls: false,
+            tls: http_tls.is_some(),
         })
     });
     let console_sampler = console
@@ -133,8 +148,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     agencies: agencies.clone(),
                     admin_token: admin_token.clone(),
                     kpi: kpi.clone(),
+                    metrics_token: cfg.http.metrics_token()?,
+                    registry: registry.clone(),
                     console,
                 },
+                http_tls,
                 shutdown.clone(),
             )
             .await?,
@@ -152,6 +170,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 sinks: sinks.clone(),
                 kpi: kpi.clone(),
                 lwm2m: lwm2m.clone(),
+                tls: grpc_tls,
                 commands: commands.clone(),
                 alerts,
             }
@@ -164,6 +183,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             config: cfg.mqtt.clone(),
             registry: registry.clone(),
             pipeline: pipeline.clone(),
+            identity_field: cfg.tls.device_identity,
+            reloader: reloader.clone(),
             commands: commands.clone(),
         }),
         Box::new(CoapSource {
@@ -171,6 +192,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             registry: registry.clone(),
             pipeline: pipeline.clone(),
             lwm2m,
+            identity_field: cfg.tls.device_identity,
+            reloader: reloader.clone(),
         }),
     ];
     // Commands to LoRaWAN devices go out as downlinks through the bridges that allow them.
@@ -206,6 +229,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tasks.spawn(async move { (name, server.await) });
     }
     let kpi_refresh = tokio::spawn(kpi.run(shutdown.clone()));
+    let reloads =
+        tokio::spawn(reloader.run(Duration::from_secs(cfg.tls.watch_secs), shutdown.clone()));
     let housekeeping = tokio::spawn(housekeeping(
         registry.clone(),
         store.clone(),
@@ -237,6 +262,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, rules).await;
     housekeeping.abort();
     kpi_refresh.abort();
+    reloads.abort();
     if let Some(sampler) = console_sampler {
         sampler.abort();
     }

@@ -44,10 +44,34 @@ pub struct Config {
     pub kpi: crate::kpi::KpiConfig,
     /// LoRaWAN network server brokers to bridge (ChirpStack v4, The Things Stack v3).
     pub lorawan: Vec<crate::sources::lorawan::config::LorawanConfig>,
+    /// What every TLS listener shares: device identity in certificates, reloads.
+    pub tls: TlsConfig,
+    /// Back-off of failed authentication, for every protocol and API.
+    pub auth: crate::registry::throttle::ThrottleConfig,
     /// Single node (embedded store, the default) or several nodes on NATS JetStream.
     pub cluster: crate::store::jetstream::ClusterConfig,
     /// Alert rules over the readings (threshold, absence, rate of change) and their actions.
     pub rules: Vec<crate::control::rules::config::RuleConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Where a device certificate carries the device id: "cn", "san_dns" or "san_uri".
+    pub device_identity: crate::tls::identity::IdentityField,
+    /// Seconds between checks of the certificate, key, CA and CRL files for changes, which are
+    /// then reloaded; 0: only on SIGHUP.
+    pub watch_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            device_identity: Default::default(),
+            watch_secs: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +109,66 @@ pub struct MqttConfig {
     /// Receive Maximum; beyond it the gateway stops reading the connection until a PUBACK goes
     /// out. 1 processes one message per connection at a time.
     pub max_inflight: u16,
+    /// MQTT over TLS, devices authenticated by their secret as on `listen`; on when
+    /// `tls_cert_file` and `tls_key_file` are set.
+    pub tls_listen: SocketAddr,
+    /// PEM: the server certificate (then intermediates) of both TLS listeners.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM: the key of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// MQTT over TLS with client certificates: the certificate names the device (see
+    /// `tls.device_identity`), no secret needed; on when `client_ca_file` is set too.
+    pub mtls_listen: SocketAddr,
+    /// PEM: the CA(s) device certificates must chain to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// PEM: revocation lists of those CAs; a certificate of a CA without one is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_crl_file: Option<PathBuf>,
+}
+
+impl MqttConfig {
+    /// The TLS files of the listener on `tls_listen` (`mtls`: the one on `mtls_listen`), when
+    /// it is configured.
+    pub fn tls_files(&self, mtls: bool) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        let Some((cert, key)) = cert_and_key("mqtt", &self.tls_cert_file, &self.tls_key_file)?
+        else {
+            anyhow::ensure!(
+                self.client_ca_file.is_none(),
+                "mqtt.client_ca_file needs mqtt.tls_cert_file and mqtt.tls_key_file"
+            );
+            return Ok(None);
+        };
+        if mtls && self.client_ca_file.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: self.client_ca_file.clone().filter(|_| mtls),
+            client_crl: self.client_crl_file.clone().filter(|_| mtls),
+            client_auth: if mtls {
+                crate::tls::ClientAuth::Required
+            } else {
+                crate::tls::ClientAuth::None
+            },
+        }))
+    }
+}
+
+/// A listener's certificate and key: both or neither.
+fn cert_and_key(
+    section: &str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+    match (cert, key) {
+        (Some(c), Some(k)) => Ok(Some((c.clone(), k.clone()))),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("{section}: set both tls_cert_file and tls_key_file, or neither"),
+    }
 }
 
 /// CoAP over UDP (`sources::coap`).
@@ -132,6 +216,47 @@ pub struct CoapConfig {
     /// Key that seals device PSKs at rest; default `<data_dir>/psk.key`, created on first start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub psk_key_file: Option<PathBuf>,
+    /// CoAPS with certificates (X.509 mode, beside PSK on the same port): the server
+    /// certificate and key, and the CA device certificates chain to; on when all three are set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtls_cert_file: Option<PathBuf>,
+    /// PEM: the key of `dtls_cert_file` (X.509 mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtls_key_file: Option<PathBuf>,
+    /// PEM: the CA(s) device certificates must chain to (X.509 mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtls_client_ca_file: Option<PathBuf>,
+    /// PEM: revocation lists of the device CAs (X.509 mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtls_client_crl_file: Option<PathBuf>,
+    /// Seconds a DTLS cookie (HelloVerifyRequest) stays valid; cookies are keyed by the peer's
+    /// address with a secret that changes this often.
+    pub dtls_cookie_lifetime_secs: u64,
+}
+
+impl CoapConfig {
+    /// The files of CoAPS's X.509 mode, when it is configured.
+    pub fn dtls_x509_files(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        let Some((cert, key)) =
+            cert_and_key("coap (dtls)", &self.dtls_cert_file, &self.dtls_key_file)?
+        else {
+            anyhow::ensure!(
+                self.dtls_client_ca_file.is_none(),
+                "coap.dtls_client_ca_file needs coap.dtls_cert_file and coap.dtls_key_file"
+            );
+            return Ok(None);
+        };
+        let client_ca = self.dtls_client_ca_file.clone().ok_or_else(|| {
+            anyhow::anyhow!("coap.dtls_cert_file needs coap.dtls_client_ca_file (the device CA)")
+        })?;
+        Ok(Some(crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: Some(client_ca),
+            client_crl: self.dtls_client_crl_file.clone(),
+            client_auth: crate::tls::ClientAuth::Required,
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +268,46 @@ pub struct GrpcConfig {
     /// Readings a live subscription may have queued for a slow client before it is ended with
     /// RESOURCE_EXHAUSTED and a resume point.
     pub subscription_buffer: usize,
+    /// gRPC over TLS (agencies, the admin API): PEM certificate and key; plaintext when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM: the key of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM: CA(s) of agency client certificates (mTLS). Bearer tokens still decide what a
+    /// caller may read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// PEM: revocation lists of those CAs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_crl_file: Option<PathBuf>,
+    /// With `client_ca_file`: refuse connections without a client certificate (false: verify
+    /// certificates that are presented, serve the others on their token alone).
+    pub client_cert_required: bool,
+}
+
+impl GrpcConfig {
+    pub fn tls_files(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        let Some((cert, key)) = cert_and_key("grpc", &self.tls_cert_file, &self.tls_key_file)?
+        else {
+            anyhow::ensure!(
+                self.client_ca_file.is_none(),
+                "grpc.client_ca_file needs grpc.tls_cert_file and grpc.tls_key_file"
+            );
+            return Ok(None);
+        };
+        Ok(Some(crate::tls::TlsFiles {
+            cert,
+            key,
+            client_auth: match (&self.client_ca_file, self.client_cert_required) {
+                (None, _) => crate::tls::ClientAuth::None,
+                (Some(_), true) => crate::tls::ClientAuth::Required,
+                (Some(_), false) => crate::tls::ClientAuth::Optional,
+            },
+            client_ca: self.client_ca_file.clone(),
+            client_crl: self.client_crl_file.clone(),
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +316,56 @@ pub struct GrpcConfig {
 pub struct HttpConfig {
     /// Address and TCP port of /metrics, /healthz, /readyz and /api/v1/kpi.
     pub listen: SocketAddr,
+    /// HTTPS: PEM certificate (then intermediates); plain HTTP when unset. The console's
+    /// session cookie is `Secure` then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM: the key of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Bearer token `/metrics` requires (empty: open, as Prometheus scrapes by default). The
+    /// metrics name agencies and carry the KPI; protect them where the port is reachable.
+    pub metrics_token: String,
+    /// Or read the token from this file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_token_file: Option<PathBuf>,
+}
+
+impl HttpConfig {
+    pub fn tls_files(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        Ok(
+            cert_and_key("http", &self.tls_cert_file, &self.tls_key_file)?.map(|(cert, key)| {
+                crate::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: None,
+                    client_crl: None,
+                    client_auth: crate::tls::ClientAuth::None,
+                }
+            }),
+        )
+    }
+
+    /// The `/metrics` token, if one is required.
+    pub fn metrics_token(&self) -> anyhow::Result<Option<String>> {
+        if !self.metrics_token.is_empty() {
+            return Ok(Some(self.metrics_token.clone()));
+        }
+        match &self.metrics_token_file {
+            Some(f) => {
+                let token = std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("http.metrics_token_file {}: {e}", f.display()))?;
+                let token = token.trim().to_string();
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "http.metrics_token_file {} is empty",
+                    f.display()
+                );
+                Ok(Some(token))
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// The operator console (`api::console`), served at `/console/` on the HTTP listener.
@@ -251,6 +466,8 @@ impl Default for Config {
             sinks: Vec::new(),
             kpi: crate::kpi::KpiConfig::default(),
             lorawan: Vec::new(),
+            tls: TlsConfig::default(),
+            auth: Default::default(),
             cluster: Default::default(),
             rules: Vec::new(),
         }
@@ -280,6 +497,12 @@ impl Default for MqttConfig {
             max_handshaking: 1_000,
             handshake_timeout_secs: 30,
             max_inflight: 64,
+            tls_listen: "[::]:8883".parse().expect("static address"),
+            tls_cert_file: None,
+            tls_key_file: None,
+            mtls_listen: "[::]:8884".parse().expect("static address"),
+            client_ca_file: None,
+            client_crl_file: None,
         }
     }
 }
@@ -303,6 +526,11 @@ impl Default for CoapConfig {
             dtls_idle_secs: 900,
             dtls_handshake_timeout_secs: 30,
             psk_key_file: None,
+            dtls_cert_file: None,
+            dtls_key_file: None,
+            dtls_client_ca_file: None,
+            dtls_client_crl_file: None,
+            dtls_cookie_lifetime_secs: 60,
         }
     }
 }
@@ -324,6 +552,11 @@ impl Default for GrpcConfig {
         Self {
             listen: "[::]:50051".parse().expect("static address"),
             subscription_buffer: 10_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            client_ca_file: None,
+            client_crl_file: None,
+            client_cert_required: true,
         }
     }
 }
@@ -332,6 +565,10 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "[::]:8080".parse().expect("static address"),
+            tls_cert_file: None,
+            tls_key_file: None,
+            metrics_token: String::new(),
+            metrics_token_file: None,
         }
     }
 }
@@ -463,6 +700,15 @@ impl Config {
                 l.name
             );
         }
+        // Each listener's TLS settings must be complete before anything starts.
+        self.mqtt.tls_files(true)?;
+        self.grpc.tls_files()?;
+        self.http.tls_files()?;
+        self.coap.dtls_x509_files()?;
+        anyhow::ensure!(
+            self.coap.dtls_cookie_lifetime_secs > 0,
+            "coap.dtls_cookie_lifetime_secs must be positive"
+        );
         anyhow::ensure!(
             self.coap.max_exchanges > 0
                 && self.coap.max_in_flight > 0
@@ -481,6 +727,7 @@ impl Config {
             }
         };
         redact(&mut shown.admin.token);
+        redact(&mut shown.http.metrics_token);
         for sink in &mut shown.sinks {
             redact(&mut sink.token);
             redact(&mut sink.password);
@@ -522,6 +769,7 @@ impl Config {
 /// `[[sinks]]`, `[[lorawan]]`, `[[agencies]]`, `[[operators]]`, come from the file only).
 pub(crate) const ENV_SECTIONS: &[&str] = &[
     "log", "mqtt", "coap", "grpc", "http", "admin", "store", "kpi", "console", "cluster", "ingest",
+    "tls", "auth",
 ];
 
 /// The `CITYGW_*` variables that name config keys; others (CITYGW_SERVER, CITYGW_ADMIN_TOKEN
@@ -539,6 +787,44 @@ fn config_env() -> config::Map<String, String> {
                     .any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with("__")))
         })
         .collect()
+}
+
+/// Makes the data directory private to the gateway's user: created 0700 (an existing one is
+/// tightened, and so is anything in it still readable by others), and every file the process
+/// creates from now on 0600 (umask 077): the store holds secret and token hashes and sealed PSKs.
+pub fn private_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("data_dir {}: {e}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
+        unsafe {
+            libc::umask(0o077);
+        }
+        let mut tightened = 0usize;
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            let mode = meta.permissions().mode();
+            let private = if meta.is_dir() { 0o700 } else { 0o600 };
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & private))?;
+                tightened += 1;
+            }
+            if meta.is_dir() {
+                for entry in std::fs::read_dir(&path)? {
+                    pending.push(entry?.path());
+                }
+            }
+        }
+        if tightened > 0 {
+            tracing::warn!(data_dir = %dir.display(), tightened, "data_dir was readable by other users; now private to this one");
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {

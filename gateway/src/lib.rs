@@ -3,7 +3,8 @@
 //! Data flows left to right through the modules: [`sources`] take bytes in, [`codec`] decodes them,
 //! [`pipeline`] checks identity, normalises and makes readings durable in [`store`], and [`api`]
 //! serves them out. [`registry`] holds devices and credentials; [`kpi`] measures IoT connections
-//! per resident; [`control`] sends commands to devices and raises alerts; [`app`] wires it all for
+//! per resident; [`control`] sends commands to devices and raises alerts; [`tls`] secures the
+//! listeners; [`app`] wires it all for
 //! `citygw run`; [`cli`] is the operator's command line.
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod registry;
 pub mod sinks;
 pub mod sources;
 pub mod store;
+pub mod tls;
 
 #[cfg(test)]
 mod fuzz;

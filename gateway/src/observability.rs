@@ -1,4 +1,10 @@
-//! Structured logs (tracing) and the Prometheus recorder.
+//! Structured logs (tracing) and the Prometheus recorder, and the two rules every log line about
+//! untrusted input follows: what a client chose is cut to a fixed length ([`clip`]), and a flood
+//! of refusals becomes a few lines and a count ([`LogLimiter`]).
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -56,7 +62,8 @@ pub(crate) fn describe() {
     describe_counter!(
         "citygw_auth_failures_total",
         "Refused device authentications, by protocol and reason (bad_credentials, unknown_device, \
-         disabled_device, anonymous, session_limit)"
+         disabled_device, anonymous, session_limit, throttled: refused unchecked by the back-off of \
+         failed attempts, will_refused: a will on a topic the device may not publish to)"
     );
     describe_counter!(
         "citygw_subscribe_denied_total",
@@ -64,7 +71,8 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         "citygw_api_auth_failures_total",
-        "Refused API calls with a missing or wrong token, by api (admin, telemetry, http, console)"
+        "Refused API calls with a missing or wrong token, by api (admin, telemetry, http, console) \
+         and reason (throttled: refused unchecked by the back-off of failed attempts)"
     );
     describe_gauge!(
         "citygw_connected_devices",
@@ -204,12 +212,37 @@ pub(crate) fn describe() {
          reached, or a session's queue full"
     );
     describe_counter!(
+        "citygw_coaps_hello_verify_requests_total",
+        "DTLS ClientHellos without a valid cookie, answered statelessly with a HelloVerifyRequest \
+         (RFC 6347 4.2.1): no state is held for them"
+    );
+    describe_counter!(
         "citygw_coaps_handshakes_total",
         "DTLS handshakes, by result (ok, failed)"
     );
     describe_counter!(
         "citygw_coaps_handshake_failures_total",
         "Failed DTLS handshakes, by reason (timeout: a wrong PSK shows as one; handshake)"
+    );
+    describe_counter!(
+        "citygw_tls_handshakes_total",
+        "TLS handshakes on the gRPC and HTTP listeners, by listener and result (ok, failed, timeout)"
+    );
+    describe_counter!(
+        "citygw_tls_client_certs_refused_total",
+        "Client certificates refused at the TLS handshake, by listener and reason (unknown_issuer, \
+         expired, revoked, pin_mismatch, no_identity, ...)"
+    );
+    describe_counter!(
+        "citygw_tls_reloads_total",
+        "Reloads of a TLS listener's certificate, key, CA and CRL files (SIGHUP or a file change), \
+         by listener and result (ok, failed: the previous material stays in use)"
+    );
+    describe_gauge!(
+        "citygw_tls_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When the certificate a TLS listener serves expires, Unix seconds, by listener (alert on \
+         less than 14 days left)"
     );
     describe_gauge!(
         "citygw_coaps_sessions",
@@ -475,4 +508,112 @@ pub(crate) fn describe() {
         "citygw_sink_lease_held",
         "Cluster mode: 1 on the node that forwards this sink, by sink"
     );
+}
+
+/// Characters of a client-chosen string (client id, username, topic, path, endpoint name) that
+/// a log line shows.
+pub const LOG_CHARS: usize = 64;
+
+/// A client-chosen string as logs and dead letters show it: at most `limit` characters, control
+/// characters escaped, and how much was left out. Attackers choose these strings (65,535-byte
+/// client ids and topics), so nothing of them is written unbounded.
+pub struct Clipped<'a> {
+    text: &'a str,
+    limit: usize,
+}
+
+/// [`Clipped`] at [`LOG_CHARS`], for log fields: `client_id = %clip(id)`.
+pub fn clip(text: &str) -> Clipped<'_> {
+    clip_at(text, LOG_CHARS)
+}
+
+pub fn clip_at(text: &str, limit: usize) -> Clipped<'_> {
+    Clipped { text, limit }
+}
+
+impl fmt::Display for Clipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (shown, (i, c)) in self.text.char_indices().enumerate() {
+            if shown == self.limit {
+                return write!(f, "…[{} more bytes]", self.text.len() - i);
+            }
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// At most `per_window` log lines per window for one kind of event; the lines left out are
+/// counted and reported with the next line written. For refusals an attacker can repeat at
+/// will (failed logins, malformed packets), so they cannot fill the disk.
+pub struct LogLimiter {
+    per_window: u32,
+    window: Duration,
+    state: Mutex<Option<(Instant, u32, u64)>>,
+}
+
+impl LogLimiter {
+    pub const fn new(per_window: u32, window: Duration) -> Self {
+        Self {
+            per_window,
+            window,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// `Some(lines left out since the last one written)` when this line may be written.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_with(self.per_window)
+    }
+
+    /// As [`LogLimiter::allow`] with a configured number of lines per window.
+    pub fn allow_with(&self, per_window: u32) -> Option<u64> {
+        let now = Instant::now();
+        let mut st = self.state.lock().expect("log limiter lock");
+        let (start, written, dropped) = st.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= self.window {
+            *start = now;
+            *written = 0;
+        }
+        if *written < per_window {
+            *written += 1;
+            Some(std::mem::take(dropped))
+        } else {
+            *dropped += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipped_strings_are_bounded_and_escaped() {
+        let long = "x".repeat(65_535);
+        let shown = clip(&long).to_string();
+        assert!(shown.len() < 100, "{}", shown.len());
+        assert!(shown.ends_with("…[65471 more bytes]"), "{shown}");
+        assert_eq!(clip("a\nb\u{0}").to_string(), "a\\nb\\u{0}");
+        assert_eq!(
+            clip("devices/ä/telemetry").to_string(),
+            "devices/ä/telemetry"
+        );
+        assert_eq!(clip_at("abcdef", 3).to_string(), "abc…[3 more bytes]");
+    }
+
+    #[test]
+    fn limiter_writes_a_few_lines_then_counts() {
+        let l = LogLimiter::new(2, Duration::from_secs(3600));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow_with(5), Some(2));
+    }
 }

@@ -86,10 +86,18 @@ reasons! {
     PAYLOAD_TOO_LARGE = "payload_too_large", given by "MQTT, CoAP, LoRaWAN";
     /// The topic suffix, CoAP path or Content-Format names no format the gateway decodes.
     UNKNOWN_FORMAT = "unknown_format", given by "MQTT, CoAP";
-    /// Published on another device's topic; the payload is not kept.
+    /// Published on another device's topic (its telemetry or any other of its topics); the
+    /// payload is not kept.
     SPOOFED_TOPIC = "spoofed_topic", given by "MQTT";
-    /// Published on a topic that is not `devices/{id}/telemetry[/{format}]`.
+    /// Published on a topic that is not `devices/{id}/telemetry[/{format}]` or a command result
+    /// of the device's own; the payload is kept.
     BAD_TOPIC = "bad_topic", given by "MQTT";
+    /// A PUBLISH topic name that is empty or holds a wildcard (`+`, `#`) or U+0000: a protocol
+    /// violation, so the connection is closed; the payload is not kept.
+    INVALID_TOPIC = "invalid_topic", given by "MQTT";
+    /// A topic alias, which the gateway never offers (its Topic Alias Maximum is 0): a protocol
+    /// violation, so the connection is closed.
+    TOPIC_ALIAS = "topic_alias", given by "MQTT 5";
     /// A CoAPS session posted to another device's path; the payload is not kept.
     SPOOFED_PATH = "spoofed_path", given by "CoAPS";
     /// LwM2M resource values that cannot be decoded (TLV, text, SenML) for their object path.

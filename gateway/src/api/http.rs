@@ -1,11 +1,13 @@
 //! HTTP for operators and orchestrators: `/metrics` (Prometheus), `/healthz`, `/readyz`, the
-//! connections KPI as JSON at `/api/v1/kpi`, and the operator console under `/console/`.
+//! connections KPI as JSON at `/api/v1/kpi`, and the operator console under `/console/`. HTTPS
+//! when `http.tls_cert_file` is set; `/metrics` asks for a bearer token when
+//! `http.metrics_token` is set. Failed tokens back off per address like every other credential.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -61,6 +63,10 @@ pub struct Api {
     /// ...or the operator's admin token.
     pub admin_token: String,
     pub kpi: Kpi,
+    /// The bearer token `/metrics` requires, if any.
+    pub metrics_token: Option<String>,
+    /// For the back-off of failed tokens.
+    pub registry: crate::registry::Registry,
     /// The operator console's routes, when `console.enabled`.
     pub console: Option<crate::api::console::Console>,
 }
@@ -68,12 +74,13 @@ pub struct Api {
 pub async fn start(
     listen: SocketAddr,
     api: Api,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<BoxFuture<'static, anyhow::Result<()>>> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("http listener {listen}: {e}"))?;
-    tracing::info!(%listen, "http listening");
+    tracing::info!(%listen, tls = tls.is_some(), metrics_token = api.metrics_token.is_some(), "http listening");
     let console = api.console.clone();
     let mut app = Router::new()
         .route("/metrics", get(render_metrics))
@@ -84,19 +91,92 @@ pub async fn start(
     if let Some(console) = console {
         app = app.merge(console.router());
     }
-    // The peer address reaches handlers (the console throttles failed sign-ins per address).
+    // The peer address reaches handlers (failed tokens and sign-ins back off per address).
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    Ok(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(|e| anyhow::anyhow!("http server: {e}"))
-    }
-    .boxed())
+    let signal = shutdown.cancelled_owned();
+    Ok(match tls {
+        Some(tls) => {
+            use axum::serve::ListenerExt;
+            // tap_io: axum gives the peer address to handlers of a wrapped listener only.
+            let incoming =
+                crate::tls::incoming::TlsIncoming::new(listener, tls, true)?.tap_io(|_| {});
+            async move {
+                axum::serve(incoming, app)
+                    .with_graceful_shutdown(signal)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("http server: {e}"))
+            }
+            .boxed()
+        }
+        None => async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(signal)
+                .await
+                .map_err(|e| anyhow::anyhow!("http server: {e}"))
+        }
+        .boxed(),
+    })
 }
 
-async fn render_metrics(State(state): State<Api>) -> String {
-    state.metrics.render()
+/// The bearer token of a request, checked by `verify` under the back-off of failed attempts
+/// from `peer`. The error is the response to send (401, or 429 with Retry-After), boxed: it is
+/// the rare path.
+fn check_token<R>(
+    state: &Api,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    verify: impl FnOnce(&str) -> Option<R>,
+) -> Result<R, Box<Response>> {
+    let throttle = state.registry.throttle();
+    if let Err(t) = throttle.check(peer.ip(), None) {
+        metrics::counter!("citygw_api_auth_failures_total", "api" => "http", "reason" => "throttled")
+            .increment(1);
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed authentications from this address",
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            t.retry_after
+                .as_secs()
+                .max(1)
+                .to_string()
+                .parse()
+                .expect("digits"),
+        );
+        return Err(Box::new(r));
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    let (reason, message) = match token {
+        None => ("missing", "missing Authorization: Bearer <token>"),
+        Some(token) => match verify(token) {
+            Some(r) => return Ok(r),
+            None => ("invalid", "unknown token"),
+        },
+    };
+    throttle.failed(peer.ip(), None);
+    metrics::counter!("citygw_api_auth_failures_total", "api" => "http", "reason" => reason)
+        .increment(1);
+    Err(Box::new(error(StatusCode::UNAUTHORIZED, message)))
+}
+
+async fn render_metrics(
+    State(state): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(expected) = &state.metrics_token {
+        if let Err(r) = check_token(&state, peer, &headers, |t| {
+            constant_time_eq(t.as_bytes(), expected.as_bytes()).then_some(())
+        }) {
+            return *r;
+        }
+    }
+    state.metrics.render().into_response()
 }
 
 async fn readyz(State(state): State<Api>) -> (StatusCode, String) {
@@ -127,34 +207,30 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// `GET /api/v1/kpi[?city=01]` with `Authorization: Bearer <token>`: 401 without a known token,
 /// 403 for an agency without the KPI scope.
-async fn kpi(State(state): State<Api>, headers: HeaderMap, query: Query<KpiQuery>) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
-        metrics::counter!("citygw_api_auth_failures_total", "api" => "http").increment(1);
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing Authorization: Bearer <token>",
-        );
-    };
-    if !constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) {
-        match state.agencies.authenticate(token) {
-            None => {
-                metrics::counter!("citygw_api_auth_failures_total", "api" => "http").increment(1);
-                return error(StatusCode::UNAUTHORIZED, "unknown token");
-            }
-            Some(agency) if !agency.kpi => {
-                metrics::counter!("citygw_api_denied_total", "api" => "http").increment(1);
-                return error(
-                    StatusCode::FORBIDDEN,
-                    format!("agency {:?} may not read the connections KPI", agency.name),
-                );
-            }
-            Some(_) => {}
+async fn kpi(
+    State(state): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    query: Query<KpiQuery>,
+) -> Response {
+    // None: the admin token; Some: an agency.
+    let caller = check_token(&state, peer, &headers, |token| {
+        if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) {
+            Some(None)
+        } else {
+            state.agencies.authenticate(token).map(Some)
         }
+    });
+    match caller {
+        Err(r) => return *r,
+        Ok(Some(agency)) if !agency.kpi => {
+            metrics::counter!("citygw_api_denied_total", "api" => "http").increment(1);
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("agency {:?} may not read the connections KPI", agency.name),
+            );
+        }
+        Ok(_) => {}
     }
     match state.kpi.report_async(query.0.city).await {
         Ok(report) => Json(report).into_response(),

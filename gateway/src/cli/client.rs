@@ -1,11 +1,11 @@
 //! The admin API client behind the CLI's commands.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 use super::AddArgs;
@@ -34,6 +34,59 @@ pub fn bearer(
     })
 }
 
+/// How a gRPC client (the CLI, device-sim) trusts a gateway on `https://` and, for agencies
+/// whose gateway asks for client certificates, which certificate it shows.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// PEM CA certificate(s) the gateway's certificate must chain to (https:// servers);
+    /// default: the system's roots.
+    #[arg(long, global = true, env = "CITYGW_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a gateway that requires one (gRPC mTLS).
+    #[arg(
+        long,
+        global = true,
+        env = "CITYGW_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        global = true,
+        env = "CITYGW_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// An endpoint for `server` (`http://` or `https://host:port`), with TLS for `https://`.
+    pub fn endpoint(&self, server: &str) -> anyhow::Result<Endpoint> {
+        let endpoint = Channel::from_shared(server.to_string())
+            .with_context(|| format!("server address {server:?}"))?;
+        if !server.starts_with("https://") {
+            anyhow::ensure!(
+                self.ca_file.is_none() && self.client_cert.is_none(),
+                "--ca-file and --client-cert need an https:// server address"
+            );
+            return Ok(endpoint);
+        }
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.ca_file {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint
+            .tls_config(tls)
+            .with_context(|| format!("TLS for {server}"))
+    }
+}
+
 type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 type Authed = InterceptedService<Channel, AddToken>;
 
@@ -57,21 +110,27 @@ impl Client {
         cfg: &Config,
         server: Option<String>,
         token: Option<String>,
+        tls: &TlsArgs,
     ) -> anyhow::Result<Client> {
         let server = server.unwrap_or_else(|| {
             let listen = cfg.grpc.listen;
-            if listen.ip().is_unspecified() {
-                format!("http://localhost:{}", listen.port())
+            let scheme = if cfg.grpc.tls_cert_file.is_some() {
+                "https"
             } else {
-                format!("http://{listen}")
+                "http"
+            };
+            if listen.ip().is_unspecified() {
+                format!("{scheme}://localhost:{}", listen.port())
+            } else {
+                format!("{scheme}://{listen}")
             }
         });
         let token = match token {
             Some(t) => t,
             None => admin_token(cfg)?,
         };
-        let channel = Channel::from_shared(server.clone())
-            .with_context(|| format!("server address {server:?}"))?
+        let channel = tls
+            .endpoint(&server)?
             .connect()
             .await
             .with_context(|| format!("cannot reach the gateway at {server}"))?;
@@ -98,6 +157,7 @@ impl Client {
                 name: a.name,
                 dev_eui: a.dev_eui,
                 codec: a.codec,
+                cert_sha256: a.cert.fingerprint()?,
                 ..Default::default()
             }),
             secret: a.secret.unwrap_or_default(),
@@ -148,6 +208,19 @@ impl Client {
         Ok(self
             .inner
             .get_device(GetDeviceRequest { id: id.into() })
+            .await
+            .map_err(rpc)?
+            .into_inner())
+    }
+
+    pub async fn set_certificate(&mut self, id: &str, cert_sha256: &str) -> anyhow::Result<Device> {
+        let req = SetDeviceCertificateRequest {
+            id: id.into(),
+            cert_sha256: cert_sha256.into(),
+        };
+        Ok(self
+            .inner
+            .set_device_certificate(req)
             .await
             .map_err(rpc)?
             .into_inner())
@@ -384,8 +457,9 @@ fn admin_token(cfg: &Config) -> anyhow::Result<String> {
         })
 }
 
-/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret,dev_eui,codec,psk
-/// (optional, any order; psk: the device's DTLS pre-shared key for CoAPS).
+/// Columns: id,tenant,kind (required), commune_code,lat,lon,name,secret,dev_eui,codec,psk,
+/// cert_sha256 (optional, any order; psk: the device's DTLS pre-shared key for CoAPS;
+/// cert_sha256: the client certificate the device is pinned to).
 fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
     #[derive(serde::Deserialize)]
     struct Row {
@@ -408,6 +482,8 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
         codec: String,
         #[serde(default)]
         psk: String,
+        #[serde(default)]
+        cert_sha256: String,
     }
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
@@ -430,6 +506,7 @@ fn read_devices_csv(file: &Path) -> anyhow::Result<Vec<AddDeviceRequest>> {
                     name: r.name,
                     dev_eui: r.dev_eui,
                     codec: r.codec,
+                    cert_sha256: r.cert_sha256,
                     ..Default::default()
                 }),
                 secret: r.secret,

@@ -2,6 +2,7 @@
 //! gateway's admin API, so provisioning works the same against a local or a remote node.
 
 pub mod alerts;
+mod cert;
 pub mod client;
 pub mod control;
 mod kpi;
@@ -49,6 +50,8 @@ struct ConnArgs {
     /// table for people, json for scripts.
     #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    #[command(flatten)]
+    tls: client::TlsArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -95,6 +98,9 @@ enum Command {
     Cluster(ClusterCommand),
     /// The quantity table used for normalisation.
     Quantities,
+    /// A city CA for device and server certificates (files only; no gateway needed).
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
     /// IoT connections per resident against the city plan's targets.
     #[command(subcommand)]
     Kpi(KpiCommand),
@@ -138,7 +144,7 @@ enum ConfigCommand {
 #[derive(Subcommand)]
 enum DeviceCommand {
     /// Register a device; prints its secret once.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// List devices.
     List {
         /// Only devices of this tenant.
@@ -166,7 +172,17 @@ enum DeviceCommand {
         /// The device id.
         id: String,
     },
-    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret,dev_eui,codec,psk].
+    /// Pin a device to one client certificate (MQTT mTLS, CoAPS X.509), or unpin it.
+    Pin {
+        /// The device id.
+        id: String,
+        #[command(flatten)]
+        cert: CertPin,
+        /// Accept any certificate from the client CA that names the device.
+        #[arg(long, conflicts_with_all = ["cert_sha256", "cert_file"])]
+        none: bool,
+    },
+    /// Register devices from a CSV file with header id,tenant,kind[,commune_code,lat,lon,name,secret,dev_eui,codec,psk,cert_sha256].
     Import {
         /// The CSV file.
         file: PathBuf,
@@ -216,6 +232,30 @@ pub struct AddArgs {
     /// Let the gateway generate a DTLS pre-shared key; printed once.
     #[arg(long)]
     pub generate_psk: bool,
+    #[command(flatten)]
+    pub cert: CertPin,
+}
+
+/// The client certificate a device is pinned to.
+#[derive(Args)]
+pub struct CertPin {
+    /// Its SHA-256 fingerprint (64 hex digits, ':' allowed), as `citygw cert issue` prints it.
+    #[arg(long, conflicts_with = "cert_file")]
+    pub cert_sha256: Option<String>,
+    /// The certificate itself (PEM); its SHA-256 is pinned.
+    #[arg(long)]
+    pub cert_file: Option<PathBuf>,
+}
+
+impl CertPin {
+    /// The fingerprint as the admin API takes it ("" when none was given).
+    pub fn fingerprint(&self) -> anyhow::Result<String> {
+        if let Some(f) = &self.cert_file {
+            let certs = crate::tls::read_certs(f)?;
+            return Ok(hex::encode(crate::tls::identity::fingerprint(&certs[0])));
+        }
+        Ok(self.cert_sha256.clone().unwrap_or_default())
+    }
 }
 
 #[derive(Args)]
@@ -324,6 +364,7 @@ enum DeadletterCommand {
 }
 
 pub fn main() -> ExitCode {
+    crate::tls::install_provider();
     let cli = Cli::parse();
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(cfg) => cfg,
@@ -345,6 +386,7 @@ pub fn main() -> ExitCode {
             Output::new(cli.conn.output).quantities();
             Ok(())
         }
+        Command::Cert(cmd) => cert::run(cmd),
         Command::Agency(AgencyCommand::HashToken { token })
         | Command::Operator(OperatorCommand::HashToken { token }) => {
             println!(
@@ -372,10 +414,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyhow::Result<()> {
     let out = Output::new(conn.output);
-    let mut client = Client::connect(cfg, conn.server, conn.token).await?;
+    let mut client = Client::connect(cfg, conn.server, conn.token, &conn.tls).await?;
     match command {
         Command::Device(DeviceCommand::Add(args)) => {
-            let (device, secret, psk) = client.add_device(args).await?;
+            let (device, secret, psk) = client.add_device(*args).await?;
             out.added(&device, &secret, &psk);
         }
         Command::Device(DeviceCommand::List {
@@ -391,6 +433,14 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
         }
         Command::Device(DeviceCommand::Enable { id }) => {
             out.device(&client.set_enabled(&id, true).await?)
+        }
+        Command::Device(DeviceCommand::Pin { id, cert, none }) => {
+            let fingerprint = cert.fingerprint()?;
+            anyhow::ensure!(
+                none || !fingerprint.is_empty(),
+                "give --cert-file, --cert-sha256 or --none"
+            );
+            out.device(&client.set_certificate(&id, &fingerprint).await?)
         }
         Command::Device(DeviceCommand::Import { file, secrets_out }) => {
             let results = client.import(&file).await?;
@@ -470,6 +520,7 @@ async fn client_command(cfg: &Config, conn: ConnArgs, command: Command) -> anyho
         }
         Command::Run
         | Command::Config(_)
+        | Command::Cert(_)
         | Command::Quantities
         | Command::Agency(AgencyCommand::HashToken { .. })
         | Command::Operator(OperatorCommand::HashToken { .. }) => {

@@ -22,6 +22,7 @@ fn device_json(d: &Device) -> Value {
         "lat": d.lat, "lon": d.lon, "enabled": d.enabled, "created_time_ms": d.created_time_ms,
         "last_seen_time_ms": d.last_seen_time_ms, "name": d.name, "online": d.online,
         "dev_eui": d.dev_eui, "codec": d.codec, "has_psk": d.has_psk,
+        "cert_sha256": d.cert_sha256,
         "protocol": device_protocol(d),
     })
 }

@@ -18,6 +18,12 @@ use crate::store::{Store, StoreError};
 
 /// Bytes of a refused payload kept in its dead-letter record.
 const DEAD_LETTER_HEAD: usize = 1024;
+/// Characters of a dead letter's address (the topic or path the sender chose) and detail kept.
+const DEAD_LETTER_TEXT: usize = 256;
+
+/// Refused messages logged per minute; the rest is counted (and dead-lettered).
+static REJECT_LOG: crate::observability::LogLimiter =
+    crate::observability::LogLimiter::new(120, std::time::Duration::from_secs(60));
 
 /// Whether the sender waits for the reading to be on disk (MQTT QoS 1, CoAP CON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,18 +267,21 @@ impl Pipeline {
         payload: Option<&[u8]>,
         rejection: &Rejection,
     ) {
+        use crate::observability::{clip, clip_at};
         let label = protocol_label(protocol);
         metrics::counter!("citygw_messages_rejected_total", "protocol" => label, "reason" => rejection.reason.as_str())
             .increment(1);
-        tracing::warn!(device = device_id, protocol = label, address, reason = rejection.reason.as_str(), detail = %rejection.detail, "message rejected");
+        if let Some(suppressed) = REJECT_LOG.allow() {
+            tracing::warn!(device = device_id, protocol = label, address = %clip(address), reason = rejection.reason.as_str(), detail = %clip_at(&rejection.detail, DEAD_LETTER_TEXT), suppressed, "message rejected");
+        }
         let dl = DeadLetter {
             id: 0,
             received_time_ms: now_ms(),
             device_id: device_id.to_string(),
             protocol: protocol as i32,
             reason: rejection.reason.to_string(),
-            detail: rejection.detail.clone(),
-            address: address.to_string(),
+            detail: clip_at(&rejection.detail, DEAD_LETTER_TEXT).to_string(),
+            address: clip_at(address, DEAD_LETTER_TEXT).to_string(),
             payload_head: payload
                 .map(|p| p[..p.len().min(DEAD_LETTER_HEAD)].to_vec())
                 .unwrap_or_default(),

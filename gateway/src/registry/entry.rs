@@ -12,7 +12,7 @@
 //! - a generated secret's salted SHA-256 is 48 bytes, not its 104-character text;
 //! - the position is two `i32` in units of 10⁻⁷ degree (about 1 cm), as OpenStreetMap stores it;
 //! - what few devices have (a name, a sealed DTLS key, an Argon2 hash of an operator-chosen
-//!   secret) lives behind one optional pointer, [`Extra`]. New rarely-set per-device fields
+//!   secret, a pinned client certificate) lives behind one optional pointer, [`Extra`]. New rarely-set per-device fields
 //!   belong there too, so the common entry keeps its size class.
 //!
 //! The record on disk keeps its JSON form (and old records still load).
@@ -55,6 +55,31 @@ pub(super) struct Record {
     /// `Protocol` of the last accepted reading (0: never seen); saved with the last-seen time.
     #[serde(default)]
     pub protocol: i32,
+    /// The pinned client certificate's SHA-256 (64 hex digits), when the device is pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "pin_hex")]
+    pub cert_sha256: Option<Box<[u8; 32]>>,
+}
+
+/// A pinned fingerprint as 64 hex digits in the record; absent for unpinned devices.
+mod pin_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Box<[u8; 32]>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(f) => s.serialize_str(&hex::encode(f.as_slice())),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<[u8; 32]>>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| {
+            crate::tls::identity::parse_fingerprint(&t)
+                .map(Box::new)
+                .ok_or_else(|| serde::de::Error::custom("cert_sha256: 64 hex digits"))
+        })
+        .transpose()
+    }
 }
 
 /// Live state bits.
@@ -108,6 +133,8 @@ struct Extra {
     name: Box<str>,
     psk_sealed: Option<Box<str>>,
     slow_secret: Option<SlowSecret>,
+    /// SHA-256 of the one client certificate the device may use (MQTT mTLS, CoAPS X.509).
+    cert_sha256: Option<Box<[u8; 32]>>,
 }
 
 /// A stored secret hash kept as text (Argon2id for operator-chosen secrets), and the
@@ -164,14 +191,18 @@ impl DeviceEntry {
             stored: r.secret_hash.into_boxed_str(),
             verified: Mutex::new(None),
         });
-        let extra =
-            (!r.name.is_empty() || r.psk_sealed.is_some() || slow_secret.is_some()).then(|| {
-                Box::new(Extra {
-                    name: r.name.into_boxed_str(),
-                    psk_sealed: r.psk_sealed.map(String::into_boxed_str),
-                    slow_secret,
-                })
-            });
+        let extra = (!r.name.is_empty()
+            || r.psk_sealed.is_some()
+            || slow_secret.is_some()
+            || r.cert_sha256.is_some())
+        .then(|| {
+            Box::new(Extra {
+                name: r.name.into_boxed_str(),
+                psk_sealed: r.psk_sealed.map(String::into_boxed_str),
+                slow_secret,
+                cert_sha256: r.cert_sha256,
+            })
+        });
         Ok(DeviceEntry {
             id: CompactString::from(r.id),
             tenant: Sym::new(&r.tenant),
@@ -215,7 +246,23 @@ impl DeviceEntry {
             codec: self.codec().to_string(),
             psk_sealed: extra.and_then(|e| e.psk_sealed.as_deref().map(str::to_string)),
             protocol: self.protocol.load(Ordering::Relaxed).into(),
+            cert_sha256: self.cert_pin().map(|f| Box::new(*f)),
         }
+    }
+
+    /// The same device pinned to another client certificate (or unpinned), with the live state
+    /// (enabled, last seen, open sessions) it has now.
+    pub(super) fn with_cert_pin(&self, pin: Option<[u8; 32]>) -> Result<DeviceEntry, String> {
+        let mut record = self.record();
+        record.cert_sha256 = pin.map(Box::new);
+        let entry = DeviceEntry::new(record)?;
+        entry
+            .sessions
+            .store(self.sessions.load(Ordering::Relaxed), Ordering::Relaxed);
+        entry
+            .state
+            .store(self.state.load(Ordering::Relaxed), Ordering::Relaxed);
+        Ok(entry)
     }
 
     pub fn id(&self) -> &str {
@@ -257,6 +304,10 @@ impl DeviceEntry {
     /// LoRaWAN payload codec, "" for the network server's decoding.
     pub fn codec(&self) -> &str {
         self.codec.as_str()
+    }
+    /// The client certificate the device is pinned to (SHA-256), if any.
+    pub fn cert_pin(&self) -> Option<&[u8; 32]> {
+        self.extra.as_deref()?.cert_sha256.as_deref()
     }
     pub(super) fn psk_sealed(&self) -> Option<&str> {
         self.extra.as_deref()?.psk_sealed.as_deref()
@@ -348,6 +399,10 @@ impl DeviceEntry {
             codec: self.codec().to_string(),
             has_psk: self.psk_sealed().is_some(),
             protocol: self.protocol.load(Ordering::Relaxed).into(),
+            cert_sha256: self
+                .cert_pin()
+                .map(|f| hex::encode(f.as_slice()))
+                .unwrap_or_default(),
         }
     }
 }
@@ -373,6 +428,7 @@ mod tests {
             codec: String::new(),
             psk_sealed: None,
             protocol: 0,
+            cert_sha256: None,
         }
     }
 
@@ -397,6 +453,7 @@ mod tests {
         full.psk_sealed = Some("aes256gcm$AAAA".into());
         full.enabled = false;
         full.protocol = Protocol::Lorawan as i32;
+        full.cert_sha256 = Some(Box::new([0xab; 32]));
         full.lat = None;
         full.lon = None;
         for r in [plain, full] {
@@ -404,6 +461,25 @@ mod tests {
             let back = DeviceEntry::new(r).unwrap().record();
             assert_eq!(serde_json::to_string(&back).unwrap(), json);
         }
+    }
+
+    #[test]
+    fn a_pin_is_kept_only_for_pinned_devices_and_keeps_the_live_state() {
+        let e = DeviceEntry::new(record()).unwrap();
+        e.session_opened();
+        e.touch(1_800_000_000_000);
+        let pinned = e.with_cert_pin(Some([7; 32])).unwrap();
+        assert_eq!(pinned.cert_pin(), Some(&[7; 32]));
+        assert!(pinned.online() && pinned.last_seen_ms() == 1_800_000_000_000);
+        assert!(
+            pinned.take_last_seen_dirty(),
+            "the unsaved last-seen time stays unsaved"
+        );
+        let unpinned = pinned.with_cert_pin(None).unwrap();
+        assert!(unpinned.cert_pin().is_none() && unpinned.extra.is_none());
+        assert!(!serde_json::to_string(&unpinned.record())
+            .unwrap()
+            .contains("cert_sha256"));
     }
 
     #[test]

@@ -13,10 +13,12 @@ mod intern;
 pub mod operators;
 pub mod psk;
 pub mod secret;
+pub mod throttle;
 
 use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use tokio::sync::broadcast;
@@ -76,6 +78,9 @@ pub struct NewDevice {
     pub codec: String,
     /// DTLS pre-shared key (CoAPS), stored sealed; None: the device has none.
     pub psk: Option<String>,
+    /// SHA-256 of the one client certificate the device may use; None: any certificate from the
+    /// client CA that names it.
+    pub cert_sha256: Option<[u8; 32]>,
 }
 
 /// Codecs a device's raw LoRaWAN payload can be decoded with, besides the payload formats of
@@ -90,6 +95,9 @@ pub enum AuthError {
     UnknownDevice,
     DisabledDevice,
     BadCredentials,
+    /// Too many failures from this address (or for this device): refused without a check,
+    /// retry after this long (see [`throttle`]).
+    Throttled(std::time::Duration),
 }
 
 impl AuthError {
@@ -99,6 +107,7 @@ impl AuthError {
             AuthError::UnknownDevice => "unknown_device",
             AuthError::DisabledDevice => "disabled_device",
             AuthError::BadCredentials => "bad_credentials",
+            AuthError::Throttled(_) => "throttled",
         }
     }
 }
@@ -119,6 +128,7 @@ struct Inner {
     index: RwLock<Index>,
     events: broadcast::Sender<RegistryEvent>,
     psk_sealer: OnceLock<psk::Sealer>,
+    throttle: OnceLock<throttle::AuthThrottle>,
 }
 
 /// The registry's lookups: an entry is in every index it belongs to from its insertion to its
@@ -210,6 +220,7 @@ impl Registry {
                 index: RwLock::new(index),
                 events,
                 psk_sealer: OnceLock::new(),
+                throttle: OnceLock::new(),
             }),
         })
     }
@@ -217,6 +228,20 @@ impl Registry {
     /// Enables DTLS PSKs: they are sealed with this key when added and opened for handshakes.
     pub fn set_psk_sealer(&self, sealer: psk::Sealer) {
         let _ = self.inner.psk_sealer.set(sealer);
+    }
+
+    /// Sets the back-off of failed authentication (before the listeners start; the defaults
+    /// apply otherwise).
+    pub fn set_auth_throttle(&self, throttle: throttle::AuthThrottle) {
+        let _ = self.inner.throttle.set(throttle);
+    }
+
+    /// The back-off of failed authentication, shared by every way in (device secrets, PSKs,
+    /// client certificates, API tokens).
+    pub fn throttle(&self) -> &throttle::AuthThrottle {
+        self.inner
+            .throttle
+            .get_or_init(|| throttle::AuthThrottle::new(Default::default()))
     }
 
     /// The DTLS PSK of an enabled device, for the handshake.
@@ -348,6 +373,7 @@ impl Registry {
                         dev_eui: new.dev_eui,
                         codec: new.codec,
                         protocol: 0,
+                        cert_sha256: new.cert_sha256.map(Box::new),
                     };
                     let row = serde_json::to_vec(&record).expect("record serialises");
                     let entry = DeviceEntry::new(record).map_err(RegistryError::Invalid)?;
@@ -430,14 +456,70 @@ impl Registry {
         Ok(entry.to_proto())
     }
 
-    /// The device behind an identity a transport already proved (a DTLS PSK session), if it may
-    /// still report.
+    /// Pins a device to one client certificate (its SHA-256), or unpins it (None). A certificate
+    /// renewal is a new pin; the device's live sessions keep running.
+    pub async fn set_cert_pin(
+        &self,
+        id: &str,
+        pin: Option<[u8; 32]>,
+    ) -> Result<Device, RegistryError> {
+        let old = self
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let entry = old.with_cert_pin(pin).map_err(RegistryError::Invalid)?;
+        let row = (
+            id.to_string(),
+            Some(serde_json::to_vec(&entry.record()).expect("record serialises")),
+        );
+        self.inner
+            .store
+            .put_records(Table::Devices, vec![row])
+            .await?;
+        let proto = entry.to_proto();
+        let mut index = self.inner.index.write().expect("registry lock");
+        index.remove(id);
+        index.insert(Arc::new(entry));
+        drop(index);
+        tracing::info!(
+            device = id,
+            pinned = pin.is_some(),
+            "device certificate pin changed"
+        );
+        Ok(proto)
+    }
+
+    /// The device behind an identity a transport already proved (a DTLS PSK session, a client
+    /// certificate), if it may still report.
     pub fn enabled_device(&self, id: &str) -> Result<Arc<DeviceEntry>, AuthError> {
         match self.get(id) {
             Some(d) if d.enabled() => Ok(d),
             Some(_) => Err(AuthError::DisabledDevice),
             None => Err(AuthError::UnknownDevice),
         }
+    }
+
+    /// [`Registry::authenticate`] for a client at `source`, under the back-off of failed
+    /// attempts: a throttled attempt is refused unchecked, failures and successes are recorded.
+    pub async fn authenticate_from(
+        &self,
+        source: IpAddr,
+        id: &str,
+        secret: Option<&[u8]>,
+    ) -> Result<Arc<DeviceEntry>, AuthError> {
+        // Only registered ids get a tally of their own: invented ones cannot grow the tables.
+        let known = self.get(id).is_some().then_some(id);
+        self.throttle()
+            .check(source, known)
+            .map_err(|t| AuthError::Throttled(t.retry_after))?;
+        let result = self.authenticate(id, secret).await;
+        match &result {
+            Ok(_) => self.throttle().succeeded(source, id),
+            Err(AuthError::BadCredentials | AuthError::UnknownDevice | AuthError::Anonymous) => {
+                self.throttle().failed(source, known)
+            }
+            Err(_) => {}
+        }
+        result
     }
 
     /// Checks a device's credentials. Argon2-hashed secrets are verified on a blocking thread

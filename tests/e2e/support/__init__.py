@@ -175,8 +175,9 @@ class CliError(Exception):
                          f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
 
 
-class GatewayExited(Exception):
-    pass
+class GatewayExited(AssertionError):
+    """The gateway process ended while a test waited for it (an AssertionError, so `wait_until`
+    stops at once instead of polling a dead process until its timeout)."""
 
 
 def _clean_env() -> dict[str, str]:
@@ -252,7 +253,9 @@ class Gateway:
     TIME_WAIT never matter)."""
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1", env: dict[str, str] | None = None,
-                 name: str = "gateway", config: Path | None = None, open_files: int | None = None):
+                 name: str = "gateway", config: Path | None = None, open_files: int | None = None,
+                 tls_ca: Path | None = None, http_tls: bool = False, grpc_tls: bool = False,
+                 client_cert: tuple[Path, Path] | None = None):
         if not CITYGW_BIN.exists():
             raise FileNotFoundError(
                 f"citygw binary not found at {CITYGW_BIN}: run tests/run (it builds it) "
@@ -271,7 +274,15 @@ class Gateway:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.mqtt_port = self.grpc_port = self.http_port = 0
+        self.mqtt_tls_port = self.mqtt_mtls_port = 0
         self.coap_port = self.coaps_port = 0
+        # TLS: the CA the gateway's certificates chain to, which listeners use it, and the
+        # client certificate the CLI shows a gateway that requires one (gRPC mTLS).
+        self.tls_ca = Path(tls_ca) if tls_ca is not None else None
+        self.http_tls, self.grpc_tls = http_tls, grpc_tls
+        self.client_cert = client_cert
+        # The bearer token /metrics asks for, when the gateway is configured with one.
+        self.metrics_token: str | None = (env or {}).get("CITYGW_HTTP__METRICS_TOKEN")
 
     # -- addresses
     @property
@@ -284,17 +295,27 @@ class Gateway:
 
     @property
     def http_base(self) -> str:
-        return f"http://{hostport(self.host, self.http_port)}"
+        scheme = "https" if self.http_tls else "http"
+        return f"{scheme}://{hostport(self.host, self.http_port)}"
 
     @property
     def grpc_url(self) -> str:
-        return f"http://{hostport(self.host, self.grpc_port)}"
+        scheme = "https" if self.grpc_tls else "http"
+        return f"{scheme}://{hostport(self.host, self.grpc_port)}"
+
+    @property
+    def verify(self) -> str | bool:
+        """What `requests` verifies the HTTP listener's certificate with."""
+        return str(self.tls_ca) if self.tls_ca is not None else True
 
     def env(self) -> dict[str, str]:
         env = _clean_env()
         env.update({
             "CITYGW_DATA_DIR": str(self.data_dir),
             "CITYGW_MQTT__LISTEN": self.mqtt_listen,
+            # Used only when the gateway has certificates (config file or env).
+            "CITYGW_MQTT__TLS_LISTEN": hostport(self.host, self.mqtt_tls_port),
+            "CITYGW_MQTT__MTLS_LISTEN": hostport(self.host, self.mqtt_mtls_port),
             "CITYGW_GRPC__LISTEN": hostport(self.host, self.grpc_port),
             "CITYGW_HTTP__LISTEN": hostport(self.host, self.http_port),
             # Plain CoAP stays off unless a test enables it (CITYGW_COAP__PLAIN_ENABLED=true).
@@ -322,6 +343,8 @@ class Gateway:
     def _start(self, timeout: float) -> "Gateway":
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.mqtt_port = free_port(self.host)
+        self.mqtt_tls_port = free_port(self.host)
+        self.mqtt_mtls_port = free_port(self.host)
         self.grpc_port = free_port(self.host)
         self.http_port = free_port(self.host)
         self.coap_port = free_udp_port(self.host)
@@ -349,7 +372,8 @@ class Gateway:
             raise GatewayExited(f"citygw exited with {self.proc.returncode} before it was ready\n"
                                 + self.log_tail())
         try:
-            return requests.get(self.http_base + "/readyz", timeout=2).status_code == 200
+            return requests.get(self.http_base + "/readyz", timeout=2,
+                                verify=self.verify).status_code == 200
         except requests.RequestException:
             return False
 
@@ -384,8 +408,12 @@ class Gateway:
         return tail_file(self.log_path, lines)
 
     # -- HTTP
-    def http_get(self, path: str) -> requests.Response:
-        return requests.get(self.http_base + path, timeout=10)
+    def http_get(self, path: str, headers: dict[str, str] | None = None) -> requests.Response:
+        headers = dict(headers or {})
+        if path == "/metrics" and self.metrics_token and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {self.metrics_token}"
+        return requests.get(self.http_base + path, timeout=10, verify=self.verify,
+                            headers=headers)
 
     def metrics(self) -> Metrics:
         r = self.http_get("/metrics")
@@ -421,6 +449,11 @@ class Gateway:
         else:
             e["CITYGW_SERVER"] = self.grpc_url
             e["CITYGW_ADMIN_TOKEN"] = tok
+        if self.grpc_tls and self.tls_ca is not None:
+            argv += ["--ca-file", str(self.tls_ca)]
+        if self.grpc_tls and self.client_cert is not None:
+            argv += ["--client-cert", str(self.client_cert[0]),
+                     "--client-key", str(self.client_cert[1])]
         if output_json:
             argv += ["--output", "json"]
         argv += list(args)
@@ -538,7 +571,7 @@ class GatewayFactory:
 
     def __call__(self, host: str = "127.0.0.1", env: dict[str, str] | None = None,
                  start: bool = True, config_toml: str | None = None,
-                 open_files: int | None = None) -> Gateway:
+                 open_files: int | None = None, **tls: Any) -> Gateway:
         """A fresh gateway; `config_toml`, when given, is written to the gateway's dir and passed
         to `citygw run --config` (CITYGW_* overrides from `env` still apply on top)."""
         d = Path(tempfile.mkdtemp(prefix="citygw-e2e-"))
@@ -548,7 +581,7 @@ class GatewayFactory:
             config = d / "citygw.toml"
             config.write_text(config_toml)
         gw = Gateway(d, host=host, env=env, name=f"{self.name}#{len(self.gateways) + 1}",
-                     config=config, open_files=open_files)
+                     config=config, open_files=open_files, **tls)
         self.gateways.append(gw)
         if start:
             gw.start()

@@ -1,6 +1,7 @@
-"""MQTT packets written byte by byte, for what no client library does on purpose or on cue:
-a CONNECT right after the previous connection of the same client id dropped, with the exact
-CONNACK code. MQTT 3.1.1 (OASIS, section 3) and MQTT 5 (section 3) encodings.
+"""MQTT packets written byte by byte, for what no client library will send on purpose: topic
+names with wildcards or U+0000, topic aliases the server never offered, 65,535-byte client ids,
+a will on another device's topic and a connection dropped without DISCONNECT so the will fires.
+MQTT 3.1.1 (OASIS, section 3) and MQTT 5 (section 3) encodings.
 """
 
 from __future__ import annotations
@@ -30,10 +31,17 @@ def _packet(first: int, body: bytes) -> bytes:
 
 
 def connect(client_id: str, username: str | None = None, password: str | None = None,
-            version: int = 4, clean: bool = True, keepalive: int = 30) -> bytes:
-    """CONNECT; `version` 4 is MQTT 3.1.1, 5 is MQTT 5."""
+            version: int = 4, will: tuple[str, bytes, int, bool] | None = None,
+            clean: bool = True, keepalive: int = 30) -> bytes:
+    """CONNECT; `version` 4 is MQTT 3.1.1, 5 is MQTT 5; `will` = (topic, payload, qos, retain)."""
     flags = 0x02 if clean else 0
     payload = _str(client_id)
+    if will is not None:
+        topic, message, qos, retain = will
+        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
+        if version == 5:
+            payload += _varint(0)  # will properties
+        payload += _str(topic) + _str(message)
     if username is not None:
         flags |= 0x80
         payload += _str(username)
@@ -44,6 +52,17 @@ def connect(client_id: str, username: str | None = None, password: str | None = 
     if version == 5:
         header += _varint(0)  # connect properties
     return _packet(0x10, header + payload)
+
+
+def publish(topic: str | bytes, payload: bytes, qos: int = 1, packet_id: int = 1,
+            version: int = 4, topic_alias: int | None = None) -> bytes:
+    body = _str(topic)
+    if qos:
+        body += struct.pack(">H", packet_id)
+    if version == 5:
+        props = b"" if topic_alias is None else bytes([0x23]) + struct.pack(">H", topic_alias)
+        body += _varint(len(props)) + props
+    return _packet(0x30 | (qos << 1), body + payload)
 
 
 def disconnect(version: int = 4) -> bytes:
@@ -111,9 +130,24 @@ def open_socket(host: str, port: int, source: str | None = None,
 
 
 def raw_connect(host: str, port: int, client_id: str, username: str | None = None,
-                password: str | None = None, version: int = 4,
-                source: str | None = None) -> tuple[socket.socket, int | None]:
+                password: str | None = None, version: int = 4, source: str | None = None,
+                will: tuple[str, bytes, int, bool] | None = None) -> tuple[socket.socket, int | None]:
     """Opens a connection and sends CONNECT; returns the socket and the CONNACK code."""
     s = open_socket(host, port, source)
-    s.sendall(connect(client_id, username, password, version))
+    s.sendall(connect(client_id, username, password, version, will))
     return s, connack_code(read_packet(s))
+
+
+def closed_after(sock: socket.socket, data: bytes, timeout: float = 10.0) -> tuple[bool, list[Packet]]:
+    """Sends `data`; returns whether the server then closed the connection (within `timeout`)
+    and the packets it sent before."""
+    sock.sendall(data)
+    seen: list[Packet] = []
+    while True:
+        try:
+            p = read_packet(sock, timeout)
+        except socket.timeout:
+            return False, seen
+        if p is None:
+            return True, seen
+        seen.append(p)

@@ -53,11 +53,8 @@ use quinn::{crypto::rustls::QuicServerConfig, IdleTimeout};
 #[cfg(feature = "tls")]
 use rmqtt_codec::cert::CertInfo;
 use rmqtt_codec::types::QoS;
-#[cfg(not(target_os = "windows"))]
+// citygw patch (vendor/README.md): ring on every platform, the one crypto provider of the process.
 #[cfg(feature = "tls")]
-use rustls::crypto::aws_lc_rs as provider;
-#[cfg(feature = "tls")]
-#[cfg(target_os = "windows")]
 use rustls::crypto::ring as provider;
 #[cfg(feature = "tls")]
 use rustls::pki_types::CertificateDer;
@@ -176,6 +173,38 @@ pub struct Builder {
 
     /// QUIC(max_idle_timeout)
     pub idle_timeout: Duration,
+
+    // citygw patch: see `tls_server_config` and `cert_info_fn`.
+    #[cfg(feature = "tls")]
+    pub tls_server_config: Option<TlsServerConfig>,
+    #[cfg(feature = "tls")]
+    pub cert_info_fn: Option<CertInfoFn>,
+}
+
+// citygw patch: the application's TLS configuration and certificate reading (see the setters).
+/// A rustls server configuration supplied by the application.
+#[cfg(feature = "tls")]
+#[derive(Clone)]
+pub struct TlsServerConfig(pub Arc<ServerConfig>);
+
+#[cfg(feature = "tls")]
+impl std::fmt::Debug for TlsServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsServerConfig")
+    }
+}
+
+/// Reads a verified client certificate chain (end entity first) into the `CertInfo` hooks see.
+#[cfg(feature = "tls")]
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct CertInfoFn(pub Arc<dyn Fn(&[CertificateDer<'_>]) -> Option<CertInfo> + Send + Sync>);
+
+#[cfg(feature = "tls")]
+impl std::fmt::Debug for CertInfoFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertInfoFn")
+    }
 }
 
 impl Default for Builder {
@@ -248,6 +277,11 @@ impl Builder {
             collect_cert_info: false,
 
             idle_timeout: Duration::from_secs(90),
+
+            #[cfg(feature = "tls")]
+            tls_server_config: None,
+            #[cfg(feature = "tls")]
+            cert_info_fn: None,
         }
     }
 
@@ -503,6 +537,24 @@ impl Builder {
         self
     }
 
+    // citygw patch: a TLS listener built from the application's own rustls configuration (its
+    // certificate resolver and client verifier can change their material at run time), and the
+    // application's reading of a client certificate (e.g. an identity from a subjectAltName).
+    /// Uses this server configuration instead of building one from `tls_cert`/`tls_key`.
+    #[cfg(feature = "tls")]
+    pub fn tls_server_config(mut self, config: Arc<ServerConfig>) -> Self {
+        self.tls_server_config = Some(TlsServerConfig(config));
+        self
+    }
+
+    /// Derives the `CertInfo` hooks see from the client's certificate chain with this function
+    /// instead of taking the subject's CN.
+    #[cfg(feature = "tls")]
+    pub fn cert_info_fn(mut self, f: CertInfoFn) -> Self {
+        self.cert_info_fn = Some(f);
+        self
+    }
+
     /// Binds the server to the configured address
     #[allow(unused_variables)]
     pub fn bind(self) -> Result<Listener> {
@@ -713,8 +765,12 @@ impl Listener {
             ListenerType::TCP => {}
         }
 
-        let tls_config = self.cfg.build_tls_config()?;
-        let acceptor = TlsAcceptor::from(Arc::new(tls_config));
+        // citygw patch: the application's configuration when it supplied one.
+        let tls_config = match &self.cfg.tls_server_config {
+            Some(config) => config.0.clone(),
+            None => Arc::new(self.cfg.build_tls_config()?),
+        };
+        let acceptor = TlsAcceptor::from(tls_config);
         self.tls_acceptor = Some(acceptor);
         self.typ = ListenerType::TLS;
         Ok(self)
@@ -872,12 +928,16 @@ where
             Err(_) => return Err(crate::MqttError::ReadTimeout.into()),
         };
 
-        let cert_info = Self::get_extract_cert_info(
-            &tls_s,
-            self.cfg.cert_cn_as_username,
-            self.cfg.cert_subject_dn_as_username,
-            self.cfg.collect_cert_info,
-        );
+        // citygw patch: the application reads the certificate when it asked to.
+        let cert_info = match &self.cfg.cert_info_fn {
+            Some(read) => tls_s.get_ref().1.peer_certificates().and_then(|chain| (read.0)(chain)),
+            None => Self::get_extract_cert_info(
+                &tls_s,
+                self.cfg.cert_cn_as_username,
+                self.cfg.cert_subject_dn_as_username,
+                self.cfg.collect_cert_info,
+            ),
+        };
 
         Ok(Dispatcher::new(tls_s, self.remote_addr, cert_info, self.cfg))
     }

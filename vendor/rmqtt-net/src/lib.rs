@@ -41,6 +41,9 @@ pub use quic::QuinnBiStream;
 
 /// Server configuration and listener management
 pub use builder::{Builder, Listener, ListenerType};
+// citygw patch: the application's TLS configuration and certificate reading.
+#[cfg(feature = "tls")]
+pub use builder::{CertInfoFn, TlsServerConfig};
 
 /// Trait for extracting TLS certificate information from client connections
 pub use cert_extractor::TlsCertExtractor;
@@ -52,13 +55,7 @@ pub use error::MqttError;
 #[cfg(feature = "tls")]
 pub use rustls;
 
-/// AWS-LC based TLS provider (non-Windows platforms)
-#[cfg(not(target_os = "windows"))]
-#[cfg(feature = "tls")]
-pub use rustls::crypto::aws_lc_rs as tls_provider;
-
-/// Ring-based TLS provider (Windows platforms)
-#[cfg(target_os = "windows")]
+/// Ring-based TLS provider (citygw patch: ring on every platform, not AWS-LC)
 #[cfg(feature = "tls")]
 pub use rustls::crypto::ring as tls_provider;
 

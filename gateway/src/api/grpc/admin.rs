@@ -73,7 +73,20 @@ fn new_device(req: AddDeviceRequest) -> Result<NewDevice, Status> {
         } else {
             Some(req.psk).filter(|s| !s.is_empty())
         },
+        cert_sha256: fingerprint(&d.cert_sha256)?,
     })
+}
+
+/// An optional certificate fingerprint: empty, or 64 hex digits.
+fn fingerprint(text: &str) -> Result<Option<[u8; 32]>, Status> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    crate::tls::identity::parse_fingerprint(text)
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument("cert_sha256: 64 hex digits (':' separators allowed)")
+        })
 }
 
 fn status(e: RegistryError) -> Status {
@@ -184,6 +197,20 @@ impl Admin for AdminService {
         Ok(Response::new(
             self.registry
                 .set_enabled(&r.id, r.enabled)
+                .await
+                .map_err(status)?,
+        ))
+    }
+
+    async fn set_device_certificate(
+        &self,
+        req: Request<SetDeviceCertificateRequest>,
+    ) -> Result<Response<Device>, Status> {
+        let r = req.into_inner();
+        let pin = fingerprint(&r.cert_sha256)?;
+        Ok(Response::new(
+            self.registry
+                .set_cert_pin(&r.id, pin)
                 .await
                 .map_err(status)?,
         ))

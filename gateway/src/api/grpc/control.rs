@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use super::auth::{bearer, refused};
+use super::auth::check_token;
 use crate::control::commands::{Commands, SendError};
 use crate::control::rules::{is_active, parse_definition, AlertError, Alerts, RuleError};
 use crate::proto::control_server::Control;
@@ -92,20 +92,25 @@ impl Caller {
 pub struct ControlAuth {
     pub admin_token: Arc<str>,
     pub agencies: Agencies,
+    /// For the back-off of failed tokens.
+    pub registry: Registry,
 }
 
 impl tonic::service::Interceptor for ControlAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let token = bearer(&request).map_err(|s| refused("control", s))?;
-        let caller = if constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
-            Caller::Admin
-        } else {
-            Caller::Agency(
-                self.agencies
-                    .authenticate(token)
-                    .ok_or_else(|| refused("control", Status::unauthenticated("unknown token")))?,
-            )
-        };
+        let caller = check_token(
+            &request,
+            "control",
+            "unknown token",
+            &self.registry,
+            |token| {
+                if constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
+                    Some(Caller::Admin)
+                } else {
+                    self.agencies.authenticate(token).map(Caller::Agency)
+                }
+            },
+        )?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }

@@ -1,6 +1,7 @@
 //! The gRPC server on one port: the agency API (Telemetry), the admin API, the Control API
 //! (commands to devices, alerts), standard health checking and server reflection (so grpcurl works
-//! without the .proto files).
+//! without the .proto files). Over TLS when `grpc.tls_cert_file` is set, optionally with agency
+//! client certificates (mTLS); bearer tokens authorise either way.
 
 mod admin;
 mod auth;
@@ -31,6 +32,8 @@ pub struct GrpcServer {
     pub sinks: crate::sinks::Sinks,
     pub kpi: crate::kpi::Kpi,
     pub lwm2m: Option<std::sync::Arc<crate::sources::coap::lwm2m::Lwm2m>>,
+    /// TLS, when configured (certificates reload with the others).
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
     pub commands: crate::control::commands::Commands,
     pub alerts: crate::control::rules::Alerts,
 }
@@ -44,7 +47,7 @@ impl GrpcServer {
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await
             .map_err(|e| anyhow::anyhow!("grpc listener {}: {e}", self.listen))?;
-        tracing::info!(listen = %self.listen, "grpc listening");
+        tracing::info!(listen = %self.listen, tls = self.tls.is_some(), "grpc listening");
         let store = self.pipeline.store().clone();
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -73,6 +76,7 @@ impl GrpcServer {
             control::ControlAuth {
                 admin_token: self.admin_token.as_str().into(),
                 agencies: self.agencies.clone(),
+                registry: self.registry.clone(),
             },
         );
         let admin = AdminServer::with_interceptor(
@@ -85,10 +89,11 @@ impl GrpcServer {
                 kpi: self.kpi.clone(),
                 lwm2m: self.lwm2m,
             },
-            auth::BearerToken::new(self.admin_token),
+            auth::BearerToken::new(self.admin_token, self.registry.clone()),
         );
         let auth = telemetry::AgencyAuth {
             agencies: self.agencies.clone(),
+            registry: self.registry.clone(),
         };
         let service = std::sync::Arc::new(telemetry::TelemetryService {
             pages: std::sync::Arc::new(telemetry::PageCache::new(store.clone())),
@@ -106,23 +111,40 @@ impl GrpcServer {
             service,
             auth,
         };
-        // Nagle's algorithm held small stream messages back ~9 ms per delivery (measured with
-        // bench/agency_fanout); tonic sets TCP_NODELAY only on sockets of its own TcpIncoming.
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(std::time::Duration::from_secs(60)));
-        Ok(async move {
-            tonic::transport::Server::builder()
-                .add_service(health)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(admin)
-                .add_service(telemetry)
-                .add_service(control)
-                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-                .await
-                .map_err(|e| anyhow::anyhow!("grpc server: {e}"))
-        }
-        .boxed())
+        let router = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(admin)
+            .add_service(telemetry)
+            .add_service(control);
+        let signal = shutdown.cancelled_owned();
+        Ok(match self.tls {
+            Some(tls) => {
+                let incoming = crate::tls::incoming::TlsIncoming::new(listener, tls, true)?;
+                async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming.into_stream(), signal)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("grpc server: {e}"))
+                }
+                .boxed()
+            }
+            None => {
+                // Nagle's algorithm held small stream messages back ~9 ms per delivery (measured
+                // with bench/agency_fanout); tonic sets TCP_NODELAY only on sockets of its own
+                // TcpIncoming.
+                let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(std::time::Duration::from_secs(60)));
+                async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, signal)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("grpc server: {e}"))
+                }
+                .boxed()
+            }
+        })
     }
 }

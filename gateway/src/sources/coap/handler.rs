@@ -76,6 +76,16 @@ impl Response {
         metrics::counter!("citygw_auth_failures_total", "protocol" => protocol, "reason" => e.reason())
             .increment(1);
         match e {
+            // RFC 8516: 4.29 with Max-Age saying when to try again.
+            AuthError::Throttled(wait) => {
+                let mut r = Self::refuse(
+                    ResponseType::TooManyRequests,
+                    "throttled",
+                    "too many failed authentications; retry later",
+                );
+                r.max_age = Some(wait.as_secs().max(1).min(u32::MAX as u64) as u32);
+                r
+            }
             AuthError::DisabledDevice => Self::refuse(
                 ResponseType::Forbidden,
                 "disabled_device",
@@ -180,7 +190,7 @@ impl Handler {
                 "telemetry is sent with POST",
             );
         }
-        let device = match self.authenticate(&identity, &path, req).await {
+        let device = match self.authenticate(peer, &identity, &path, req).await {
             Ok(d) => d,
             Err(r) => return r,
         };
@@ -291,6 +301,7 @@ impl Handler {
 
     async fn authenticate(
         &self,
+        peer: SocketAddr,
         identity: &Identity,
         path: &request::TelemetryPath,
         req: &Packet,
@@ -300,7 +311,7 @@ impl Handler {
                 None => Err(AuthError::Anonymous),
                 Some(secret) => {
                     self.registry
-                        .authenticate(&path.device_id, Some(secret))
+                        .authenticate_from(peer.ip(), &path.device_id, Some(secret))
                         .await
                 }
             },

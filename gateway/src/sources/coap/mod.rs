@@ -43,6 +43,10 @@ pub struct CoapSource {
     pub pipeline: Pipeline,
     /// The LwM2M server shared by both listeners (and the admin API); None when disabled.
     pub lwm2m: Option<Arc<lwm2m::Lwm2m>>,
+    /// Where a device certificate names the device (X.509 mode).
+    pub identity_field: crate::tls::identity::IdentityField,
+    /// Certificate reloads (X.509 mode).
+    pub reloader: crate::tls::Reloader,
 }
 
 impl super::Source for CoapSource {
@@ -75,21 +79,37 @@ impl super::Source for CoapSource {
         }
         if cfg.dtls_enabled {
             let socket = bind(cfg.dtls_listen, "coaps")?;
+            let x509 = cfg.dtls_x509_files()?;
+            let modes = if x509.is_some() {
+                "PSK and X.509"
+            } else {
+                "PSK"
+            };
+            let context = dtls::DtlsContext::new(
+                self.registry.clone(),
+                x509.clone(),
+                self.identity_field,
+                std::time::Duration::from_secs(cfg.dtls_cookie_lifetime_secs),
+            )
+            .map_err(|e| anyhow::anyhow!("coaps: {e:#}"))?;
+            if x509.is_some() {
+                self.reloader.add(context.clone());
+            }
             let listener = dtls::DtlsListener {
-                context: dtls::context(self.registry.clone())
-                    .map_err(|e| anyhow::anyhow!("dtls context: {e}"))?,
+                context,
                 server: Arc::new(Server::new(
                     &cfg,
-                    self.registry,
+                    self.registry.clone(),
                     self.pipeline,
                     lwm2m.clone(),
                 )),
+                registry: self.registry,
                 max_sessions: cfg.dtls_max_sessions,
                 idle: std::time::Duration::from_secs(cfg.dtls_idle_secs),
                 handshake_timeout: std::time::Duration::from_secs(cfg.dtls_handshake_timeout_secs),
                 socket: Arc::new(socket),
             };
-            tracing::info!(listen = %cfg.dtls_listen, "coaps listening (DTLS 1.2 PSK)");
+            tracing::info!(listen = %cfg.dtls_listen, modes, "coaps listening (DTLS 1.2, cookie exchange)");
             listeners.push(listener.run(shutdown.clone()).boxed());
         }
         if let Some(l) = lwm2m.filter(|_| !listeners.is_empty()) {

@@ -440,7 +440,7 @@ impl Bridge {
             }
             Err(e) => {
                 if !matches!(&e, IngestError::Store(e) if e.is_refusal()) {
-                    tracing::error!(server = %self.name, topic = %publish.topic, error = %e,
+                    tracing::error!(server = %self.name, topic = %crate::observability::clip(&publish.topic), error = %e,
                         "lorawan event not stored; left unacknowledged for redelivery");
                 }
                 false
@@ -618,8 +618,6 @@ impl Bridge {
 }
 
 mod tls {
-    use std::sync::Arc;
-
     use anyhow::Context as _;
 
     use super::LorawanConfig;
@@ -628,39 +626,10 @@ mod tls {
     /// verifying the broker's certificate and host name against the configured CA file, or the
     /// system's roots when there is none.
     pub fn transport(cfg: &LorawanConfig) -> anyhow::Result<rumqttc::Transport> {
-        let n = &cfg.name;
-        let mut roots = rustls::RootCertStore::empty();
-        match &cfg.ca_file {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("lorawan {n}: ca_file {}", path.display()))?;
-                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                    let cert =
-                        cert.with_context(|| format!("lorawan {n}: ca_file {}", path.display()))?;
-                    roots
-                        .add(cert)
-                        .with_context(|| format!("lorawan {n}: ca_file {}", path.display()))?;
-                }
-            }
-            None => {
-                for cert in rustls_native_certs::load_native_certs().certs {
-                    // A malformed system certificate is skipped, as browsers do.
-                    let _ = roots.add(cert);
-                }
-            }
-        }
-        anyhow::ensure!(
-            !roots.is_empty(),
-            "lorawan {n}: no CA certificate to verify the broker with (set ca_file)"
-        );
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let config = crate::tls::client_config(cfg.ca_file.as_deref())
+            .with_context(|| format!("lorawan {}: ca_file", cfg.name))?;
         Ok(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-            Arc::new(config),
+            config,
         )))
     }
 }

@@ -14,11 +14,19 @@ pub enum Topic<'a> {
         device_id: &'a str,
         command_id: &'a str,
     },
+    /// Another topic below `devices/{device_id}/`.
+    OfDevice { device_id: &'a str },
     /// Anything else: devices may publish telemetry and command results only.
     Other,
+    /// Not a valid topic name at all: wildcards or U+0000 (MQTT 3.1.1 section 3.3.2-2 and
+    /// 1.5.3-2, MQTT 5 sections 3.3.2.1 and 1.5.4), or empty. The connection must be closed.
+    Invalid,
 }
 
 pub fn parse(topic: &str) -> Topic<'_> {
+    if topic.is_empty() || topic.contains(['#', '+', '\0']) {
+        return Topic::Invalid;
+    }
     let mut levels = topic.split('/');
     match (
         levels.next(),
@@ -41,6 +49,9 @@ pub fn parse(topic: &str) -> Topic<'_> {
                 device_id: id,
                 command_id: cmd,
             }
+        }
+        (Some("devices"), Some(id), Some(_), ..) if !id.is_empty() => {
+            Topic::OfDevice { device_id: id }
         }
         _ => Topic::Other,
     }
@@ -109,10 +120,10 @@ mod tests {
             }
         );
         assert_eq!(
-            parse("devices/a1/telemetry/senml+cbor"),
+            parse("devices/a1/telemetry/senml-cbor"),
             Topic::Telemetry {
                 device_id: "a1",
-                format: Some("senml+cbor")
+                format: Some("senml-cbor")
             }
         );
         assert_eq!(
@@ -122,15 +133,26 @@ mod tests {
                 format: None
             }
         );
-        for other in [
-            "devices//telemetry",
-            "devices/a1",
-            "devices/a1/status",
-            "x/a1/telemetry",
-            "devices/a1/telemetry/json/x",
-            "",
-        ] {
+        for other in ["devices//telemetry", "devices/a1", "x/a1/telemetry"] {
             assert_eq!(parse(other), Topic::Other, "{other}");
+        }
+        for of_device in ["devices/a1/status", "devices/a1/telemetry/json/x"] {
+            assert_eq!(
+                parse(of_device),
+                Topic::OfDevice { device_id: "a1" },
+                "{of_device}"
+            );
+        }
+        for invalid in [
+            "",
+            "devices/a1/telemetry/#",
+            "devices/+/telemetry",
+            // '+' is a wildcard character anywhere in a topic name (MQTT-4.7.1-1), so the
+            // canonical format names are spelled with '-' in topics.
+            "devices/a1/telemetry/senml+cbor",
+            "devices/a1/tele\0metry",
+        ] {
+            assert_eq!(parse(invalid), Topic::Invalid, "{invalid:?}");
         }
     }
 
@@ -165,7 +187,10 @@ mod tests {
                 command_id: "c-1"
             }
         );
-        assert_eq!(parse("devices/a1/commands/c-1"), Topic::Other);
+        assert_eq!(
+            parse("devices/a1/commands/c-1"),
+            Topic::OfDevice { device_id: "a1" }
+        );
         for f in [
             "devices/a1/commands/+",
             "devices/a1/#",

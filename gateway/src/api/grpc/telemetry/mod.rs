@@ -38,15 +38,19 @@ pub struct TelemetryService {
 #[derive(Clone)]
 pub struct AgencyAuth {
     pub agencies: Agencies,
+    /// For the back-off of failed tokens.
+    pub registry: crate::registry::Registry,
 }
 
 impl AgencyAuth {
     fn agency<T>(&self, request: &Request<T>) -> Result<Arc<Agency>, Status> {
-        use super::auth::{bearer, refused};
-        let token = bearer(request).map_err(|s| refused("telemetry", s))?;
-        self.agencies
-            .authenticate(token)
-            .ok_or_else(|| refused("telemetry", Status::unauthenticated("unknown agency token")))
+        super::auth::check_token(
+            request,
+            "telemetry",
+            "unknown agency token",
+            &self.registry,
+            |token| self.agencies.authenticate(token),
+        )
     }
 }
 

@@ -40,6 +40,7 @@ use super::handler::{Identity, Response};
 use super::request;
 use crate::config::CoapConfig;
 use crate::control::commands::Commands;
+use crate::observability::clip;
 use crate::pipeline::{now_ms, Delivery, IngestError, Pipeline, Rejection};
 use crate::proto::Protocol;
 use crate::reason;
@@ -281,7 +282,7 @@ impl Lwm2m {
         Some(match (segs.as_slice(), method) {
             (["rd"], RequestType::Post) => self.register(peer, identity, req).await,
             (["rd", id], RequestType::Post) => self.update(peer, identity, req, id).await,
-            (["rd", id], RequestType::Delete) => self.deregister(identity, req, id).await,
+            (["rd", id], RequestType::Delete) => self.deregister(peer, identity, req, id).await,
             (["dp"], RequestType::Post) => self.send(peer, identity, req).await,
             (["rd"] | ["rd", _] | ["dp"], _) => Response::refuse(
                 ResponseType::MethodNotAllowed,
@@ -319,7 +320,7 @@ impl Lwm2m {
                 )
             }
         };
-        let device = match self.authenticate(identity, &endpoint, req).await {
+        let device = match self.authenticate(peer, identity, &endpoint, req).await {
             Ok(d) => d,
             Err(r) => return r,
         };
@@ -385,10 +386,11 @@ impl Lwm2m {
         req: &Packet,
         id: &str,
     ) -> Response {
-        let Some(device_id) = self.registration_device(id) else {
-            return unknown_registration(id);
+        let device_id = match self.owned_registration(identity, id) {
+            Ok(d) => d,
+            Err(r) => return r,
         };
-        if let Err(r) = self.authenticate(identity, &device_id, req).await {
+        if let Err(r) = self.authenticate(peer, identity, &device_id, req).await {
             return r;
         }
         let lifetime = request::query(req, "lt")
@@ -431,11 +433,18 @@ impl Lwm2m {
         Response::new(ResponseType::Changed)
     }
 
-    async fn deregister(self: &Arc<Self>, identity: &Identity, req: &Packet, id: &str) -> Response {
-        let Some(device_id) = self.registration_device(id) else {
-            return unknown_registration(id);
+    async fn deregister(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        identity: &Identity,
+        req: &Packet,
+        id: &str,
+    ) -> Response {
+        let device_id = match self.owned_registration(identity, id) {
+            Ok(d) => d,
+            Err(r) => return r,
         };
-        if let Err(r) = self.authenticate(identity, &device_id, req).await {
+        if let Err(r) = self.authenticate(peer, identity, &device_id, req).await {
             return r;
         }
         self.end(id, "deregister");
@@ -552,6 +561,7 @@ impl Lwm2m {
 
     async fn authenticate(
         &self,
+        peer: SocketAddr,
         identity: &Identity,
         endpoint: &str,
         req: &Packet,
@@ -561,12 +571,20 @@ impl Lwm2m {
                 return Err(Response::refuse(
                     ResponseType::Forbidden,
                     "spoofed_endpoint",
-                    format!("DTLS identity {session} may not act for endpoint {endpoint}"),
+                    format!(
+                        "DTLS identity {} may not register endpoint {}",
+                        clip(session),
+                        clip(endpoint)
+                    ),
                 ))
             }
             Identity::Session(session) => self.registry.enabled_device(session),
             Identity::Token => match request::query(req, "t") {
-                Some(secret) => self.registry.authenticate(endpoint, Some(secret)).await,
+                Some(secret) => {
+                    self.registry
+                        .authenticate_from(peer.ip(), endpoint, Some(secret))
+                        .await
+                }
                 None if self.nosec => self.registry.enabled_device(endpoint),
                 None => Err(AuthError::Anonymous),
             },
@@ -578,6 +596,24 @@ impl Lwm2m {
                 "registration needs the device secret (?t=) or CoAPS",
             )
         })
+    }
+
+    /// The device of registration `id`, if `identity` may act on it. A CoAPS session asking for
+    /// another device's registration learns nothing (not even that it exists): it gets the
+    /// answer an unknown id gets, and the attempt is counted as `spoofed_endpoint`.
+    fn owned_registration(&self, identity: &Identity, id: &str) -> Result<String, Response> {
+        match (self.registration_device(id), identity) {
+            (Some(d), Identity::Session(session)) if *session != d => {
+                tracing::warn!(session = %clip(session), registration = %clip(id), "lwm2m request for another device's registration");
+                Err(Response::refuse(
+                    ResponseType::NotFound,
+                    "spoofed_endpoint",
+                    no_registration(id),
+                ))
+            }
+            (Some(d), _) => Ok(d),
+            (None, _) => Err(unknown_registration(id)),
+        }
     }
 
     fn registration_device(&self, id: &str) -> Option<String> {
@@ -887,8 +923,12 @@ fn unknown_registration(id: &str) -> Response {
     Response::refuse(
         ResponseType::NotFound,
         "lwm2m_unknown_registration",
-        format!("no registration {id}; register again"),
+        no_registration(id),
     )
+}
+
+fn no_registration(id: &str) -> String {
+    format!("no registration {}; register again", clip(id))
 }
 
 fn random_id() -> String {
