@@ -438,14 +438,7 @@ impl Registry {
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         entry.set_enabled(enabled);
-        let row = (
-            id.to_string(),
-            Some(serde_json::to_vec(&entry.record()).expect("record serialises")),
-        );
-        self.inner
-            .store
-            .put_records(Table::Devices, vec![row])
-            .await?;
+        self.persist(id, &entry).await?;
         if !enabled {
             let _ = self
                 .inner
@@ -454,6 +447,19 @@ impl Registry {
             tracing::info!(device = id, "device disabled");
         }
         Ok(entry.to_proto())
+    }
+
+    /// Writes a device's record (from its entry) to the store.
+    async fn persist(&self, id: &str, entry: &DeviceEntry) -> Result<(), RegistryError> {
+        let row = (
+            id.to_string(),
+            Some(serde_json::to_vec(&entry.record()).expect("record serialises")),
+        );
+        self.inner
+            .store
+            .put_records(Table::Devices, vec![row])
+            .await?;
+        Ok(())
     }
 
     /// Pins a device to one client certificate (its SHA-256), or unpins it (None). A certificate
@@ -467,14 +473,7 @@ impl Registry {
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         let entry = old.with_cert_pin(pin).map_err(RegistryError::Invalid)?;
-        let row = (
-            id.to_string(),
-            Some(serde_json::to_vec(&entry.record()).expect("record serialises")),
-        );
-        self.inner
-            .store
-            .put_records(Table::Devices, vec![row])
-            .await?;
+        self.persist(id, &entry).await?;
         let proto = entry.to_proto();
         let mut index = self.inner.index.write().expect("registry lock");
         index.remove(id);

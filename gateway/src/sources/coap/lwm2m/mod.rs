@@ -386,13 +386,10 @@ impl Lwm2m {
         req: &Packet,
         id: &str,
     ) -> Response {
-        let device_id = match self.owned_registration(identity, id) {
+        let device_id = match self.registration_owner(peer, identity, req, id).await {
             Ok(d) => d,
             Err(r) => return r,
         };
-        if let Err(r) = self.authenticate(peer, identity, &device_id, req).await {
-            return r;
-        }
         let lifetime = request::query(req, "lt")
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
             .filter(|l| *l > 0);
@@ -440,11 +437,7 @@ impl Lwm2m {
         req: &Packet,
         id: &str,
     ) -> Response {
-        let device_id = match self.owned_registration(identity, id) {
-            Ok(d) => d,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.authenticate(peer, identity, &device_id, req).await {
+        if let Err(r) = self.registration_owner(peer, identity, req, id).await {
             return r;
         }
         self.end(id, "deregister");
@@ -601,6 +594,20 @@ impl Lwm2m {
     /// The device of registration `id`, if `identity` may act on it. A CoAPS session asking for
     /// another device's registration learns nothing (not even that it exists): it gets the
     /// answer an unknown id gets, and the attempt is counted as `spoofed_endpoint`.
+    /// The device behind registration `id`, when the request comes from that device and
+    /// authenticates (Update and De-register).
+    async fn registration_owner(
+        &self,
+        peer: SocketAddr,
+        identity: &Identity,
+        req: &Packet,
+        id: &str,
+    ) -> Result<String, Response> {
+        let device_id = self.owned_registration(identity, id)?;
+        self.authenticate(peer, identity, &device_id, req).await?;
+        Ok(device_id)
+    }
+
     fn owned_registration(&self, identity: &Identity, id: &str) -> Result<String, Response> {
         match (self.registration_device(id), identity) {
             (Some(d), Identity::Session(session)) if *session != d => {
