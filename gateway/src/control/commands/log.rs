@@ -15,13 +15,11 @@
 use prost::Message as _;
 
 use crate::proto::Command;
+use crate::control::Aged;
 use crate::store::{Store, StoreError, Table};
 
 const COMMAND: &str = "c/";
 const OPEN: &str = "o/";
-
-/// How many records one scan reads at a time.
-const PAGE: usize = 1000;
 
 #[derive(Clone)]
 pub struct CommandLog {
@@ -109,38 +107,18 @@ impl CommandLog {
     /// Deletes final commands created before `cutoff_ms` (retention), a page at a time;
     /// returns how many went. Open commands stay whatever their age (their TTL ends them).
     pub async fn expire(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
-        let mut deleted = 0;
-        let mut after = String::new();
-        loop {
-            let page =
-                self.store
-                    .records_with_prefix(Table::Commands, COMMAND, &after, false, PAGE)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(deleted);
-            };
-            after = last.clone();
-            let mut gone = Vec::new();
-            let mut reached_cutoff = page.len() < PAGE;
-            for (key, bytes) in &page {
-                let c = decode(&key[COMMAND.len()..], bytes)?;
-                if c.created_time_ms >= cutoff_ms {
-                    reached_cutoff = true;
-                    break;
-                }
-                let open = self
-                    .store
-                    .get_record(Table::Commands, &format!("{OPEN}{}", c.id))?
-                    .is_some();
-                if !open {
-                    gone.push((key.clone(), None));
-                }
+        crate::control::expire_records(&self.store, Table::Commands, COMMAND, |id, bytes| {
+            let c = decode(id, bytes)?;
+            if c.created_time_ms >= cutoff_ms {
+                return Ok(Aged::Stop);
             }
-            deleted += gone.len();
-            self.put(gone).await?;
-            if reached_cutoff {
-                return Ok(deleted);
-            }
-        }
+            let open = self
+                .store
+                .get_record(Table::Commands, &format!("{OPEN}{}", c.id))?
+                .is_some();
+            Ok(if open { Aged::Keep } else { Aged::Delete })
+        })
+        .await
     }
 }
 

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::RuleConfig;
 use crate::proto::Alert;
+use crate::control::Aged;
 use crate::store::{Store, StoreError, Table};
 
 const ALERT: &str = "a/";
@@ -38,9 +39,6 @@ pub struct StoredRule {
     pub by: String,
     pub time_ms: i64,
 }
-
-/// How many alerts one retention page reads.
-const PAGE: usize = 1000;
 
 /// One durable commit's worth of changes.
 #[derive(Default, Clone)]
@@ -239,38 +237,17 @@ impl AlertLog {
     /// many went. Active alerts stay whatever their age. Key order is raise order and an alert
     /// clears after it was raised, so the scan stops at the first alert raised after the cutoff.
     pub async fn expire(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
-        let mut deleted = 0;
-        let mut after = String::new();
-        loop {
-            let page = self
-                .store
-                .records_with_prefix(Table::Alerts, ALERT, &after, false, PAGE)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(deleted);
-            };
-            after = last.clone();
-            let mut gone = Vec::new();
-            let mut reached_cutoff = page.len() < PAGE;
-            for (key, bytes) in &page {
-                let a = decode(&key[ALERT.len()..], bytes)?;
-                if a.raised_time_ms >= cutoff_ms {
-                    reached_cutoff = true;
-                    break;
-                }
-                if !super::is_active(&a) && a.cleared_time_ms < cutoff_ms {
-                    gone.push((key.clone(), None));
-                }
-            }
-            deleted += gone.len();
-            if !gone.is_empty() {
-                self.store
-                    .put_local_records(Table::Alerts, gone, None)
-                    .await?;
-            }
-            if reached_cutoff {
-                return Ok(deleted);
-            }
-        }
+        crate::control::expire_records(&self.store, Table::Alerts, ALERT, |id, bytes| {
+            let a = decode(id, bytes)?;
+            Ok(if a.raised_time_ms >= cutoff_ms {
+                Aged::Stop
+            } else if !super::is_active(&a) && a.cleared_time_ms < cutoff_ms {
+                Aged::Delete
+            } else {
+                Aged::Keep
+            })
+        })
+        .await
     }
 }
 
