@@ -267,3 +267,30 @@ async fn dispatch_in_order_once_and_again_after_a_reconnect() {
         ["a", "b", "c", "a", "b", "c"]
     );
 }
+
+#[tokio::test]
+async fn retention_deletes_old_final_commands_and_keeps_open_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Default::default()).unwrap();
+    let log = CommandLog::new(store.clone());
+    let entry = |id: &str, created_time_ms: i64, open: bool| Entry {
+        command: Command {
+            id: id.into(),
+            created_time_ms,
+            ..Default::default()
+        },
+        open,
+    };
+    log.save(&[
+        entry("01-old-final", 1_000, false),
+        entry("02-old-open", 2_000, true),
+        entry("03-new-final", 9_000, false),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(log.expire(5_000).await.unwrap(), 1);
+    assert!(log.get("01-old-final").unwrap().is_none());
+    assert!(log.get("02-old-open").unwrap().is_some());
+    assert!(log.get("03-new-final").unwrap().is_some());
+    assert_eq!(log.expire(5_000).await.unwrap(), 0, "a second pass deletes nothing");
+}
