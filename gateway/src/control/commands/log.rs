@@ -14,8 +14,8 @@
 
 use prost::Message as _;
 
-use crate::proto::Command;
 use crate::control::Aged;
+use crate::proto::Command;
 use crate::store::{Store, StoreError, Table};
 
 const COMMAND: &str = "c/";

@@ -292,5 +292,9 @@ async fn retention_deletes_old_final_commands_and_keeps_open_ones() {
     assert!(log.get("01-old-final").unwrap().is_none());
     assert!(log.get("02-old-open").unwrap().is_some());
     assert!(log.get("03-new-final").unwrap().is_some());
-    assert_eq!(log.expire(5_000).await.unwrap(), 0, "a second pass deletes nothing");
+    assert_eq!(
+        log.expire(5_000).await.unwrap(),
+        0,
+        "a second pass deletes nothing"
+    );
 }

@@ -21,8 +21,8 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use super::config::RuleConfig;
-use crate::proto::Alert;
 use crate::control::Aged;
+use crate::proto::Alert;
 use crate::store::{Store, StoreError, Table};
 
 const ALERT: &str = "a/";
