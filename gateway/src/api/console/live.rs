@@ -7,6 +7,7 @@
 //! `resync` (the page reloads the latest readings) rather than slowing anyone else.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -14,13 +15,14 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 
 use super::alerts::console_alert_json;
 use super::views::reading_json;
 use super::{error, Authed, Console, StreamSlot};
 use crate::cli::control::command_json;
+use crate::proto::Alert;
 
 const RECHECK: Duration = Duration::from_secs(15);
 
@@ -110,16 +112,7 @@ pub async fn commands(State(c): State<Console>, a: Authed) -> Response {
     let Some(slot) = StreamSlot::take(&c) else {
         return busy();
     };
-    let changes = futures::stream::unfold(c.inner.commands.watch(), |mut rx| async move {
-        let event = match rx.recv().await {
-            Ok(cmd) => Event::default()
-                .event("command")
-                .data(command_json(&cmd).to_string()),
-            Err(RecvError::Lagged(_)) => Event::default().event("resync").data("{}"),
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Some(event), rx))
-    });
+    let changes = changes(c.inner.commands.watch(), "command", command_json);
     pump(
         c,
         a,
@@ -136,18 +129,8 @@ pub async fn alerts(State(c): State<Console>, a: Authed) -> Response {
         return busy();
     };
     let console = c.clone();
-    let changes = futures::stream::unfold(c.inner.alerts.watch(), move |mut rx| {
-        let console = console.clone();
-        async move {
-            let event = match rx.recv().await {
-                Ok(alert) => Event::default()
-                    .event("alert")
-                    .data(console_alert_json(&console, &alert).to_string()),
-                Err(RecvError::Lagged(_)) => Event::default().event("resync").data("{}"),
-                Err(RecvError::Closed) => return None,
-            };
-            Some((Some(event), rx))
-        }
+    let changes = changes(c.inner.alerts.watch(), "alert", move |alert: &Alert| {
+        console_alert_json(&console, alert)
     });
     pump(
         c,
@@ -156,6 +139,26 @@ pub async fn alerts(State(c): State<Console>, a: Authed) -> Response {
         Event::default().event("ready").data("{}"),
         changes,
     )
+}
+
+/// An event named `name` with `json` of every change a watch channel carries; `resync` when the
+/// stream fell behind (the page lists again).
+fn changes<T: Send + Sync + 'static>(
+    rx: broadcast::Receiver<Arc<T>>,
+    name: &'static str,
+    json: impl Fn(&T) -> serde_json::Value + Clone + Send + 'static,
+) -> impl Stream<Item = Option<Event>> + Send + 'static {
+    futures::stream::unfold(rx, move |mut rx| {
+        let json = json.clone();
+        async move {
+            let event = match rx.recv().await {
+                Ok(item) => Event::default().event(name).data(json(&item).to_string()),
+                Err(RecvError::Lagged(_)) => Event::default().event("resync").data("{}"),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Some(event), rx))
+        }
+    })
 }
 
 /// Sends `first`, then every event `source` yields (`None` items: nothing to send this time),
