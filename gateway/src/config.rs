@@ -196,8 +196,9 @@ pub struct CoapConfig {
     /// LwM2M "NoSec": on plain CoAP, trust the endpoint name of a registration that carries no
     /// secret. Only for private networks (docs/src/coap.md).
     pub lwm2m_nosec: bool,
-    /// Seconds a queue-mode LwM2M client (binding UQ, or Q) listens after each Register, Update
-    /// or Send; commands wait for the next one after that (LwM2M 1.1: MAX_TRANSMIT_WAIT, 93).
+    /// Seconds a queue-mode LwM2M client (binding UQ, or Q) listens after its last message (a
+    /// Register, Update, Send or an answer to a command); commands wait for the next Update after
+    /// that (LwM2M 1.1: MAX_TRANSMIT_WAIT, 93).
     pub lwm2m_queue_awake_secs: u64,
     /// First retransmission timeout of the LwM2M server's own confirmable requests (observe,
     /// command Write/Execute), in ms: RFC 7252 ACK_TIMEOUT, doubled for each of 4 retransmissions
